@@ -1,0 +1,274 @@
+//! # lookalike-plugin: the traits a lookalike plugin implements
+//!
+//! A plugin turns preprocessed images into embeddings (an [`Extractor`]) or says whether two
+//! embeddings show the same thing (a [`PairScorer`]). The database owns everything else:
+//! decoding, resizing, normalisation, batching, storage (sled), the vector index (FAISS),
+//! threads and devices. A plugin never touches storage.
+//!
+//! This crate depends on `candle-core` and `thiserror` only, and re-exports [`candle_core`] so
+//! that a plugin builds against the same candle version as the database.
+//!
+//! ## Writing an extractor
+//!
+//! An extractor has four required methods:
+//!
+//! * [`Extractor::name`]: the registry name, stored with every model version;
+//! * [`Extractor::spec`]: what it expects (input size, channels, mean/std) and what it returns
+//!   (dimension, metric). The database prepares every batch from this declaration;
+//! * [`Extractor::embed`]: `N x C x H x W` in, `N x D` out;
+//! * [`Extractor::save_weights`]: safetensors bytes (empty for a training-free extractor).
+//!
+//! It is built by an [`ExtractorPlugin`] (the factory the registry holds), which makes a fresh
+//! extractor from a configuration string, or restores one from the weights it saved. Loading
+//! what was saved must give bit-identical embeddings.
+//!
+//! ```
+//! use lookalike_plugin::{candle_core::Tensor, Extractor, ExtractorPlugin, ExtractorSpec,
+//!                        InputSpec, Metric, PluginError};
+//!
+//! /// Mean brightness per channel: a (useless) 3-d embedding.
+//! #[derive(Debug)]
+//! struct MeanColour;
+//!
+//! impl Extractor for MeanColour {
+//!     fn name(&self) -> &str { "mean-colour" }
+//!     fn spec(&self) -> ExtractorSpec {
+//!         ExtractorSpec { input: InputSpec::rgb(8, 8), dim: 3, metric: Metric::L2 }
+//!     }
+//!     fn embed(&self, batch: &Tensor) -> Result<Tensor, PluginError> {
+//!         Ok(batch.mean((2, 3))?)
+//!     }
+//!     fn save_weights(&self) -> Result<Vec<u8>, PluginError> { Ok(Vec::new()) }
+//! }
+//!
+//! #[derive(Debug)]
+//! struct MeanColourPlugin;
+//!
+//! impl ExtractorPlugin for MeanColourPlugin {
+//!     fn name(&self) -> &str { "mean-colour" }
+//!     fn build(&self, _config: &str, _weights: Option<&[u8]>)
+//!         -> Result<Box<dyn Extractor>, PluginError> {
+//!         Ok(Box::new(MeanColour))
+//!     }
+//! }
+//!
+//! let e = MeanColourPlugin.build("", None)?;
+//! let batch = Tensor::ones((2, 3, 8, 8), lookalike_plugin::candle_core::DType::F32,
+//!                          &lookalike_plugin::candle_core::Device::Cpu)?;
+//! assert_eq!(e.embed(&batch)?.dims(), &[2, 3]);
+//! # Ok::<(), PluginError>(())
+//! ```
+//!
+//! Register it when opening a database: `Options::default().register(Arc::new(MeanColourPlugin))`.
+
+#![deny(missing_docs)]
+
+use std::fmt::Debug;
+
+pub use candle_core;
+use candle_core::Tensor;
+
+/// How distances between two embeddings are measured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Metric {
+    /// `1 - cos(a, b)`, in `[0, 2]`. The database L2-normalises embeddings for this metric.
+    Cosine,
+    /// Squared Euclidean distance `|a - b|^2`.
+    L2,
+}
+
+impl Metric {
+    /// The stable name of the metric, as stored.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Metric::Cosine => "cosine",
+            Metric::L2 => "l2",
+        }
+    }
+}
+
+/// What the database must feed an extractor: the size, the channels and the normalisation of
+/// every image in a batch.
+///
+/// The database decodes an image, converts it to `channels` (1 = luma, 3 = RGB), resizes it to
+/// exactly `width x height` (aspect ratio not kept), scales pixel values to `[0, 1]`, then
+/// computes `(x - mean[c]) / std[c]` per channel.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InputSpec {
+    /// Width in pixels of the tensor fed to [`Extractor::embed`].
+    pub width: u32,
+    /// Height in pixels.
+    pub height: u32,
+    /// 1 (luma) or 3 (RGB).
+    pub channels: u32,
+    /// Per-channel mean subtracted after scaling to `[0, 1]`; one value per channel.
+    pub mean: Vec<f32>,
+    /// Per-channel standard deviation divided by; one value per channel.
+    pub std: Vec<f32>,
+}
+
+impl InputSpec {
+    /// RGB input of the given size with values in `[0, 1]` (mean 0, std 1).
+    pub fn rgb(width: u32, height: u32) -> Self {
+        InputSpec {
+            width,
+            height,
+            channels: 3,
+            mean: vec![0.0; 3],
+            std: vec![1.0; 3],
+        }
+    }
+
+    /// Single-channel (luma) input of the given size with values in `[0, 1]`.
+    pub fn luma(width: u32, height: u32) -> Self {
+        InputSpec {
+            width,
+            height,
+            channels: 1,
+            mean: vec![0.0],
+            std: vec![1.0],
+        }
+    }
+
+    /// Checks that the declaration is usable: non-zero size, 1 or 3 channels, one mean and
+    /// one non-zero std per channel.
+    pub fn validate(&self) -> Result<(), PluginError> {
+        let c = self.channels as usize;
+        let bad = |reason: String| Err(PluginError::InvalidSpec(reason));
+        if self.width == 0 || self.height == 0 {
+            return bad(format!(
+                "input size {}x{} is empty",
+                self.width, self.height
+            ));
+        }
+        if c != 1 && c != 3 {
+            return bad(format!(
+                "{c} channels; only 1 (luma) or 3 (RGB) are supported"
+            ));
+        }
+        if self.mean.len() != c || self.std.len() != c {
+            return bad(format!(
+                "{} means and {} stds for {c} channels",
+                self.mean.len(),
+                self.std.len()
+            ));
+        }
+        if self.std.iter().any(|s| *s == 0.0 || !s.is_finite()) {
+            return bad("a std of zero or not finite".to_string());
+        }
+        Ok(())
+    }
+}
+
+/// The full declaration of an extractor: its input and its output.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExtractorSpec {
+    /// What each image must look like when it reaches [`Extractor::embed`].
+    pub input: InputSpec,
+    /// Length of one embedding.
+    pub dim: usize,
+    /// How embeddings are compared.
+    pub metric: Metric,
+}
+
+/// Turns a batch of preprocessed images into embeddings.
+///
+/// Object safe: the database holds extractors as `Arc<dyn Extractor>` and calls them from
+/// many threads at once, so `embed` takes `&self`.
+pub trait Extractor: Send + Sync + Debug + 'static {
+    /// The registry name of the plugin that built this extractor.
+    fn name(&self) -> &str;
+
+    /// Version of the extractor's own code and weight layout. Stored with each model; bump it
+    /// when embeddings of the same weights would change.
+    fn version(&self) -> u32 {
+        1
+    }
+
+    /// The input the extractor expects and the output it returns.
+    fn spec(&self) -> ExtractorSpec;
+
+    /// Embeds a batch: `N x C x H x W` (f32, as [`Extractor::spec`] declares) to `N x D`.
+    fn embed(&self, batch: &Tensor) -> Result<Tensor, PluginError>;
+
+    /// The weights as safetensors bytes; empty for an extractor without weights.
+    fn save_weights(&self) -> Result<Vec<u8>, PluginError>;
+}
+
+/// Builds extractors of one kind: the entry the database's registry holds.
+pub trait ExtractorPlugin: Send + Sync + Debug + 'static {
+    /// The registry name (`"classic"`, `"simnet"`, ...). Unique within a database.
+    fn name(&self) -> &str;
+
+    /// Builds an extractor from a plugin-defined configuration string (a preset name, say;
+    /// empty for the default) and, when restoring a stored model, the weights it saved.
+    fn build(
+        &self,
+        config: &str,
+        weights: Option<&[u8]>,
+    ) -> Result<Box<dyn Extractor>, PluginError>;
+}
+
+/// Says how likely two embeddings are to show the same thing.
+pub trait PairScorer: Send + Sync + Debug + 'static {
+    /// The registry name of the plugin that built this scorer.
+    fn name(&self) -> &str;
+
+    /// Dimension of the embeddings the scorer was trained on.
+    fn dim(&self) -> usize;
+
+    /// P(same) for each row pair: `a` and `b` are `N x D`, the result has `N` values in `[0, 1]`.
+    fn score(&self, a: &Tensor, b: &Tensor) -> Result<Tensor, PluginError>;
+
+    /// The weights as safetensors bytes.
+    fn save_weights(&self) -> Result<Vec<u8>, PluginError>;
+}
+
+/// What a plugin can get wrong. The database converts it into its own error at the boundary,
+/// keeping the plugin's name.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PluginError {
+    /// A tensor operation failed.
+    #[error("tensor operation failed: {0}")]
+    Candle(#[from] candle_core::Error),
+    /// The configuration string is not one the plugin knows.
+    #[error("unknown configuration {config:?}; known: {known}")]
+    UnknownConfig {
+        /// What was asked for.
+        config: String,
+        /// What the plugin accepts, comma-separated.
+        known: String,
+    },
+    /// A weight file lacks a tensor or holds one of the wrong shape.
+    #[error("weights do not fit the model: {0}")]
+    Weights(String),
+    /// A batch of the wrong shape was passed in.
+    #[error("expected input of shape {expected}, got {got:?}")]
+    BadInput {
+        /// The shape the extractor declared.
+        expected: String,
+        /// The shape it got.
+        got: Vec<usize>,
+    },
+    /// The extractor's declaration is unusable.
+    #[error("invalid extractor declaration: {0}")]
+    InvalidSpec(String),
+}
+
+/// Checks that `batch` is `N x C x H x W` as `spec` declares; a helper for implementers.
+pub fn check_batch(batch: &Tensor, spec: &InputSpec) -> Result<usize, PluginError> {
+    let dims = batch.dims();
+    let ok = dims.len() == 4
+        && dims[1] == spec.channels as usize
+        && dims[2] == spec.height as usize
+        && dims[3] == spec.width as usize;
+    if ok {
+        Ok(dims[0])
+    } else {
+        Err(PluginError::BadInput {
+            expected: format!("N x {} x {} x {}", spec.channels, spec.height, spec.width),
+            got: dims.to_vec(),
+        })
+    }
+}

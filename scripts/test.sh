@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The test command of the README: unit, integration, doc and crash tests of the workspace.
+# Release mode: the same build as the demo (FAISS is compiled once), and fast enough for the
+# crash loop.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/setup.sh
+cargo test --release --workspace

@@ -1,0 +1,288 @@
+//! Command-line interface over the public API (binary only).
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use lookalike::{Db, Durability, ImageId, Options, Query};
+
+/// An embeddable image-similarity database.
+#[derive(Debug, Parser)]
+#[command(name = "lookalike", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Add image files, or whole folders (searched recursively).
+    Add {
+        /// The database directory (created if missing).
+        db: PathBuf,
+        /// Files or folders to add.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// Label every added image with this.
+        #[arg(long, conflicts_with = "folder_labels")]
+        label: Option<String>,
+        /// Label each image with the name of the folder that holds it.
+        #[arg(long)]
+        folder_labels: bool,
+        /// Images per durable batch.
+        #[arg(long, default_value_t = 256)]
+        batch: usize,
+    },
+    /// Find the stored images most similar to an image file.
+    Query {
+        /// The database directory.
+        db: PathBuf,
+        /// The query image.
+        image: PathBuf,
+        /// How many results.
+        #[arg(short, default_value_t = 10)]
+        k: usize,
+        /// Only images with this label (repeat for several).
+        #[arg(long)]
+        label: Vec<String>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print counts, labels, the active model and the index.
+    Stats {
+        /// The database directory.
+        db: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove images by id.
+    Remove {
+        /// The database directory.
+        db: PathBuf,
+        /// Ids to remove.
+        #[arg(required = true)]
+        ids: Vec<ImageId>,
+    },
+}
+
+const IMAGE_EXTENSIONS: &[&str] = &["png", "jpg", "jpeg", "webp", "gif", "bmp"];
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                eprintln!("  caused by: {s}");
+                source = s.source();
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn existing(db: &Path) -> lookalike::Result<Db> {
+    if !db.join("store").exists() {
+        return Err(lookalike::Error::InvalidArgument(format!(
+            "{} is not a lookalike database (create one with `lookalike add`)",
+            db.display()
+        )));
+    }
+    Db::open(db)
+}
+
+fn run(cli: Cli) -> lookalike::Result<()> {
+    match cli.command {
+        Command::Add {
+            db,
+            paths,
+            label,
+            folder_labels,
+            batch,
+        } => add(&db, &paths, label.as_deref(), folder_labels, batch.max(1)),
+        Command::Query {
+            db,
+            image,
+            k,
+            label,
+            json,
+        } => {
+            let db = existing(&db)?;
+            let bytes = read(&image)?;
+            let mut q = Query::k(k);
+            if !label.is_empty() {
+                q = q.labels(label);
+            }
+            let hits = db.nearest_with(&bytes, &q)?;
+            if json {
+                let rows: Vec<_> = hits
+                    .iter()
+                    .map(|h| serde_json::json!({"id": h.id.0, "distance": h.distance, "label": h.label}))
+                    .collect();
+                println!("{}", serde_json::Value::Array(rows));
+            } else {
+                println!("{:>4}  {:>10}  {:>10}  label", "rank", "id", "distance");
+                for (i, h) in hits.iter().enumerate() {
+                    println!(
+                        "{:>4}  {:>10}  {:>10.5}  {}",
+                        i + 1,
+                        h.id,
+                        h.distance,
+                        h.label.as_deref().unwrap_or("-")
+                    );
+                }
+            }
+            Ok(())
+        }
+        Command::Stats { db, json } => {
+            let db = existing(&db)?;
+            let model = db.active_model();
+            let index = db.index_info();
+            let labels = db.labels();
+            if json {
+                let v = serde_json::json!({
+                    "images": db.len(),
+                    "labels": labels,
+                    "model": {"version": model.version, "extractor": model.extractor,
+                              "config": model.config, "dim": model.dim, "metric": model.metric.as_str()},
+                    "index": {"kind": index.kind, "vectors": index.len, "dim": index.dim},
+                    "extractors": db.extractors(),
+                });
+                println!("{v:#}");
+            } else {
+                println!("database   {}", db.path().display());
+                println!("images     {}", db.len());
+                println!(
+                    "model      v{} {} (dim {}, {})",
+                    model.version,
+                    model.extractor,
+                    model.dim,
+                    model.metric.as_str()
+                );
+                println!("index      {} with {} vectors", index.kind, index.len);
+                println!("extractors {}", db.extractors().join(", "));
+                println!("labels     {}", labels.len());
+                for (l, n) in labels {
+                    println!("  {l:<20} {n}");
+                }
+            }
+            Ok(())
+        }
+        Command::Remove { db, ids } => {
+            let db = existing(&db)?;
+            for id in ids {
+                db.remove(id)?;
+                println!("removed {id}");
+            }
+            Ok(())
+        }
+    }
+}
+
+fn read(path: &Path) -> lookalike::Result<Vec<u8>> {
+    std::fs::read(path).map_err(|e| lookalike::Error::Io {
+        path: path.to_path_buf(),
+        source: e,
+    })
+}
+
+/// Image files under `paths`, sorted, with folders walked recursively.
+fn collect(paths: &[PathBuf]) -> lookalike::Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    let mut stack: Vec<PathBuf> = paths.to_vec();
+    while let Some(p) = stack.pop() {
+        let meta = std::fs::metadata(&p).map_err(|e| lookalike::Error::Io {
+            path: p.clone(),
+            source: e,
+        })?;
+        if meta.is_dir() {
+            let rd = std::fs::read_dir(&p).map_err(|e| lookalike::Error::Io {
+                path: p.clone(),
+                source: e,
+            })?;
+            for entry in rd {
+                let entry = entry.map_err(|e| lookalike::Error::Io {
+                    path: p.clone(),
+                    source: e,
+                })?;
+                let child = entry.path();
+                if child.is_dir() {
+                    stack.push(child);
+                } else if has_image_extension(&child) {
+                    out.push(child);
+                }
+            }
+        } else {
+            out.push(p);
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn has_image_extension(p: &Path) -> bool {
+    p.extension()
+        .and_then(|e| e.to_str())
+        .map(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+        .unwrap_or(false)
+}
+
+fn add(
+    db: &Path,
+    paths: &[PathBuf],
+    label: Option<&str>,
+    folder_labels: bool,
+    batch: usize,
+) -> lookalike::Result<()> {
+    let files = collect(paths)?;
+    let db = Db::open_with(db, Options::default().durability(Durability::Relaxed))?;
+    let bar = ProgressBar::new(files.len() as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:40} {pos}/{len} images, {per_sec}, eta {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let (mut added, mut skipped) = (0usize, 0usize);
+    for chunk in files.chunks(batch) {
+        let mut items = Vec::with_capacity(chunk.len());
+        for f in chunk {
+            let l = if folder_labels {
+                f.parent()
+                    .and_then(|p| p.file_name())
+                    .map(|n| n.to_string_lossy().into_owned())
+            } else {
+                label.map(str::to_string)
+            };
+            items.push((f, read(f)?, l));
+        }
+        let result = db.insert_images(items.iter().map(|(_, b, l)| (b.as_slice(), l.as_deref())));
+        match result {
+            Ok(ids) => added += ids.len(),
+            Err(_) => {
+                // Insert one by one to report the bad files and keep the good ones.
+                for (f, b, l) in &items {
+                    match db.insert_image(b, l.as_deref()) {
+                        Ok(_) => added += 1,
+                        Err(e) => {
+                            skipped += 1;
+                            bar.suspend(|| eprintln!("skipped {}: {e}", f.display()));
+                        }
+                    }
+                }
+            }
+        }
+        bar.inc(chunk.len() as u64);
+    }
+    db.flush()?;
+    bar.finish_and_clear();
+    println!(
+        "added {added} images to {} ({} in total), skipped {skipped}",
+        db.path().display(),
+        db.len()
+    );
+    Ok(())
+}

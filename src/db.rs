@@ -1,0 +1,1056 @@
+//! `Db`: the handle applications hold. Ties the store, the index and the active model together.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use lookalike_plugin::{Extractor, ExtractorSpec, Metric};
+
+use crate::error::{Error, Result};
+use crate::index::snapshot::{self, Unusable};
+use crate::index::{Allow, Shape, VectorIndex};
+use crate::options::{Durability, IndexKind, Options};
+use crate::preprocess::{self, ImageLimits};
+use crate::registry::Registry;
+use crate::store::{EntryRecord, ModelRecord, NewImage, Store};
+use crate::ImageId;
+
+/// Images embedded per extractor call.
+const EMBED_BATCH: usize = 64;
+/// An HNSW index is rebuilt when more than this share of its ids were removed.
+const MAX_DEAD_SHARE: f64 = 0.2;
+/// HNSW search breadth under `IndexKind::Auto`.
+const AUTO_EF_SEARCH: u32 = 64;
+const AUTO_HNSW_M: u32 = 32;
+
+/// One result of a nearest-neighbour query.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Hit {
+    /// The image found.
+    pub id: ImageId,
+    /// Its distance to the query under the model's metric (`1 - cos` for cosine, squared
+    /// Euclidean for L2): smaller is more similar.
+    pub distance: f32,
+    /// Its label, if it has one.
+    pub label: Option<String>,
+}
+
+/// What a query asks for besides the image: how many results and which labels.
+///
+/// ```
+/// let q = lookalike::Query::k(5).labels(["sneaker", "sandal"]);
+/// assert_eq!(q.k, 5);
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Query {
+    /// How many hits to return (at most; fewer only if fewer images match).
+    pub k: usize,
+    /// Only images with one of these labels; `None` for every image.
+    pub labels: Option<BTreeSet<String>>,
+}
+
+impl Query {
+    /// The `k` nearest images, whatever their label.
+    pub fn k(k: usize) -> Self {
+        Query { k, labels: None }
+    }
+
+    /// Restricts results to images carrying any of `labels`. The filter is applied during the
+    /// search, so `k` hits come back whenever `k` matching images exist.
+    pub fn labels<I, S>(mut self, labels: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.labels = Some(labels.into_iter().map(Into::into).collect());
+        self
+    }
+}
+
+/// A model version: which extractor, how configured, what it produces.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelInfo {
+    /// The version number (1 for the model a database was created with).
+    pub version: u32,
+    /// The extractor plugin's registry name.
+    pub extractor: String,
+    /// The plugin's configuration string.
+    pub config: String,
+    /// Embedding dimension.
+    pub dim: usize,
+    /// Distance metric.
+    pub metric: Metric,
+}
+
+/// How the index was obtained at open.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IndexSource {
+    /// From an up-to-date snapshot.
+    Snapshot,
+    /// From a snapshot that lagged the store, then caught up.
+    CaughtUp {
+        /// Vectors added from the store.
+        added: usize,
+        /// Vectors dropped because the store no longer has them.
+        removed: usize,
+    },
+    /// Rebuilt from the embeddings tree.
+    Rebuilt {
+        /// Why the snapshot was not used.
+        reason: String,
+    },
+}
+
+/// The state of the vector index.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IndexInfo {
+    /// `"exact"` or `"hnsw"`.
+    pub kind: &'static str,
+    /// Live vectors.
+    pub len: usize,
+    /// Dimension.
+    pub dim: usize,
+    /// How it was obtained when the database was opened.
+    pub source: IndexSource,
+    /// Seconds spent opening the index (snapshot load, catch-up or rebuild).
+    pub open_seconds: f64,
+}
+
+/// An open image-similarity database. Cheap to clone: clones share one handle, and it may be
+/// used from many threads at once.
+#[derive(Debug, Clone)]
+pub struct Db {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    dir: PathBuf,
+    options: Options,
+    registry: Registry,
+    store: Store,
+    state: RwLock<State>,
+    /// Set after a failed durable write: later writes refuse to run.
+    poisoned: Mutex<Option<String>>,
+    /// Held for the life of the handle; the OS releases it on exit, even on `kill -9`.
+    _lock: File,
+}
+
+/// The active model with its index and the in-memory catalogue of entries.
+#[derive(Debug)]
+struct State {
+    model: Arc<Model>,
+    index: VectorIndex,
+    index_info: IndexInfo,
+    labels: HashMap<u64, Option<String>>,
+    by_label: BTreeMap<String, BTreeSet<u64>>,
+    /// The index changed since the last snapshot.
+    dirty: bool,
+}
+
+#[derive(Debug)]
+struct Model {
+    version: u32,
+    record: ModelRecord,
+    extractor: Arc<dyn Extractor>,
+    spec: ExtractorSpec,
+}
+
+impl Model {
+    fn info(&self) -> ModelInfo {
+        ModelInfo {
+            version: self.version,
+            extractor: self.record.plugin.clone(),
+            config: self.record.config.clone(),
+            dim: self.spec.dim,
+            metric: self.spec.metric,
+        }
+    }
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn metric_from_str(s: &str, version: u32) -> Result<Metric> {
+    match s {
+        "cosine" => Ok(Metric::Cosine),
+        "l2" => Ok(Metric::L2),
+        other => Err(Error::corrupt(
+            "model",
+            version,
+            format!("unknown metric {other:?}"),
+        )),
+    }
+}
+
+fn l2_normalise(v: &mut [f32]) {
+    let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    if n > 1e-12 {
+        v.iter_mut().for_each(|x| *x /= n);
+    }
+}
+
+fn distance(metric: Metric, a: &[f32], b: &[f32]) -> f32 {
+    match metric {
+        Metric::Cosine => 1.0 - a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>(),
+        Metric::L2 => a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum(),
+    }
+}
+
+impl Db {
+    /// Opens the database in directory `path`, creating it if needed, with default options.
+    pub fn open(path: impl AsRef<Path>) -> Result<Db> {
+        Db::open_with(path, Options::default())
+    }
+
+    /// Opens the database in directory `path` with `options`.
+    ///
+    /// Fails with [`Error::Locked`] at once if another handle, in this process or another,
+    /// has it open.
+    pub fn open_with(path: impl AsRef<Path>, options: Options) -> Result<Db> {
+        let dir = path.as_ref().to_path_buf();
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        let lock_path = dir.join("LOCK");
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| Error::io(&lock_path, e))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => return Err(Error::Locked { path: dir }),
+            Err(std::fs::TryLockError::Error(e)) => return Err(Error::io(lock_path, e)),
+        }
+        let registry = Registry::new(&options.plugins);
+        let store = Store::open(
+            &dir.join("store"),
+            options.durability == Durability::Relaxed,
+        )?;
+        let model = Arc::new(load_or_create_model(&store, &registry, &options)?);
+
+        // The catalogue: every entry's label, from the small `entries` tree.
+        let mut labels = HashMap::new();
+        let mut by_label: BTreeMap<String, BTreeSet<u64>> = BTreeMap::new();
+        for entry in store.entries() {
+            let (id, e) = entry?;
+            if let Some(l) = &e.label {
+                by_label.entry(l.clone()).or_default().insert(id.0);
+            }
+            labels.insert(id.0, e.label);
+        }
+
+        let started = Instant::now();
+        let (index, source) = open_index(&dir, &store, &model, &options, &labels)?;
+        let index_info = IndexInfo {
+            kind: kind_name(index.shape()),
+            len: index.len(),
+            dim: index.dim(),
+            source: source.clone(),
+            open_seconds: started.elapsed().as_secs_f64(),
+        };
+        let dirty = source != IndexSource::Snapshot;
+        let db = Db {
+            inner: Arc::new(Inner {
+                dir,
+                registry,
+                store,
+                state: RwLock::new(State {
+                    model,
+                    index,
+                    index_info,
+                    labels,
+                    by_label,
+                    dirty,
+                }),
+                poisoned: Mutex::new(None),
+                options,
+                _lock: lock,
+            }),
+        };
+        if dirty && db.inner.options.snapshot {
+            db.save_snapshot()?;
+        }
+        Ok(db)
+    }
+
+    /// The database directory.
+    pub fn path(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    /// Inserts one encoded image (PNG, JPEG, WebP, GIF first frame, BMP) with an optional
+    /// label, and returns its new id. Under [`Durability::Immediate`] the image is on disk
+    /// when this returns.
+    pub fn insert_image(&self, bytes: &[u8], label: Option<&str>) -> Result<ImageId> {
+        let ids = self.insert_images([(bytes, label)])?;
+        Ok(ids[0])
+    }
+
+    /// Inserts a batch atomically: every image or none (the first bad one fails the batch
+    /// with [`Error::InBatch`]). One durable flush covers the whole batch, so this is much
+    /// faster than inserting one by one.
+    pub fn insert_images<'a, I>(&self, items: I) -> Result<Vec<ImageId>>
+    where
+        I: IntoIterator<Item = (&'a [u8], Option<&'a str>)>,
+    {
+        self.check_poisoned()?;
+        let items: Vec<(&[u8], Option<&str>)> = items.into_iter().collect();
+        if items.is_empty() {
+            return Ok(Vec::new());
+        }
+        for (i, (_, label)) in items.iter().enumerate() {
+            if let Some(l) = label {
+                check_label(l).map_err(|e| in_batch(i, items.len(), e))?;
+            }
+        }
+        let model = self.model();
+        let limits = self.limits();
+        let mut decoded = Vec::with_capacity(items.len());
+        for (i, (bytes, _)) in items.iter().enumerate() {
+            decoded
+                .push(preprocess::decode(bytes, limits).map_err(|e| in_batch(i, items.len(), e))?);
+        }
+        let refs: Vec<_> = decoded.iter().collect();
+        let vectors = embed(&model, &refs)?;
+        let mut new = Vec::with_capacity(items.len());
+        for (((bytes, label), img), vector) in items.iter().zip(&decoded).zip(vectors) {
+            new.push(NewImage {
+                id: self.inner.store.next_id()?,
+                bytes: bytes.to_vec(),
+                entry: EntryRecord {
+                    format: 1,
+                    label: label.map(str::to_string),
+                    width: img.width(),
+                    height: img.height(),
+                },
+                vector,
+            });
+        }
+        self.inner.store.insert(model.version, &new)?;
+        self.durable_write()?;
+
+        let mut state = self.write_state()?;
+        if state.model.version != model.version {
+            // The active model changed while we embedded: the new model's catch-up on next
+            // open (or its switch) embeds these; nothing to add to this index.
+            return Ok(new.iter().map(|n| n.id).collect());
+        }
+        let ids: Vec<ImageId> = new.iter().map(|n| n.id).collect();
+        let flat: Vec<f32> = new.iter().flat_map(|n| n.vector.iter().copied()).collect();
+        if let Err(e) = state.index.add(&ids, &flat) {
+            return Err(self.poison(e));
+        }
+        for n in new {
+            if let Some(l) = &n.entry.label {
+                state.by_label.entry(l.clone()).or_default().insert(n.id.0);
+            }
+            state.labels.insert(n.id.0, n.entry.label);
+        }
+        state.dirty = true;
+        self.maybe_reshape(&mut state)?;
+        Ok(ids)
+    }
+
+    /// The `k` images nearest to the encoded image `bytes`, best first.
+    pub fn nearest(&self, bytes: &[u8], k: usize) -> Result<Vec<Hit>> {
+        self.nearest_with(bytes, &Query::k(k))
+    }
+
+    /// The `k` stored images nearest to the stored image `id`, best first, not counting `id`
+    /// itself.
+    pub fn nearest_to(&self, id: ImageId, k: usize) -> Result<Vec<Hit>> {
+        self.nearest_to_with(id, &Query::k(k))
+    }
+
+    /// [`Db::nearest`] with a label filter.
+    pub fn nearest_with(&self, bytes: &[u8], query: &Query) -> Result<Vec<Hit>> {
+        if query.k == 0 {
+            return Err(Error::ZeroK);
+        }
+        let model = self.model();
+        let img = preprocess::decode(bytes, self.limits())?;
+        let vector = embed(&model, &[&img])?.pop().unwrap_or_default();
+        self.search(&model, &vector, query, None)
+    }
+
+    /// [`Db::nearest_to`] with a label filter.
+    pub fn nearest_to_with(&self, id: ImageId, query: &Query) -> Result<Vec<Hit>> {
+        if query.k == 0 {
+            return Err(Error::ZeroK);
+        }
+        let model = self.model();
+        if !self.read_state()?.labels.contains_key(&id.0) {
+            return Err(Error::UnknownImage(id));
+        }
+        let vector = self
+            .inner
+            .store
+            .embedding(model.version, id, model.spec.dim)?
+            .ok_or(Error::UnknownImage(id))?;
+        self.search(&model, &vector, query, Some(id))
+    }
+
+    fn search(
+        &self,
+        model: &Model,
+        vector: &[f32],
+        query: &Query,
+        exclude: Option<ImageId>,
+    ) -> Result<Vec<Hit>> {
+        let state = self.read_state()?;
+        if state.model.version != model.version {
+            return Err(Error::InvalidArgument(
+                "the active model changed during the query; retry".into(),
+            ));
+        }
+        let allowed: Option<Vec<u64>> = query.labels.as_ref().map(|set| {
+            set.iter()
+                .filter_map(|l| state.by_label.get(l))
+                .flat_map(|ids| ids.iter().copied())
+                .filter(|id| Some(ImageId(*id)) != exclude)
+                .collect()
+        });
+        let available = match &allowed {
+            Some(a) => a.len(),
+            None => state.labels.len() - usize::from(exclude.is_some()),
+        };
+        if available == 0 {
+            return Err(Error::Empty {
+                filter: query
+                    .labels
+                    .as_ref()
+                    .map(|s| s.iter().cloned().collect::<Vec<_>>().join(" or ")),
+            });
+        }
+        let want = query.k.min(available);
+        let fetch = want + usize::from(exclude.is_some());
+        let allow = match &allowed {
+            Some(a) => Allow::Only(a),
+            None => Allow::All,
+        };
+        let mut found: Vec<_> = state
+            .index
+            .search(vector, fetch, allow)?
+            .into_iter()
+            .filter(|n| Some(n.id) != exclude)
+            .collect();
+        found.truncate(want);
+        if found.len() < want {
+            // An approximate graph search can miss matches under a selective filter: scan the
+            // allowed embeddings exactly instead.
+            let candidates: Vec<u64> = match allowed {
+                Some(a) => a,
+                None => state
+                    .labels
+                    .keys()
+                    .copied()
+                    .filter(|id| Some(ImageId(*id)) != exclude)
+                    .collect(),
+            };
+            found = self.exact_scan(model, vector, &candidates, want)?;
+        }
+        Ok(found
+            .into_iter()
+            .map(|n| Hit {
+                id: n.id,
+                distance: n.distance,
+                label: state.labels.get(&n.id.0).cloned().flatten(),
+            })
+            .collect())
+    }
+
+    fn exact_scan(
+        &self,
+        model: &Model,
+        query: &[f32],
+        ids: &[u64],
+        k: usize,
+    ) -> Result<Vec<crate::index::Neighbour>> {
+        let mut scored = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(v) =
+                self.inner
+                    .store
+                    .embedding(model.version, ImageId(*id), model.spec.dim)?
+            {
+                scored.push(crate::index::Neighbour {
+                    id: ImageId(*id),
+                    distance: distance(model.spec.metric, query, &v),
+                });
+            }
+        }
+        scored.sort_by(|a, b| a.distance.total_cmp(&b.distance).then(a.id.cmp(&b.id)));
+        scored.truncate(k);
+        Ok(scored)
+    }
+
+    /// The encoded bytes of image `id`, exactly as inserted.
+    pub fn image(&self, id: ImageId) -> Result<Vec<u8>> {
+        self.inner.store.image(id)?.ok_or(Error::UnknownImage(id))
+    }
+
+    /// The label of image `id`.
+    pub fn label(&self, id: ImageId) -> Result<Option<String>> {
+        self.read_state()?
+            .labels
+            .get(&id.0)
+            .cloned()
+            .ok_or(Error::UnknownImage(id))
+    }
+
+    /// Sets or clears the label of image `id`.
+    pub fn set_label(&self, id: ImageId, label: Option<&str>) -> Result<()> {
+        self.check_poisoned()?;
+        if let Some(l) = label {
+            check_label(l)?;
+        }
+        let mut entry = self.inner.store.entry(id)?.ok_or(Error::UnknownImage(id))?;
+        entry.label = label.map(str::to_string);
+        if !self.inner.store.update_entry(id, &entry)? {
+            return Err(Error::UnknownImage(id));
+        }
+        self.durable_write()?;
+        let mut state = self.write_state()?;
+        let State {
+            labels, by_label, ..
+        } = &mut *state;
+        if let Some(Some(old)) = labels.get(&id.0) {
+            if let Some(set) = by_label.get_mut(old) {
+                set.remove(&id.0);
+                if set.is_empty() {
+                    by_label.remove(old);
+                }
+            }
+        }
+        if let Some(l) = label {
+            by_label.entry(l.to_string()).or_default().insert(id.0);
+        }
+        labels.insert(id.0, entry.label);
+        Ok(())
+    }
+
+    /// Removes image `id`: its bytes, label and embeddings. Later queries never return it.
+    pub fn remove(&self, id: ImageId) -> Result<()> {
+        self.check_poisoned()?;
+        let versions = self.inner.store.model_versions()?;
+        if !self.inner.store.remove(id, &versions)? {
+            return Err(Error::UnknownImage(id));
+        }
+        self.durable_write()?;
+        let mut state = self.write_state()?;
+        if let Err(e) = state.index.remove(&[id]) {
+            return Err(self.poison(e));
+        }
+        if let Some(Some(l)) = state.labels.remove(&id.0) {
+            if let Some(set) = state.by_label.get_mut(&l) {
+                set.remove(&id.0);
+                if set.is_empty() {
+                    state.by_label.remove(&l);
+                }
+            }
+        }
+        state.dirty = true;
+        if state.index.dead_share() > MAX_DEAD_SHARE {
+            self.rebuild_locked(&mut state)?;
+        }
+        Ok(())
+    }
+
+    /// Number of images stored.
+    pub fn len(&self) -> usize {
+        self.read_state().map(|s| s.labels.len()).unwrap_or(0)
+    }
+
+    /// True when no image is stored.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Every label with the number of images carrying it.
+    pub fn labels(&self) -> BTreeMap<String, usize> {
+        self.read_state()
+            .map(|s| {
+                s.by_label
+                    .iter()
+                    .map(|(l, ids)| (l.clone(), ids.len()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Ids of every stored image, ascending.
+    pub fn ids(&self) -> Vec<ImageId> {
+        let mut ids: Vec<ImageId> = self
+            .read_state()
+            .map(|s| s.labels.keys().map(|i| ImageId(*i)).collect())
+            .unwrap_or_default();
+        ids.sort();
+        ids
+    }
+
+    /// Registry names of the extractor plugins this handle knows.
+    pub fn extractors(&self) -> Vec<String> {
+        self.inner.registry.names()
+    }
+
+    /// The model whose embeddings answer queries.
+    pub fn active_model(&self) -> ModelInfo {
+        self.model().info()
+    }
+
+    /// The state of the vector index.
+    pub fn index_info(&self) -> IndexInfo {
+        match self.read_state() {
+            Ok(s) => IndexInfo {
+                kind: kind_name(s.index.shape()),
+                len: s.index.len(),
+                ..s.index_info.clone()
+            },
+            Err(_) => IndexInfo {
+                kind: "unavailable",
+                len: 0,
+                dim: 0,
+                source: IndexSource::Rebuilt {
+                    reason: "poisoned".into(),
+                },
+                open_seconds: 0.0,
+            },
+        }
+    }
+
+    /// Embeds encoded images with the active model, as stored (L2-normalised for cosine).
+    pub fn embed(&self, images: &[&[u8]]) -> Result<Vec<Vec<f32>>> {
+        let model = self.model();
+        let limits = self.limits();
+        let decoded = images
+            .iter()
+            .map(|b| preprocess::decode(b, limits))
+            .collect::<Result<Vec<_>>>()?;
+        let refs: Vec<_> = decoded.iter().collect();
+        embed(&model, &refs)
+    }
+
+    /// The stored embedding of image `id` under the active model.
+    pub fn embedding(&self, id: ImageId) -> Result<Vec<f32>> {
+        let model = self.model();
+        self.inner
+            .store
+            .embedding(model.version, id, model.spec.dim)?
+            .ok_or(Error::UnknownImage(id))
+    }
+
+    /// Makes every write durable and refreshes the index snapshot.
+    pub fn flush(&self) -> Result<()> {
+        self.durable_write_always()?;
+        if self.inner.options.snapshot {
+            self.save_snapshot()?;
+        }
+        Ok(())
+    }
+
+    /// Rebuilds the index from the embeddings tree (the shape follows the options).
+    pub fn rebuild_index(&self) -> Result<()> {
+        let mut state = self.write_state()?;
+        self.rebuild_locked(&mut state)
+    }
+
+    // ---- internals ----
+
+    fn model(&self) -> Arc<Model> {
+        match self.inner.state.read() {
+            Ok(s) => s.model.clone(),
+            Err(p) => p.into_inner().model.clone(),
+        }
+    }
+
+    fn limits(&self) -> ImageLimits {
+        ImageLimits {
+            max_bytes: self.inner.options.max_image_bytes,
+            max_pixels: self.inner.options.max_image_pixels,
+        }
+    }
+
+    fn read_state(&self) -> Result<std::sync::RwLockReadGuard<'_, State>> {
+        self.inner
+            .state
+            .read()
+            .map_err(|_| Error::Poisoned("a thread panicked while changing the index".into()))
+    }
+
+    fn write_state(&self) -> Result<std::sync::RwLockWriteGuard<'_, State>> {
+        self.inner
+            .state
+            .write()
+            .map_err(|_| Error::Poisoned("a thread panicked while changing the index".into()))
+    }
+
+    fn check_poisoned(&self) -> Result<()> {
+        match self.inner.poisoned.lock() {
+            Ok(p) => match &*p {
+                Some(why) => Err(Error::Poisoned(why.clone())),
+                None => Ok(()),
+            },
+            Err(_) => Err(Error::Poisoned("a thread panicked during a write".into())),
+        }
+    }
+
+    fn poison(&self, e: Error) -> Error {
+        if let Ok(mut p) = self.inner.poisoned.lock() {
+            p.get_or_insert_with(|| e.to_string());
+        }
+        e
+    }
+
+    /// Flushes under immediate durability.
+    fn durable_write(&self) -> Result<()> {
+        if self.inner.options.durability == Durability::Immediate {
+            self.durable_write_always()
+        } else {
+            Ok(())
+        }
+    }
+
+    fn durable_write_always(&self) -> Result<()> {
+        self.check_poisoned()?;
+        self.inner.store.flush().map_err(|e| self.poison(e))
+    }
+
+    fn save_snapshot(&self) -> Result<()> {
+        let mut state = self.write_state()?;
+        if state.dirty {
+            snapshot::save(&self.inner.dir, &state.index, state.model.version)?;
+            state.dirty = false;
+        }
+        Ok(())
+    }
+
+    /// Switches between exact and HNSW when `IndexKind::Auto` crosses the limit.
+    fn maybe_reshape(&self, state: &mut State) -> Result<()> {
+        let want = desired_shape(&self.inner.options, state.labels.len());
+        if want != state.index.shape() {
+            self.rebuild_locked(state)?;
+        }
+        Ok(())
+    }
+
+    fn rebuild_locked(&self, state: &mut State) -> Result<()> {
+        let started = Instant::now();
+        let index = build_index(
+            &self.inner.store,
+            &state.model,
+            &self.inner.options,
+            &state.labels,
+        )?;
+        state.index = index;
+        state.dirty = true;
+        state.index_info.source = IndexSource::Rebuilt {
+            reason: "rebuilt while open".into(),
+        };
+        state.index_info.open_seconds = started.elapsed().as_secs_f64();
+        Ok(())
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Best effort: the snapshot is an optimisation and the store is already durable
+        // under immediate durability; errors here cannot be reported.
+        if self.options.snapshot {
+            if let Ok(state) = self.state.get_mut() {
+                if state.dirty {
+                    let _ = snapshot::save(&self.dir, &state.index, state.model.version);
+                }
+            }
+        }
+        let _ = self.store.flush();
+    }
+}
+
+fn in_batch(index: usize, len: usize, source: Error) -> Error {
+    if len == 1 {
+        source
+    } else {
+        Error::InBatch {
+            index,
+            source: Box::new(source),
+        }
+    }
+}
+
+fn check_label(label: &str) -> Result<()> {
+    if label.is_empty() {
+        return Err(Error::InvalidArgument(
+            "a label must not be empty; pass None for no label".into(),
+        ));
+    }
+    if label.len() > 1024 {
+        return Err(Error::InvalidArgument(format!(
+            "a label is at most 1024 bytes, this one is {}",
+            label.len()
+        )));
+    }
+    Ok(())
+}
+
+fn kind_name(shape: Shape) -> &'static str {
+    match shape {
+        Shape::Flat => "exact",
+        Shape::Hnsw { .. } => "hnsw",
+    }
+}
+
+fn desired_shape(options: &Options, len: usize) -> Shape {
+    match &options.index {
+        IndexKind::Exact => Shape::Flat,
+        IndexKind::Hnsw { m, .. } => Shape::Hnsw { m: *m },
+        IndexKind::Auto if len > options.exact_limit => Shape::Hnsw { m: AUTO_HNSW_M },
+        IndexKind::Auto => Shape::Flat,
+    }
+}
+
+fn ef_search(options: &Options) -> u32 {
+    match &options.index {
+        IndexKind::Hnsw { ef_search, .. } => *ef_search,
+        _ => AUTO_EF_SEARCH,
+    }
+}
+
+/// Embeds decoded images in batches, normalised as stored.
+fn embed(model: &Model, images: &[&image::DynamicImage]) -> Result<Vec<Vec<f32>>> {
+    let name = &model.record.plugin;
+    let mut out = Vec::with_capacity(images.len());
+    for chunk in images.chunks(EMBED_BATCH) {
+        let batch = preprocess::batch_tensor(chunk, &model.spec.input)?;
+        let emb = model
+            .extractor
+            .embed(&batch)
+            .map_err(|e| Error::plugin(name, e))?;
+        let dims = emb.dims().to_vec();
+        if dims != [chunk.len(), model.spec.dim] {
+            return Err(Error::DimensionMismatch {
+                what: format!("output of extractor {name} (shape {dims:?})"),
+                expected: model.spec.dim,
+                got: dims.last().copied().unwrap_or(0),
+            });
+        }
+        let rows = emb
+            .to_dtype(lookalike_plugin::candle_core::DType::F32)
+            .and_then(|t| t.to_vec2::<f32>())
+            .map_err(|e| Error::plugin(name, e.into()))?;
+        for mut v in rows {
+            if v.iter().any(|x| !x.is_finite()) {
+                return Err(Error::plugin(
+                    name,
+                    lookalike_plugin::PluginError::InvalidSpec(
+                        "embedding has NaN or infinite values".into(),
+                    ),
+                ));
+            }
+            if model.spec.metric == Metric::Cosine {
+                l2_normalise(&mut v);
+            }
+            out.push(v);
+        }
+    }
+    Ok(out)
+}
+
+fn load_or_create_model(store: &Store, registry: &Registry, options: &Options) -> Result<Model> {
+    let version = match store.active_model()? {
+        Some(v) => v,
+        None => {
+            let extractor = registry.build(&options.extractor, &options.extractor_config, None)?;
+            let spec = extractor.spec();
+            let record = ModelRecord {
+                format: 1,
+                plugin: options.extractor.clone(),
+                plugin_version: extractor.version(),
+                config: options.extractor_config.clone(),
+                dim: spec.dim as u32,
+                metric: spec.metric.as_str().to_string(),
+                weights: extractor
+                    .save_weights()
+                    .map_err(|e| Error::plugin(&options.extractor, e))?,
+                created_unix: now_unix(),
+            };
+            store.put_model(1, &record)?;
+            store.set_active_model(1)?;
+            store.flush()?;
+            return Ok(Model {
+                version: 1,
+                record,
+                extractor,
+                spec,
+            });
+        }
+    };
+    let record = store.model(version)?.ok_or_else(|| {
+        Error::corrupt(
+            "meta",
+            "active_model",
+            format!("model {version} is not stored"),
+        )
+    })?;
+    let weights = (!record.weights.is_empty()).then_some(record.weights.as_slice());
+    let extractor = registry.build(&record.plugin, &record.config, weights)?;
+    let spec = extractor.spec();
+    if spec.dim != record.dim as usize {
+        return Err(Error::DimensionMismatch {
+            what: format!("extractor {} against stored model {version}", record.plugin),
+            expected: record.dim as usize,
+            got: spec.dim,
+        });
+    }
+    if spec.metric != metric_from_str(&record.metric, version)? {
+        return Err(Error::corrupt(
+            "model",
+            version,
+            format!(
+                "stored metric {} but the extractor declares {}",
+                record.metric,
+                spec.metric.as_str()
+            ),
+        ));
+    }
+    Ok(Model {
+        version,
+        record,
+        extractor,
+        spec,
+    })
+}
+
+/// Loads the snapshot and catches it up, or rebuilds.
+fn open_index(
+    dir: &Path,
+    store: &Store,
+    model: &Model,
+    options: &Options,
+    live: &HashMap<u64, Option<String>>,
+) -> Result<(VectorIndex, IndexSource)> {
+    let reason = if options.snapshot {
+        match snapshot::load(dir, model.version, model.spec.dim, model.spec.metric)? {
+            Ok(mut index) => {
+                if index.shape() != desired_shape(options, live.len()) {
+                    "the index shape options changed".to_string()
+                } else {
+                    index.set_ef_search(ef_search(options))?;
+                    let missing: Vec<u64> = live
+                        .keys()
+                        .filter(|id| !index.ids().contains(id))
+                        .copied()
+                        .collect();
+                    let extra: Vec<ImageId> = index
+                        .ids()
+                        .iter()
+                        .filter(|id| !live.contains_key(id))
+                        .map(|id| ImageId(*id))
+                        .collect();
+                    if missing.is_empty() && extra.is_empty() {
+                        return Ok((index, IndexSource::Snapshot));
+                    }
+                    index.remove(&extra)?;
+                    add_from_store(store, model, &mut index, &missing)?;
+                    if index.dead_share() <= MAX_DEAD_SHARE {
+                        return Ok((
+                            index,
+                            IndexSource::CaughtUp {
+                                added: missing.len(),
+                                removed: extra.len(),
+                            },
+                        ));
+                    }
+                    "too many removed vectors in the snapshot".to_string()
+                }
+            }
+            Err(Unusable::Missing) => "no snapshot".to_string(),
+            Err(Unusable::OtherModel) => "snapshot of another model".to_string(),
+            Err(Unusable::Corrupt(why)) => format!("corrupt snapshot: {why}"),
+        }
+    } else {
+        "snapshots are off".to_string()
+    };
+    let index = build_index(store, model, options, live)?;
+    Ok((index, IndexSource::Rebuilt { reason }))
+}
+
+/// Adds the stored embeddings of `ids` to `index`, embedding (and storing) any that are
+/// missing from the store.
+fn add_from_store(
+    store: &Store,
+    model: &Model,
+    index: &mut VectorIndex,
+    ids: &[u64],
+) -> Result<()> {
+    const CHUNK: usize = 4096;
+    for chunk in ids.chunks(CHUNK) {
+        let mut got_ids = Vec::with_capacity(chunk.len());
+        let mut flat = Vec::with_capacity(chunk.len() * model.spec.dim);
+        for id in chunk {
+            let id = ImageId(*id);
+            let v = match store.embedding(model.version, id, model.spec.dim)? {
+                Some(v) => v,
+                None => reembed(store, model, id)?,
+            };
+            got_ids.push(id);
+            flat.extend_from_slice(&v);
+        }
+        index.add(&got_ids, &flat)?;
+    }
+    Ok(())
+}
+
+/// Embeds a stored image whose embedding under `model` is missing, and stores it.
+fn reembed(store: &Store, model: &Model, id: ImageId) -> Result<Vec<f32>> {
+    let bytes = store.image(id)?.ok_or(Error::UnknownImage(id))?;
+    let limits = ImageLimits {
+        max_bytes: u64::MAX,
+        max_pixels: u64::MAX,
+    };
+    let img = preprocess::decode(&bytes, limits)?;
+    let v = embed(model, &[&img])?.pop().unwrap_or_default();
+    store.put_embedding(model.version, id, &v)?;
+    Ok(v)
+}
+
+fn build_index(
+    store: &Store,
+    model: &Model,
+    options: &Options,
+    live: &HashMap<u64, Option<String>>,
+) -> Result<VectorIndex> {
+    let shape = desired_shape(options, live.len());
+    let mut index = VectorIndex::new(shape, model.spec.metric, model.spec.dim, ef_search(options))?;
+    let mut ids = Vec::new();
+    let mut flat = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for item in store.embeddings(model.version, model.spec.dim) {
+        let (id, v) = item?;
+        if !live.contains_key(&id.0) {
+            continue;
+        }
+        seen.insert(id.0);
+        ids.push(id);
+        flat.extend_from_slice(&v);
+        if ids.len() == 4096 {
+            index.add(&ids, &flat)?;
+            ids.clear();
+            flat.clear();
+        }
+    }
+    index.add(&ids, &flat)?;
+    let missing: Vec<u64> = live
+        .keys()
+        .filter(|id| !seen.contains(id))
+        .copied()
+        .collect();
+    add_from_store(store, model, &mut index, &missing)?;
+    Ok(index)
+}

@@ -1,0 +1,169 @@
+//! The one error type of the crate.
+
+use std::path::PathBuf;
+
+use crate::ImageId;
+
+/// Everything that can go wrong in lookalike. Each variant says what happened and what to do.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// Another process (or another `Db::open` in this one) holds the database.
+    #[error(
+        "database {path} is locked by another process; close it there first \
+         (only one process may open a database at a time)"
+    )]
+    Locked {
+        /// The database directory.
+        path: PathBuf,
+    },
+    /// The bytes are not an image in a supported format.
+    #[error("could not decode the image ({reason}); supported formats: PNG, JPEG, WebP, GIF, BMP")]
+    Undecodable {
+        /// What the decoder said.
+        reason: String,
+    },
+    /// The image is larger than the configured limit (bytes or pixels).
+    #[error(
+        "image too large: {what} is {got}, the limit is {limit}; \
+         downscale it or raise the limit in Options"
+    )]
+    ImageTooLarge {
+        /// `"encoded size in bytes"` or `"pixel count"` and the like.
+        what: &'static str,
+        /// The size found.
+        got: u64,
+        /// The configured limit.
+        limit: u64,
+    },
+    /// `k` was zero.
+    #[error("k must be at least 1")]
+    ZeroK,
+    /// A query was made on a database with no images (or none matching the filter).
+    #[error("the database holds no images{}; insert some first", match .filter { Some(f) => format!(" labelled {f}"), None => String::new() })]
+    Empty {
+        /// The label filter, when one was given.
+        filter: Option<String>,
+    },
+    /// No image has this id (never inserted, or removed).
+    #[error("no image with id {0}")]
+    UnknownImage(ImageId),
+    /// No extractor plugin is registered under this name.
+    #[error("no extractor named {name:?}; known extractors: {}", .known.join(", "))]
+    UnknownExtractor {
+        /// The name asked for.
+        name: String,
+        /// The registered names.
+        known: Vec<String>,
+    },
+    /// No model version with this number is stored.
+    #[error("no model version {0}; see Db::models() for the stored ones")]
+    UnknownModel(u32),
+    /// An embedding or index does not have the dimension the model declares.
+    #[error("dimension mismatch in {what}: expected {expected}, got {got}")]
+    DimensionMismatch {
+        /// Which artefact.
+        what: String,
+        /// The dimension the model declares.
+        expected: usize,
+        /// The dimension found.
+        got: usize,
+    },
+    /// A stored record could not be decoded. The database refuses to guess.
+    #[error(
+        "corrupt {what} record (key {key}): {reason}; the database may have been damaged \
+         on disk or written by a newer version of lookalike"
+    )]
+    Corrupt {
+        /// Which kind of record.
+        what: &'static str,
+        /// Its key, printed.
+        key: String,
+        /// Why it did not decode.
+        reason: String,
+    },
+    /// The database was written by a newer, incompatible version of lookalike.
+    #[error("database format version {found} is newer than this build supports ({supported}); upgrade lookalike")]
+    FormatTooNew {
+        /// The version on disk.
+        found: u32,
+        /// The newest version this build reads.
+        supported: u32,
+    },
+    /// An item of a batch failed; nothing of the batch was stored.
+    #[error("item {index} of the batch failed, nothing was inserted: {source}")]
+    InBatch {
+        /// Position of the failing item in the batch (from 0).
+        index: usize,
+        /// What was wrong with it.
+        #[source]
+        source: Box<Error>,
+    },
+    /// An invalid argument or option.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// An extractor or scorer plugin failed.
+    #[error("plugin {name} failed")]
+    Plugin {
+        /// The plugin's registry name.
+        name: String,
+        /// What it reported.
+        #[source]
+        source: lookalike_plugin::PluginError,
+    },
+    /// The vector index (FAISS) failed.
+    #[error("vector index (FAISS) error: {0}")]
+    Index(String),
+    /// The store (sled) failed.
+    #[error("storage error: {0}")]
+    Storage(#[from] sled::Error),
+    /// A file-system operation failed.
+    #[error("I/O error on {path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// An earlier durable write failed; the in-memory state can no longer be trusted.
+    #[error("an earlier write failed ({0}); close and reopen the database")]
+    Poisoned(String),
+}
+
+/// `Result` with [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub(crate) fn plugin(name: &str, source: lookalike_plugin::PluginError) -> Self {
+        Error::Plugin {
+            name: name.to_string(),
+            source,
+        }
+    }
+
+    pub(crate) fn corrupt(
+        what: &'static str,
+        key: impl std::fmt::Display,
+        reason: impl std::fmt::Display,
+    ) -> Self {
+        Error::Corrupt {
+            what,
+            key: key.to_string(),
+            reason: reason.to_string(),
+        }
+    }
+
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+impl From<faiss::error::Error> for Error {
+    fn from(e: faiss::error::Error) -> Self {
+        Error::Index(e.to_string())
+    }
+}

@@ -1,0 +1,15 @@
+//! The built-in extractor plugins.
+
+use std::sync::Arc;
+
+use lookalike_plugin::ExtractorPlugin;
+
+pub mod classic;
+
+/// Registry name of the extractor a new database embeds with.
+pub(crate) const DEFAULT: &str = "classic";
+
+/// Every built-in plugin of this build (cargo features decide which).
+pub(crate) fn builtin() -> Vec<Arc<dyn ExtractorPlugin>> {
+    vec![Arc::new(classic::ClassicPlugin)]
+}

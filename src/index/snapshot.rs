@@ -1,0 +1,136 @@
+//! The index snapshot: `index.faiss` (FAISS's own format) and `index.stamp` (what it holds).
+//!
+//! The stamp names the model version, shape, dimension and metric, and carries the length and
+//! CRC-32 of `index.faiss`. A snapshot whose stamp is missing, undecodable, for another model,
+//! or whose file does not match the checksum is not used: the index is rebuilt from the
+//! embeddings tree. A valid one may still lag the store (written at the last flush or close);
+//! the database then catches it up from the store's ids (see `Db::open`).
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use faiss::index::io::{read_index, write_index};
+use lookalike_plugin::Metric;
+use serde::{Deserialize, Serialize};
+
+use super::{Shape, VectorIndex};
+use crate::error::{Error, Result};
+
+const MAGIC: [u8; 8] = *b"LKLINDEX";
+const STAMP_FORMAT: u16 = 1;
+const INDEX_FILE: &str = "index.faiss";
+const STAMP_FILE: &str = "index.stamp";
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Stamp {
+    magic: [u8; 8],
+    format: u16,
+    model: u32,
+    shape: Shape,
+    dim: u32,
+    metric: String,
+    file_len: u64,
+    crc32: u32,
+}
+
+/// Why a snapshot was not used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Unusable {
+    Missing,
+    Corrupt(String),
+    OtherModel,
+}
+
+fn path_str(p: &Path) -> Result<&str> {
+    p.to_str()
+        .ok_or_else(|| Error::InvalidArgument(format!("path {} is not UTF-8", p.display())))
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io(dir, e))
+}
+
+/// Writes a snapshot of `index` for `model` into `dir`, atomically (temp files, fsync, rename).
+pub(crate) fn save(dir: &Path, index: &VectorIndex, model: u32) -> Result<()> {
+    let tmp = dir.join("index.faiss.tmp");
+    write_index(&index.inner, path_str(&tmp)?)?;
+    let bytes = fs::read(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| Error::io(&tmp, e))?;
+    let stamp = Stamp {
+        magic: MAGIC,
+        format: STAMP_FORMAT,
+        model,
+        shape: index.shape,
+        dim: index.dim as u32,
+        metric: index.metric.as_str().to_string(),
+        file_len: bytes.len() as u64,
+        crc32: crc32fast::hash(&bytes),
+    };
+    let stamp_bytes = bincode::serde::encode_to_vec(&stamp, bincode::config::standard())
+        .map_err(|e| Error::InvalidArgument(format!("cannot encode the index stamp: {e}")))?;
+    let stamp_tmp = dir.join("index.stamp.tmp");
+    let mut f = fs::File::create(&stamp_tmp).map_err(|e| Error::io(&stamp_tmp, e))?;
+    f.write_all(&stamp_bytes)
+        .and_then(|_| f.sync_all())
+        .map_err(|e| Error::io(&stamp_tmp, e))?;
+    // The stamp goes last: a crash in between leaves a stamp whose checksum fails.
+    let (index_path, stamp_path) = paths(dir);
+    fs::rename(&tmp, &index_path).map_err(|e| Error::io(&index_path, e))?;
+    fs::rename(&stamp_tmp, &stamp_path).map_err(|e| Error::io(&stamp_path, e))?;
+    sync_dir(dir)
+}
+
+/// The paths of the index file and the stamp in `dir`.
+pub(crate) fn paths(dir: &Path) -> (PathBuf, PathBuf) {
+    (dir.join(INDEX_FILE), dir.join(STAMP_FILE))
+}
+
+/// Loads the snapshot in `dir` if it is intact and belongs to `model` with this dimension and
+/// metric; says why not otherwise.
+pub(crate) fn load(
+    dir: &Path,
+    model: u32,
+    dim: usize,
+    metric: Metric,
+) -> Result<std::result::Result<VectorIndex, Unusable>> {
+    let (index_path, stamp_path) = paths(dir);
+    let stamp_bytes = match fs::read(&stamp_path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Err(Unusable::Missing)),
+        Err(e) => return Err(Error::io(stamp_path, e)),
+    };
+    let corrupt = |why: String| Ok(Err(Unusable::Corrupt(why)));
+    let stamp: Stamp =
+        match bincode::serde::decode_from_slice(&stamp_bytes, bincode::config::standard()) {
+            Ok((s, _)) => s,
+            Err(e) => return corrupt(format!("stamp does not decode: {e}")),
+        };
+    if stamp.magic != MAGIC || stamp.format != STAMP_FORMAT {
+        return corrupt("stamp has a wrong magic number or format".into());
+    }
+    if stamp.model != model || stamp.dim as usize != dim || stamp.metric != metric.as_str() {
+        return Ok(Err(Unusable::OtherModel));
+    }
+    let bytes = match fs::read(&index_path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Err(Unusable::Missing)),
+        Err(e) => return Err(Error::io(index_path, e)),
+    };
+    if bytes.len() as u64 != stamp.file_len || crc32fast::hash(&bytes) != stamp.crc32 {
+        return corrupt("index file does not match the stamp's checksum".into());
+    }
+    let inner = match read_index(path_str(&index_path)?).and_then(|i| i.into_id_map()) {
+        Ok(i) => i,
+        Err(e) => return corrupt(format!("FAISS could not read it: {e}")),
+    };
+    let index = VectorIndex::from_parts(inner, stamp.shape, metric, dim);
+    if faiss::Index::d(&index.inner) as usize != dim {
+        return corrupt("dimension differs from the stamp".into());
+    }
+    Ok(Ok(index))
+}

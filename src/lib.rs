@@ -1,0 +1,106 @@
+//! # lookalike: an embeddable image-similarity database
+//!
+//! Open a directory, put images in, ask for the most similar ones. No server, no Python:
+//! storage is [sled], search is [FAISS], features come from extractor plugins written with
+//! [candle]. A fresh database already finds similar images with a training-free descriptor
+//! (the `classic` extractor); trained extractors replace it as models.
+//!
+//! [sled]: https://docs.rs/sled
+//! [FAISS]: https://github.com/facebookresearch/faiss
+//! [candle]: https://docs.rs/candle-core
+//!
+//! ## Example
+//!
+//! ```
+//! # fn main() -> lookalike::Result<()> {
+//! # let dir = tempfile::tempdir().map_err(|e| lookalike::Error::InvalidArgument(e.to_string()))?;
+//! use lookalike::{Db, Query};
+//!
+//! // Two tiny images made on the spot: a dark square and a bright one.
+//! fn png(level: u8) -> Vec<u8> {
+//!     let img = image::GrayImage::from_fn(32, 32, |x, y| image::Luma([level ^ ((x * y) as u8 & 7)]));
+//!     let mut out = std::io::Cursor::new(Vec::new());
+//!     img.write_to(&mut out, image::ImageFormat::Png).unwrap();
+//!     out.into_inner()
+//! }
+//!
+//! let db = Db::open(dir.path().join("shop.db"))?;
+//! let dark = db.insert_image(&png(10), Some("dark"))?;
+//! db.insert_image(&png(240), Some("bright"))?;
+//!
+//! let hits = db.nearest(&png(12), 1)?;
+//! assert_eq!(hits[0].id, dark);
+//! assert_eq!(hits[0].label.as_deref(), Some("dark"));
+//!
+//! // Only images labelled "bright":
+//! let hits = db.nearest_with(&png(12), &Query::k(1).labels(["bright"]))?;
+//! assert_eq!(hits[0].label.as_deref(), Some("bright"));
+//! # Ok(()) }
+//! ```
+//!
+//! ## Durability
+//!
+//! Under the default [`Durability::Immediate`], an insert, removal or label change is on disk
+//! when the call returns and survives `kill -9`. An image goes into the store in one
+//! transaction (bytes, entry, embedding); the FAISS index is derived from the store and, after
+//! a crash, caught up from it on open, so the index never holds an id the store lacks.
+//! [`Durability::Relaxed`] flushes in the background for bulk loads.
+//!
+//! Only one handle may have a database open at a time: a second `Db::open` of the same
+//! directory, in this process or another, fails at once with [`Error::Locked`]. Share one
+//! handle instead: [`Db`] is `Clone + Send + Sync`.
+//!
+//! ## Untrusted input
+//!
+//! Image bytes are decoded with size limits ([`Options::max_image_bytes`],
+//! [`Options::max_image_pixels`], checked from the header before decoding, against
+//! decompression bombs). Every bad input is a typed [`Error`]; a stored record that does not
+//! decode is [`Error::Corrupt`], never a panic.
+//!
+//! ## Crate features
+//!
+//! * `gpu`: candle's CUDA backend and FAISS's GPU build (needs CUDA; never needed by tests).
+//!
+//! ## Plugins
+//!
+//! Extractors implement [`lookalike_plugin::Extractor`] and are built by an
+//! [`lookalike_plugin::ExtractorPlugin`] registered with [`Options::register`]. See
+//! `docs/plugins.md` and `examples/custom_extractor.rs`.
+
+#![deny(missing_docs)]
+
+pub mod datasets;
+mod db;
+mod error;
+pub mod extractors;
+mod index;
+mod options;
+mod preprocess;
+mod registry;
+mod store;
+
+pub use db::{Db, Hit, IndexInfo, IndexSource, ModelInfo, Query};
+pub use error::{Error, Result};
+pub use lookalike_plugin;
+pub use options::{Durability, IndexKind, Options};
+
+/// The id of a stored image: assigned on insert, never reused.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+pub struct ImageId(pub u64);
+
+impl std::fmt::Display for ImageId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::str::FromStr for ImageId {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        s.trim().parse().map(ImageId).map_err(|_| {
+            Error::InvalidArgument(format!("{s:?} is not an image id (a whole number)"))
+        })
+    }
+}

@@ -1,0 +1,7 @@
+//! The `lookalike` command-line tool: add images, query, inspect and remove.
+
+mod cli;
+
+fn main() -> std::process::ExitCode {
+    cli::main()
+}

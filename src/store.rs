@@ -1,0 +1,417 @@
+//! The source of truth: sled trees holding images, their entries (label, size), embeddings per
+//! model version, models, and meta. Every value is a bincode-2 record with a format version.
+//!
+//! | tree | key | value |
+//! |---|---|---|
+//! | `images` | id (u64 BE) | [`ImageRecord`]: the encoded bytes as inserted |
+//! | `entries` | id (u64 BE) | [`EntryRecord`]: label, width, height |
+//! | `embeddings` | model (u32 BE) ++ id (u64 BE) | [`EmbeddingRecord`] |
+//! | `models` | model (u32 BE) | [`ModelRecord`]: plugin, config, weights, dimension, metric |
+//! | `meta` | `b"format"`, `b"active_model"` | u32 |
+//!
+//! An image is inserted in one transaction over `images`, `entries` and `embeddings`, so after a
+//! crash an id is either in all three or in none.
+
+use std::path::Path;
+
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
+use sled::Tree;
+
+use crate::error::{Error, Result};
+use crate::ImageId;
+
+/// The newest on-disk format this build writes and reads.
+pub(crate) const FORMAT: u32 = 1;
+const RECORD_V1: u16 = 1;
+
+const META_FORMAT: &[u8] = b"format";
+const META_ACTIVE: &[u8] = b"active_model";
+
+/// The encoded image, as the caller gave it.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct ImageRecord {
+    pub format: u16,
+    pub bytes: Vec<u8>,
+}
+
+/// What the database knows about an image besides its bytes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct EntryRecord {
+    pub format: u16,
+    pub label: Option<String>,
+    pub width: u32,
+    pub height: u32,
+}
+
+/// One embedding of one image by one model version.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct EmbeddingRecord {
+    pub format: u16,
+    pub vector: Vec<f32>,
+}
+
+/// A model version: which plugin, how configured, its weights and what it produces.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct ModelRecord {
+    pub format: u16,
+    pub plugin: String,
+    pub plugin_version: u32,
+    pub config: String,
+    pub dim: u32,
+    pub metric: String,
+    pub weights: Vec<u8>,
+    pub created_unix: u64,
+}
+
+/// A record ready to insert: the image, its entry and its embedding under `model`.
+pub(crate) struct NewImage {
+    pub id: ImageId,
+    pub bytes: Vec<u8>,
+    pub entry: EntryRecord,
+    pub vector: Vec<f32>,
+}
+
+/// The open sled database and its trees.
+#[derive(Debug)]
+pub(crate) struct Store {
+    db: sled::Db,
+    images: Tree,
+    entries: Tree,
+    embeddings: Tree,
+    models: Tree,
+    meta: Tree,
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    bincode::serde::encode_to_vec(value, bincode::config::standard())
+        .expect("encoding a plain struct into a Vec cannot fail")
+}
+
+fn decode<T: DeserializeOwned>(
+    what: &'static str,
+    key: impl std::fmt::Display,
+    bytes: &[u8],
+) -> Result<T> {
+    let (value, used): (T, usize) =
+        bincode::serde::decode_from_slice(bytes, bincode::config::standard())
+            .map_err(|e| Error::corrupt(what, &key, e))?;
+    if used != bytes.len() {
+        return Err(Error::corrupt(
+            what,
+            key,
+            format!("{} trailing bytes", bytes.len() - used),
+        ));
+    }
+    Ok(value)
+}
+
+/// Checks the record format field of a decoded record.
+fn check_format(what: &'static str, key: impl std::fmt::Display, format: u16) -> Result<()> {
+    if format == RECORD_V1 {
+        Ok(())
+    } else {
+        Err(Error::corrupt(
+            what,
+            key,
+            format!("record format {format}, this build reads {RECORD_V1}"),
+        ))
+    }
+}
+
+pub(crate) fn embedding_key(model: u32, id: ImageId) -> [u8; 12] {
+    let mut k = [0u8; 12];
+    k[..4].copy_from_slice(&model.to_be_bytes());
+    k[4..].copy_from_slice(&id.0.to_be_bytes());
+    k
+}
+
+fn id_from_key(what: &'static str, key: &[u8]) -> Result<ImageId> {
+    let arr: [u8; 8] = key
+        .try_into()
+        .map_err(|_| Error::corrupt(what, format!("{key:?}"), "key is not 8 bytes"))?;
+    Ok(ImageId(u64::from_be_bytes(arr)))
+}
+
+fn abort<E>(e: TransactionError<E>) -> Error
+where
+    Error: From<E>,
+{
+    match e {
+        TransactionError::Abort(e) => Error::from(e),
+        TransactionError::Storage(e) => Error::Storage(e),
+    }
+}
+
+impl Store {
+    /// Opens (creating if needed) the sled database in `dir`.
+    pub fn open(dir: &Path, relaxed: bool) -> Result<Store> {
+        let db = sled::Config::new()
+            .path(dir)
+            .flush_every_ms(if relaxed { Some(500) } else { None })
+            .open()?;
+        let store = Store {
+            images: db.open_tree("images")?,
+            entries: db.open_tree("entries")?,
+            embeddings: db.open_tree("embeddings")?,
+            models: db.open_tree("models")?,
+            meta: db.open_tree("meta")?,
+            db,
+        };
+        match store.meta.get(META_FORMAT)? {
+            None => {
+                store.meta.insert(META_FORMAT, encode(&FORMAT))?;
+            }
+            Some(v) => {
+                let found: u32 = decode("meta", "format", &v)?;
+                if found > FORMAT {
+                    return Err(Error::FormatTooNew {
+                        found,
+                        supported: FORMAT,
+                    });
+                }
+            }
+        }
+        Ok(store)
+    }
+
+    /// Makes every write so far durable.
+    pub fn flush(&self) -> Result<()> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// A fresh, never reused image id.
+    pub fn next_id(&self) -> Result<ImageId> {
+        Ok(ImageId(self.db.generate_id()? + 1))
+    }
+
+    /// Inserts images atomically: all of them or none.
+    pub fn insert(&self, model: u32, images: &[NewImage]) -> Result<()> {
+        let encoded: Vec<_> = images
+            .iter()
+            .map(|n| {
+                (
+                    n.id.0.to_be_bytes(),
+                    encode(&ImageRecord {
+                        format: RECORD_V1,
+                        bytes: n.bytes.clone(),
+                    }),
+                    encode(&n.entry),
+                    embedding_key(model, n.id),
+                    encode(&EmbeddingRecord {
+                        format: RECORD_V1,
+                        vector: n.vector.clone(),
+                    }),
+                )
+            })
+            .collect();
+        (&self.images, &self.entries, &self.embeddings)
+            .transaction(|(images, entries, embeddings)| {
+                for (id, img, entry, ekey, emb) in &encoded {
+                    images.insert(&id[..], img.as_slice())?;
+                    entries.insert(&id[..], entry.as_slice())?;
+                    embeddings.insert(&ekey[..], emb.as_slice())?;
+                }
+                Ok::<_, ConflictableTransactionError<Error>>(())
+            })
+            .map_err(abort)
+    }
+
+    /// Removes an image, its entry and its embeddings under every model in `models`.
+    /// Returns false when there was no such image.
+    pub fn remove(&self, id: ImageId, models: &[u32]) -> Result<bool> {
+        let key = id.0.to_be_bytes();
+        (&self.images, &self.entries, &self.embeddings)
+            .transaction(|(images, entries, embeddings)| {
+                if entries.remove(&key[..])?.is_none() {
+                    return Ok(false);
+                }
+                images.remove(&key[..])?;
+                for m in models {
+                    embeddings.remove(&embedding_key(*m, id)[..])?;
+                }
+                Ok::<_, ConflictableTransactionError<Error>>(true)
+            })
+            .map_err(abort)
+    }
+
+    /// The encoded bytes of an image.
+    pub fn image(&self, id: ImageId) -> Result<Option<Vec<u8>>> {
+        match self.images.get(id.0.to_be_bytes())? {
+            None => Ok(None),
+            Some(v) => {
+                let r: ImageRecord = decode("image", id, &v)?;
+                check_format("image", id, r.format)?;
+                Ok(Some(r.bytes))
+            }
+        }
+    }
+
+    /// The entry of an image.
+    pub fn entry(&self, id: ImageId) -> Result<Option<EntryRecord>> {
+        match self.entries.get(id.0.to_be_bytes())? {
+            None => Ok(None),
+            Some(v) => {
+                let r: EntryRecord = decode("entry", id, &v)?;
+                check_format("entry", id, r.format)?;
+                Ok(Some(r))
+            }
+        }
+    }
+
+    /// Replaces the entry of an existing image. Returns false when there is no such image.
+    pub fn update_entry(&self, id: ImageId, entry: &EntryRecord) -> Result<bool> {
+        let key = id.0.to_be_bytes();
+        let new = encode(entry);
+        let old = self
+            .entries
+            .fetch_and_update(key, |old| old.map(|_| new.clone()))?;
+        Ok(old.is_some())
+    }
+
+    /// Every entry, in id order.
+    pub fn entries(&self) -> impl Iterator<Item = Result<(ImageId, EntryRecord)>> + '_ {
+        self.entries.iter().map(|kv| {
+            let (k, v) = kv?;
+            let id = id_from_key("entry", &k)?;
+            let r: EntryRecord = decode("entry", id, &v)?;
+            check_format("entry", id, r.format)?;
+            Ok((id, r))
+        })
+    }
+
+    /// The embedding of `id` under `model`, checked against `dim`.
+    pub fn embedding(&self, model: u32, id: ImageId, dim: usize) -> Result<Option<Vec<f32>>> {
+        match self.embeddings.get(embedding_key(model, id))? {
+            None => Ok(None),
+            Some(v) => {
+                let key = format!("model {model} image {id}");
+                let r: EmbeddingRecord = decode("embedding", &key, &v)?;
+                check_format("embedding", &key, r.format)?;
+                if r.vector.len() != dim {
+                    return Err(Error::DimensionMismatch {
+                        what: format!("stored embedding ({key})"),
+                        expected: dim,
+                        got: r.vector.len(),
+                    });
+                }
+                Ok(Some(r.vector))
+            }
+        }
+    }
+
+    /// Every embedding under `model`, in id order.
+    pub fn embeddings(
+        &self,
+        model: u32,
+        dim: usize,
+    ) -> impl Iterator<Item = Result<(ImageId, Vec<f32>)>> + '_ {
+        self.embeddings
+            .scan_prefix(model.to_be_bytes())
+            .map(move |kv| {
+                let (k, v) = kv?;
+                let id = id_from_key("embedding", &k[4..])?;
+                let key = format!("model {model} image {id}");
+                let r: EmbeddingRecord = decode("embedding", &key, &v)?;
+                check_format("embedding", &key, r.format)?;
+                if r.vector.len() != dim {
+                    return Err(Error::DimensionMismatch {
+                        what: format!("stored embedding ({key})"),
+                        expected: dim,
+                        got: r.vector.len(),
+                    });
+                }
+                Ok((id, r.vector))
+            })
+    }
+
+    /// Stores one embedding.
+    pub fn put_embedding(&self, model: u32, id: ImageId, vector: &[f32]) -> Result<()> {
+        let rec = EmbeddingRecord {
+            format: RECORD_V1,
+            vector: vector.to_vec(),
+        };
+        self.embeddings
+            .insert(embedding_key(model, id), encode(&rec))?;
+        Ok(())
+    }
+
+    /// Stores a model version.
+    pub fn put_model(&self, version: u32, model: &ModelRecord) -> Result<()> {
+        self.models.insert(version.to_be_bytes(), encode(model))?;
+        Ok(())
+    }
+
+    /// A stored model version.
+    pub fn model(&self, version: u32) -> Result<Option<ModelRecord>> {
+        match self.models.get(version.to_be_bytes())? {
+            None => Ok(None),
+            Some(v) => {
+                let r: ModelRecord = decode("model", version, &v)?;
+                check_format("model", version, r.format)?;
+                Ok(Some(r))
+            }
+        }
+    }
+
+    /// The version numbers of every stored model.
+    pub fn model_versions(&self) -> Result<Vec<u32>> {
+        self.models
+            .iter()
+            .keys()
+            .map(|k| {
+                let k = k?;
+                let arr: [u8; 4] = k
+                    .as_ref()
+                    .try_into()
+                    .map_err(|_| Error::corrupt("model", format!("{k:?}"), "key is not 4 bytes"))?;
+                Ok(u32::from_be_bytes(arr))
+            })
+            .collect()
+    }
+
+    /// The active model version, if one was set.
+    pub fn active_model(&self) -> Result<Option<u32>> {
+        match self.meta.get(META_ACTIVE)? {
+            None => Ok(None),
+            Some(v) => Ok(Some(decode("meta", "active_model", &v)?)),
+        }
+    }
+
+    /// Sets the active model version.
+    pub fn set_active_model(&self, version: u32) -> Result<()> {
+        self.meta.insert(META_ACTIVE, encode(&version))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_round_trip_and_corruption() {
+        let e = EntryRecord {
+            format: RECORD_V1,
+            label: Some("shoe".into()),
+            width: 3,
+            height: 4,
+        };
+        let bytes = encode(&e);
+        let back: EntryRecord = decode("entry", 1, &bytes).unwrap();
+        assert_eq!(back.label.as_deref(), Some("shoe"));
+        let mut bad = bytes.clone();
+        bad.truncate(bytes.len() - 1);
+        assert!(matches!(
+            decode::<EntryRecord>("entry", 1, &bad),
+            Err(Error::Corrupt { .. })
+        ));
+        let mut extra = bytes;
+        extra.push(0);
+        assert!(matches!(
+            decode::<EntryRecord>("entry", 1, &extra),
+            Err(Error::Corrupt { .. })
+        ));
+    }
+}

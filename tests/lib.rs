@@ -1,0 +1,11 @@
+//! The one integration-test binary (every extra binary re-links FAISS and candle).
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+mod api;
+mod concurrency;
+mod errors;
+mod exact;
+mod persistence;

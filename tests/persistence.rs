@@ -1,0 +1,184 @@
+//! Data and index survive reopening; a missing, stale or corrupt index snapshot is detected
+//! and caught up or rebuilt.
+
+use std::fs;
+use std::path::Path;
+
+use lookalike::{Db, Hit, IndexSource, Options};
+
+use crate::common::*;
+
+fn fill(db: &Db, n: u64, offset: u64) -> Vec<lookalike::ImageId> {
+    let images: Vec<Vec<u8>> = (offset..offset + n)
+        .map(|i| class_png((i % 4) as u32, i))
+        .collect();
+    let labels = ["a", "b", "c", "d"];
+    db.insert_images(
+        images
+            .iter()
+            .enumerate()
+            .map(|(i, b)| (b.as_slice(), Some(labels[i % 4]))),
+    )
+    .unwrap()
+}
+
+fn ids(hits: &[Hit]) -> Vec<u64> {
+    hits.iter().map(|h| h.id.0).collect()
+}
+
+fn query(db: &Db) -> Vec<u64> {
+    ids(&db.nearest(&class_png(2, 424242), 15).unwrap())
+}
+
+#[test]
+fn reopen_uses_a_valid_snapshot() {
+    let dir = tempdir();
+    let path = dir.path().join("db");
+    let before;
+    {
+        let db = Db::open(&path).unwrap();
+        fill(&db, 100, 0);
+        before = query(&db);
+    }
+    let db = Db::open(&path).unwrap();
+    assert_eq!(db.index_info().source, IndexSource::Snapshot);
+    assert_eq!(db.len(), 100);
+    assert_eq!(db.labels().get("a"), Some(&25));
+    assert_eq!(query(&db), before);
+}
+
+#[test]
+fn missing_snapshot_is_rebuilt() {
+    let dir = tempdir();
+    let path = dir.path().join("db");
+    let before;
+    {
+        let db = Db::open(&path).unwrap();
+        fill(&db, 60, 0);
+        before = query(&db);
+    }
+    fs::remove_file(path.join("index.faiss")).unwrap();
+    let db = Db::open(&path).unwrap();
+    assert!(
+        matches!(db.index_info().source, IndexSource::Rebuilt { .. }),
+        "{:?}",
+        db.index_info()
+    );
+    assert_eq!(query(&db), before);
+    drop(db);
+    fs::remove_file(path.join("index.stamp")).unwrap();
+    let db = Db::open(&path).unwrap();
+    assert!(
+        matches!(db.index_info().source, IndexSource::Rebuilt { ref reason } if reason.contains("no snapshot"))
+    );
+    assert_eq!(query(&db), before);
+}
+
+fn copy_snapshot(from: &Path, to: &Path) {
+    for f in ["index.faiss", "index.stamp"] {
+        fs::copy(from.join(f), to.join(f)).unwrap();
+    }
+}
+
+#[test]
+fn stale_snapshot_is_caught_up() {
+    let dir = tempdir();
+    let path = dir.path().join("db");
+    let saved = dir.path().join("saved");
+    fs::create_dir(&saved).unwrap();
+    let first;
+    {
+        let db = Db::open(&path).unwrap();
+        first = fill(&db, 50, 0);
+    }
+    copy_snapshot(&path, &saved);
+    let (added, before);
+    {
+        let db = Db::open(&path).unwrap();
+        added = fill(&db, 30, 1000);
+        db.remove(first[0]).unwrap();
+        db.remove(first[1]).unwrap();
+        before = query(&db);
+    }
+    copy_snapshot(&saved, &path); // put the old snapshot back: it lags the store
+    let db = Db::open(&path).unwrap();
+    assert_eq!(
+        db.index_info().source,
+        IndexSource::CaughtUp {
+            added: 30,
+            removed: 2
+        }
+    );
+    assert_eq!(db.index_info().len, 78);
+    assert_eq!(query(&db), before);
+    let all = ids(&db.nearest(&class_png(0, 0), 100).unwrap());
+    assert_eq!(all.len(), 78);
+    assert!(!all.contains(&first[0].0) && !all.contains(&first[1].0));
+    assert!(added.iter().all(|id| all.contains(&id.0)));
+}
+
+#[test]
+fn corrupt_snapshot_is_rebuilt() {
+    let dir = tempdir();
+    let path = dir.path().join("db");
+    let before;
+    {
+        let db = Db::open(&path).unwrap();
+        fill(&db, 40, 0);
+        before = query(&db);
+    }
+    let mut bytes = fs::read(path.join("index.faiss")).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x5a;
+    fs::write(path.join("index.faiss"), bytes).unwrap();
+    {
+        let db = Db::open(&path).unwrap();
+        match db.index_info().source {
+            IndexSource::Rebuilt { reason } => assert!(reason.contains("corrupt"), "{reason}"),
+            other => panic!("expected a rebuild, got {other:?}"),
+        }
+        assert_eq!(query(&db), before);
+    }
+    fs::write(path.join("index.stamp"), b"garbage").unwrap();
+    let db = Db::open(&path).unwrap();
+    assert!(
+        matches!(db.index_info().source, IndexSource::Rebuilt { ref reason } if reason.contains("corrupt"))
+    );
+    assert_eq!(query(&db), before);
+}
+
+#[test]
+fn hnsw_snapshot_with_removals_round_trips() {
+    let dir = tempdir();
+    let opts = || {
+        Options::default().index(lookalike::IndexKind::Hnsw {
+            m: 16,
+            ef_search: 64,
+        })
+    };
+    let path = dir.path().join("db");
+    let gone;
+    {
+        let db = Db::open_with(&path, opts()).unwrap();
+        let ids = fill(&db, 120, 0);
+        gone = ids[5];
+        db.remove(gone).unwrap();
+    }
+    let db = Db::open_with(&path, opts()).unwrap();
+    assert_eq!(db.index_info().kind, "hnsw");
+    assert_eq!(db.index_info().len, 119);
+    let all = ids(&db.nearest(&class_png(1, 5), 200).unwrap());
+    assert_eq!(all.len(), 119);
+    assert!(!all.contains(&gone.0));
+}
+
+#[test]
+fn auto_index_turns_approximate_past_the_limit() {
+    let dir = tempdir();
+    let db = open(dir.path(), relaxed().exact_limit(100));
+    fill(&db, 100, 0);
+    assert_eq!(db.index_info().kind, "exact");
+    fill(&db, 1, 500);
+    assert_eq!(db.index_info().kind, "hnsw");
+    assert_eq!(db.nearest(&class_png(0, 1), 101).unwrap().len(), 101);
+}
