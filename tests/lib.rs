@@ -5,7 +5,9 @@
 mod common;
 
 mod api;
+mod cli;
 mod concurrency;
 mod errors;
 mod exact;
+mod model;
 mod persistence;
