@@ -54,7 +54,14 @@ pub(crate) fn decode(bytes: &[u8], limits: ImageLimits) -> Result<DynamicImage> 
     // 8 bytes per pixel covers 16-bit RGBA; the decoder refuses anything bigger.
     lim.max_alloc = Some(pixels.saturating_mul(8).saturating_add(1 << 20));
     r.limits(lim);
-    r.decode().map_err(|e| undecodable(&e))
+    // A decoder bug must not take the caller's process down with it: a panic on these
+    // untrusted bytes is reported as an undecodable image.
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| r.decode())) {
+        Ok(decoded) => decoded.map_err(|e| undecodable(&e)),
+        Err(_) => Err(Error::Undecodable {
+            reason: "the decoder failed on malformed data".to_string(),
+        }),
+    }
 }
 
 /// Converts, resizes and normalises `img` into `C x H x W` values, appended to `out`.

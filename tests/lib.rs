@@ -11,3 +11,4 @@ mod errors;
 mod exact;
 mod model;
 mod persistence;
+mod robustness;
