@@ -56,6 +56,8 @@ impl ExtractorPlugin for RawPixels {
 }
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
+/// One query's hits: ids and labels, best first.
+type Ranked = Vec<(ImageId, Option<String>)>;
 
 struct Args {
     quick: bool,
@@ -129,12 +131,8 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 /// Runs queries on 2 threads; returns per-query hit ids, labels and latencies (ms).
-fn run_queries(
-    db: &Db,
-    queries: &[Vec<u8>],
-    k: usize,
-) -> Res<(Vec<Vec<(ImageId, Option<String>)>>, Vec<f64>)> {
-    let results: Vec<Res<(usize, Vec<(ImageId, Option<String>)>, f64)>> = std::thread::scope(|s| {
+fn run_queries(db: &Db, queries: &[Vec<u8>], k: usize) -> Res<(Vec<Ranked>, Vec<f64>)> {
+    let results: Vec<Res<(usize, Ranked, f64)>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..2)
             .map(|t| {
                 let db = db.clone();
@@ -171,7 +169,7 @@ fn run_queries(
 
 /// Accuracy@1 and mAP@10 (AP@10 = sum of precision@i at relevant ranks / 10; every class has
 /// more than 10 relevant images).
-fn quality(hits: &[Vec<(ImageId, Option<String>)>], truth: &[&str]) -> (f64, f64) {
+fn quality(hits: &[Ranked], truth: &[&str]) -> (f64, f64) {
     let (mut top1, mut ap_sum) = (0usize, 0f64);
     for (h, t) in hits.iter().zip(truth) {
         if h.first().and_then(|x| x.1.as_deref()) == Some(*t) {

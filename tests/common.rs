@@ -25,8 +25,8 @@ pub fn class_png(class: u32, seed: u64) -> Vec<u8> {
     ];
     let img = RgbImage::from_fn(32, 32, |x, y| {
         let on = match class % 4 {
-            0 => (y + phase) / 4 % 2 == 0,
-            1 => (x + phase) / 4 % 2 == 0,
+            0 => ((y + phase) / 4).is_multiple_of(2),
+            1 => ((x + phase) / 4).is_multiple_of(2),
             2 => {
                 let (dx, dy) = (x as i32 - 16, y as i32 - 16);
                 dx * dx + dy * dy < (90 + phase * 10) as i32
