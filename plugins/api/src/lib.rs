@@ -68,6 +68,12 @@ use std::fmt::Debug;
 pub use candle_core;
 use candle_core::Tensor;
 
+pub mod conformance;
+#[cfg(feature = "nn")]
+pub mod nn;
+#[cfg(feature = "nn")]
+pub use candle_nn;
+
 /// How distances between two embeddings are measured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Metric {
