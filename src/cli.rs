@@ -33,6 +33,15 @@ enum Command {
         /// Images per durable batch.
         #[arg(long, default_value_t = 256)]
         batch: usize,
+        /// Extractor of a new database (see `stats` for the registered names).
+        #[arg(long, default_value = "classic")]
+        extractor: String,
+        /// The extractor's configuration string (a preset name).
+        #[arg(long, default_value = "")]
+        config: String,
+        /// Weights file (safetensors) for the extractor of a new database.
+        #[arg(long)]
+        weights: Option<PathBuf>,
     },
     /// Find the stored images most similar to an image file.
     Query {
@@ -104,7 +113,25 @@ fn run(cli: Cli) -> lookalike::Result<()> {
             label,
             folder_labels,
             batch,
-        } => add(&db, &paths, label.as_deref(), folder_labels, batch.max(1)),
+            extractor,
+            config,
+            weights,
+        } => {
+            let mut options = Options::default()
+                .durability(Durability::Relaxed)
+                .extractor(&extractor, &config);
+            if let Some(w) = weights {
+                options = options.extractor_weights(w);
+            }
+            add(
+                &db,
+                options,
+                &paths,
+                label.as_deref(),
+                folder_labels,
+                batch.max(1),
+            )
+        }
         Command::Query {
             db,
             image,
@@ -234,13 +261,14 @@ fn has_image_extension(p: &Path) -> bool {
 
 fn add(
     db: &Path,
+    options: Options,
     paths: &[PathBuf],
     label: Option<&str>,
     folder_labels: bool,
     batch: usize,
 ) -> lookalike::Result<()> {
     let files = collect(paths)?;
-    let db = Db::open_with(db, Options::default().durability(Durability::Relaxed))?;
+    let db = Db::open_with(db, options)?;
     let bar = ProgressBar::new(files.len() as u64);
     bar.set_style(
         ProgressStyle::with_template("{bar:40} {pos}/{len} images, {per_sec}, eta {eta}")

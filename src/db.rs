@@ -866,7 +866,15 @@ fn load_or_create_model(store: &Store, registry: &Registry, options: &Options) -
     let version = match store.active_model()? {
         Some(v) => v,
         None => {
-            let extractor = registry.build(&options.extractor, &options.extractor_config, None)?;
+            let weights = match &options.extractor_weights {
+                Some(path) => Some(std::fs::read(path).map_err(|e| Error::io(path, e))?),
+                None => None,
+            };
+            let extractor = registry.build(
+                &options.extractor,
+                &options.extractor_config,
+                weights.as_deref(),
+            )?;
             let spec = extractor.spec();
             let record = ModelRecord {
                 format: 1,

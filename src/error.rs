@@ -103,7 +103,7 @@ pub enum Error {
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
     /// An extractor or scorer plugin failed.
-    #[error("plugin {name} failed")]
+    #[error("plugin {name} failed: {source}")]
     Plugin {
         /// The plugin's registry name.
         name: String,

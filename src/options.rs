@@ -1,5 +1,6 @@
 //! Options for opening a database.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use lookalike_plugin::ExtractorPlugin;
@@ -55,6 +56,7 @@ pub struct Options {
     pub(crate) max_image_pixels: u64,
     pub(crate) extractor: String,
     pub(crate) extractor_config: String,
+    pub(crate) extractor_weights: Option<PathBuf>,
     pub(crate) snapshot: bool,
     pub(crate) plugins: Vec<Arc<dyn ExtractorPlugin>>,
 }
@@ -69,6 +71,7 @@ impl Default for Options {
             max_image_pixels: 40_000_000,
             extractor: crate::extractors::DEFAULT.to_string(),
             extractor_config: String::new(),
+            extractor_weights: None,
             snapshot: true,
             plugins: Vec::new(),
         }
@@ -113,6 +116,15 @@ impl Options {
     pub fn extractor(mut self, name: &str, config: &str) -> Self {
         self.extractor = name.to_string();
         self.extractor_config = config.to_string();
+        self
+    }
+
+    /// A safetensors weights file for the extractor of a database created by this open (for
+    /// example `efficientnet-lite0.safetensors` for `"efficientnet-lite0"`). The database reads
+    /// it once and keeps the weights in its store: the file is not needed afterwards. Ignored
+    /// when the database already exists.
+    pub fn extractor_weights(mut self, path: impl Into<PathBuf>) -> Self {
+        self.extractor_weights = Some(path.into());
         self
     }
 

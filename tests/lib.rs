@@ -11,4 +11,5 @@ mod errors;
 mod exact;
 mod model;
 mod persistence;
+mod pretrained;
 mod robustness;

@@ -11,5 +11,9 @@ pub(crate) const DEFAULT: &str = "classic";
 
 /// Every built-in plugin of this build (cargo features decide which).
 pub(crate) fn builtin() -> Vec<Arc<dyn ExtractorPlugin>> {
-    vec![Arc::new(classic::ClassicPlugin)]
+    #[allow(unused_mut)]
+    let mut v: Vec<Arc<dyn ExtractorPlugin>> = vec![Arc::new(classic::ClassicPlugin)];
+    #[cfg(feature = "fused")]
+    v.push(Arc::new(lookalike_fused::EfficientNetPlugin));
+    v
 }
