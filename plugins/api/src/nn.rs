@@ -63,3 +63,17 @@ pub fn load_varmap(varmap: &VarMap, bytes: &[u8]) -> Result<(), PluginError> {
     }
     Ok(())
 }
+
+/// A builder over detached copies of `varmap`'s parameters: a network built from it computes
+/// without recording a gradient graph (inference), and later changes to the map do not reach it.
+pub fn frozen_builder(varmap: &VarMap) -> Result<VarBuilder<'static>, PluginError> {
+    let data = varmap
+        .data()
+        .lock()
+        .map_err(|_| PluginError::Weights("the parameter map is poisoned".into()))?;
+    let tensors: HashMap<String, Tensor> = data
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
+        .collect();
+    Ok(VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu))
+}
