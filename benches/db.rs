@@ -62,17 +62,32 @@ type Ranked = Vec<(ImageId, Option<String>)>;
 struct Args {
     quick: bool,
     data: PathBuf,
+    /// Only the retrieval-quality section.
+    quality_only: bool,
+    /// Stored / query counts for the quality section (default: all 60,000 / 10,000).
+    train: Option<usize>,
+    test: Option<usize>,
+    /// EfficientNet-Lite0 weights: adds its row to the quality table.
+    efficientnet: Option<PathBuf>,
 }
 
 fn args() -> Args {
     let mut a = Args {
         quick: false,
         data: PathBuf::from("../shared/data/fashion-mnist"),
+        quality_only: false,
+        train: None,
+        test: None,
+        efficientnet: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         match arg.as_str() {
             "--quick" => a.quick = true,
+            "--quality-only" => a.quality_only = true,
+            "--train" => a.train = it.next().and_then(|v| v.parse().ok()),
+            "--test" => a.test = it.next().and_then(|v| v.parse().ok()),
+            "--efficientnet" => a.efficientnet = it.next().map(PathBuf::from),
             "--data" => {
                 if let Some(d) = it.next() {
                     a.data = PathBuf::from(d);
@@ -218,6 +233,8 @@ fn main() -> Res<()> {
     } else {
         (60_000, 10_000, 1_000, 100_000)
     };
+    let n_train = a.train.unwrap_or(n_train).min(train.len());
+    let n_test = a.test.unwrap_or(n_test).min(test.len());
     let tmp = tempfile::tempdir()?;
     println!(
         "lookalike database benchmark ({} run), {} cores",
@@ -232,7 +249,29 @@ fn main() -> Res<()> {
     let test_png = pngs(&test, 0..n_test, false)?;
     let test_labels: Vec<&str> = (0..n_test).map(|i| label(&test, i)).collect();
 
-    // ---- ingest ----
+    if !a.quality_only {
+        ingest_section(&a, &tmp, &train_png, &train_labels)?;
+    }
+    quality_section(&a, &tmp, &train_png, &train_labels, &test_png, &test_labels)?;
+    if !a.quality_only {
+        latency_section(
+            &tmp,
+            &train,
+            &train_png,
+            &train_labels,
+            &test_png[..n_lat.min(n_test)],
+            big,
+        )?;
+    }
+    Ok(())
+}
+
+fn ingest_section(
+    a: &Args,
+    tmp: &tempfile::TempDir,
+    train_png: &[Vec<u8>],
+    train_labels: &[&str],
+) -> Res<()> {
     println!("\n## Ingest (classic extractor, PNG 28x28 in)");
     let n_single = if a.quick { 100 } else { 500 };
     let n_batch = if a.quick { 2_000 } else { 10_000 };
@@ -254,11 +293,21 @@ fn main() -> Res<()> {
     println!("| insert_images (256), immediate durability | {n_batch} | {batch:.0} |");
     println!("| insert_images (256), relaxed durability | {n_batch} | {relaxed:.0} |");
     println!("batch/single ratio: {:.1}x", batch / single);
+    Ok(())
+}
 
-    // ---- quality ----
+fn quality_section(
+    a: &Args,
+    tmp: &tempfile::TempDir,
+    train_png: &[Vec<u8>],
+    train_labels: &[&str],
+    test_png: &[Vec<u8>],
+    test_labels: &[&str],
+) -> Res<()> {
+    let (n_train, n_test) = (train_png.len(), test_png.len());
     println!("\n## Retrieval quality: {n_train} train stored, {n_test} test queries, exact index");
     let mut rows = Vec::new();
-    for (name, opts) in [
+    let mut cases = vec![
         (
             "raw pixels (cosine)",
             Options::default()
@@ -266,7 +315,16 @@ fn main() -> Res<()> {
                 .extractor("raw-pixels", ""),
         ),
         ("classic (default)", Options::default()),
-    ] {
+    ];
+    if let Some(w) = &a.efficientnet {
+        cases.push((
+            "efficientnet-lite0 (ImageNet, untrained)",
+            Options::default()
+                .extractor("efficientnet-lite0", "")
+                .extractor_weights(w),
+        ));
+    }
+    for (name, opts) in cases {
         let path = tmp
             .path()
             .join(format!("quality-{}", name.split(' ').next().unwrap_or("x")));
@@ -274,11 +332,11 @@ fn main() -> Res<()> {
             &path,
             opts.durability(Durability::Relaxed).index(IndexKind::Exact),
         )?;
-        let rate = ingest(&db, &train_png, &train_labels, 1000)?;
+        let rate = ingest(&db, train_png, train_labels, 1000)?;
         let t = Instant::now();
-        let (hits, lat) = run_queries(&db, &test_png, 10)?;
+        let (hits, lat) = run_queries(&db, test_png, 10)?;
         let qps = n_test as f64 / t.elapsed().as_secs_f64();
-        let (acc, map) = quality(&hits, &test_labels);
+        let (acc, map) = quality(&hits, test_labels);
         rows.push((
             name,
             db.active_model().dim,
@@ -298,18 +356,29 @@ fn main() -> Res<()> {
             map * 100.0
         );
     }
-    if rows.len() == 2 {
+    for r in rows.iter().skip(1) {
         println!(
-            "classic - raw pixels: {:+.2} points accuracy@1",
-            (rows[1].2 - rows[0].2) * 100.0
+            "{} - raw pixels: {:+.2} points accuracy@1",
+            r.0,
+            (r.2 - rows[0].2) * 100.0
         );
     }
+    Ok(())
+}
 
-    // ---- latency, recall, open time ----
+fn latency_section(
+    tmp: &tempfile::TempDir,
+    train: &LabelledImages,
+    train_png: &[Vec<u8>],
+    train_labels: &[&str],
+    lat_queries: &[Vec<u8>],
+    big: usize,
+) -> Res<()> {
+    let n_train = train_png.len();
+    let n_lat = lat_queries.len();
     println!("\n## Query latency (single query, 1 thread), HNSW recall@10, open time");
     println!("| vectors | index | p50 ms | p99 ms | recall@10 vs exact | build s |");
     println!("|---|---|---|---|---|---|");
-    let lat_queries = &test_png[..n_lat];
     let mut open_rows = Vec::new();
     for size in [big / 10, big] {
         let path = tmp.path().join(format!("lat-{size}"));
