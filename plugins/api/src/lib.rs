@@ -213,6 +213,59 @@ pub trait ExtractorPlugin: Send + Sync + Debug + 'static {
         config: &str,
         weights: Option<&[u8]>,
     ) -> Result<Box<dyn Extractor>, PluginError>;
+
+    /// A trainable copy, for the training jobs: fresh, or from saved weights. `None` (the
+    /// default) for an extractor that cannot be trained.
+    fn trainable(
+        &self,
+        _config: &str,
+        _weights: Option<&[u8]>,
+    ) -> Option<Result<Box<dyn Trainable>, PluginError>> {
+        None
+    }
+}
+
+/// The embeddings a training objective compares, computed by [`Trainable::forward_train`].
+#[derive(Debug)]
+pub enum TrainingBatch<'a> {
+    /// Pairs of rows: `a[i]` against `b[i]`; `dissimilar[i]` is 1 for a negative pair, 0 for
+    /// a positive one (the SimNet paper's `Y`).
+    Pairs {
+        /// N x D.
+        a: &'a Tensor,
+        /// N x D.
+        b: &'a Tensor,
+        /// N values, 0 or 1 (f32).
+        dissimilar: &'a Tensor,
+    },
+    /// One positive and K negatives per anchor (the fused paper's 1 + N batch).
+    OneVsMany {
+        /// N x D.
+        anchor: &'a Tensor,
+        /// N x D.
+        positive: &'a Tensor,
+        /// N x K x D.
+        negatives: &'a Tensor,
+    },
+}
+
+/// A model being trained: forward with gradients, its objective, its parameters.
+pub trait Trainable: Send + Debug {
+    /// Embeds a batch in training mode (dropout on, batch norm on batch statistics), keeping
+    /// the graph for backpropagation. `N x C x H x W` in, `N x D` out.
+    fn forward_train(&self, batch: &Tensor) -> Result<Tensor, PluginError>;
+
+    /// The plugin's training objective over embeddings from [`Trainable::forward_train`].
+    fn loss(&self, batch: TrainingBatch<'_>) -> Result<Tensor, PluginError>;
+
+    /// The parameters an optimiser updates.
+    fn vars(&self) -> Vec<candle_core::Var>;
+
+    /// The current weights as safetensors bytes, loadable by `ExtractorPlugin::build`.
+    fn save_weights(&self) -> Result<Vec<u8>, PluginError>;
+
+    /// An inference extractor with the current weights.
+    fn freeze(&self) -> Result<Box<dyn Extractor>, PluginError>;
 }
 
 /// Says how likely two embeddings are to show the same thing.

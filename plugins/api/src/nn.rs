@@ -77,3 +77,161 @@ pub fn frozen_builder(varmap: &VarMap) -> Result<VarBuilder<'static>, PluginErro
         .collect();
     Ok(VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu))
 }
+
+/// A VGG convolution stack with torchvision's parameter names (`features.{i}.weight`), so
+/// that torchvision's VGG16/VGG19 weights load as they are. `cfg` lists output channels, with
+/// 0 for a 2 x 2 max pool (torchvision's "M").
+#[derive(Debug, Clone)]
+pub struct Vgg {
+    layers: Vec<Option<(candle_nn::Conv2d, Option<candle_nn::BatchNorm>)>>,
+}
+
+/// VGG16's configuration "D".
+pub const VGG16: [usize; 18] = [
+    64, 64, 0, 128, 128, 0, 256, 256, 256, 0, 512, 512, 512, 0, 512, 512, 512, 0,
+];
+/// VGG19's configuration "E".
+pub const VGG19: [usize; 21] = [
+    64, 64, 0, 128, 128, 0, 256, 256, 256, 256, 0, 512, 512, 512, 512, 0, 512, 512, 512, 512, 0,
+];
+
+impl Vgg {
+    /// Builds the stack under `vb` (pass `vb.pp("features")` for torchvision names); with
+    /// `batch_norm`, each convolution is followed by batch norm, as in torchvision's `vgg*_bn`.
+    pub fn new(
+        cfg: &[usize],
+        in_channels: usize,
+        batch_norm: bool,
+        vb: VarBuilder,
+    ) -> candle_core::Result<Self> {
+        let mut layers = Vec::new();
+        let mut cin = in_channels;
+        let mut index = 0;
+        for &c in cfg {
+            if c == 0 {
+                layers.push(None);
+                index += 1;
+            } else {
+                let conv_cfg = candle_nn::Conv2dConfig {
+                    padding: 1,
+                    ..Default::default()
+                };
+                let conv = candle_nn::conv2d(cin, c, 3, conv_cfg, vb.pp(index.to_string()))?;
+                let bn = if batch_norm {
+                    Some(candle_nn::batch_norm(
+                        c,
+                        1e-5,
+                        vb.pp((index + 1).to_string()),
+                    )?)
+                } else {
+                    None
+                };
+                layers.push(Some((conv, bn)));
+                cin = c;
+                index += if batch_norm { 3 } else { 2 }; // conv, [BN,] ReLU
+            }
+        }
+        Ok(Vgg { layers })
+    }
+
+    /// Output channels of the stack.
+    pub fn out_channels(cfg: &[usize]) -> usize {
+        cfg.iter().rev().copied().find(|c| *c != 0).unwrap_or(0)
+    }
+
+    /// Runs the stack: convolutions with [batch norm and] ReLU, max pools. `train` puts batch
+    /// norm in training mode.
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        let mut h = x.clone();
+        for l in &self.layers {
+            h = match l {
+                Some((conv, bn)) => {
+                    let y = candle_core::Module::forward(conv, &h)?;
+                    match bn {
+                        Some(bn) => candle_core::ModuleT::forward_t(bn, &y, train)?.relu()?,
+                        None => y.relu()?,
+                    }
+                }
+                None => h.max_pool2d(2)?,
+            };
+        }
+        Ok(h)
+    }
+}
+
+/// Stochastic gradient descent with Nesterov momentum (Sutskever et al. 2013), as PyTorch's
+/// `SGD(nesterov=True)`: `v = mu * v + g; p -= lr * (g + mu * v)`, with optional weight decay
+/// added to `g`.
+#[derive(Debug)]
+pub struct SgdNesterov {
+    vars: Vec<(candle_core::Var, Option<Tensor>)>,
+    /// Learning rate.
+    pub lr: f64,
+    /// Momentum `mu`.
+    pub momentum: f64,
+    /// L2 weight decay.
+    pub weight_decay: f64,
+}
+
+impl SgdNesterov {
+    /// An optimiser over `vars`.
+    pub fn new(vars: Vec<candle_core::Var>, lr: f64, momentum: f64, weight_decay: f64) -> Self {
+        SgdNesterov {
+            vars: vars.into_iter().map(|v| (v, None)).collect(),
+            lr,
+            momentum,
+            weight_decay,
+        }
+    }
+
+    /// One step from the gradients of `loss`.
+    pub fn backward_step(&mut self, loss: &Tensor) -> candle_core::Result<()> {
+        let grads = loss.backward()?;
+        for (var, velocity) in &mut self.vars {
+            let Some(g) = grads.get(var.as_tensor()) else {
+                continue;
+            };
+            let g = if self.weight_decay != 0.0 {
+                (g + (var.as_tensor() * self.weight_decay)?)?
+            } else {
+                g.clone()
+            };
+            let v = match velocity.take() {
+                Some(v) => ((v * self.momentum)? + &g)?,
+                None => g.clone(),
+            };
+            let update = (&g + (&v * self.momentum)?)?;
+            var.set(&(var.as_tensor() - (update * self.lr)?)?)?;
+            *velocity = Some(v);
+        }
+        Ok(())
+    }
+}
+
+/// Rows of `x` scaled to unit L2 norm.
+pub fn l2_normalize(x: &Tensor) -> candle_core::Result<Tensor> {
+    let norm = x
+        .sqr()?
+        .sum_keepdim(candle_core::D::Minus1)?
+        .sqrt()?
+        .clamp(1e-12, f64::MAX)?;
+    x.broadcast_div(&norm)
+}
+
+/// The contrastive loss of Hadsell, Chopra and LeCun (2006), the SimNet paper's Eq. 1, averaged
+/// over pairs: `(1 - y) / 2 * D^2 + y / 2 * max(0, m - D)^2`, with `D` the Euclidean distance
+/// between rows of `a` and `b` and `y = 1` for a dissimilar pair (as in the paper).
+pub fn contrastive_loss(
+    a: &Tensor,
+    b: &Tensor,
+    dissimilar: &Tensor,
+    margin: f64,
+) -> candle_core::Result<Tensor> {
+    let d2 = (a - b)?.sqr()?.sum(candle_core::D::Minus1)?;
+    let d = (&d2 + 1e-12)?.sqrt()?;
+    let hinge = (d.neg()? + margin)?.relu()?.sqr()?;
+    let y = dissimilar.to_dtype(DType::F32)?;
+    let pos = ((y.ones_like()? - &y)? * &d2)?;
+    let neg = (&y * hinge)?;
+    ((pos + neg)? * 0.5)?.mean_all()
+}
