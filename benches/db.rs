@@ -392,9 +392,9 @@ fn latency_section(
             let n_plain = size.min(n_train);
             ingest(&db, &train_png[..n_plain], &train_labels[..n_plain], 1000)?;
             if size > n_plain {
-                let extra = pngs(&train, 0..size - n_plain, true)?;
+                let extra = pngs(train, 0..size - n_plain, true)?;
                 let extra_labels: Vec<&str> =
-                    (0..size - n_plain).map(|i| label(&train, i)).collect();
+                    (0..size - n_plain).map(|i| label(train, i)).collect();
                 ingest(&db, &extra, &extra_labels, 1000)?;
             }
         }

@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use lookalike_plugin::{Extractor, ExtractorSpec, Metric};
+use lookalike_plugin::candle_core::{Device, Tensor};
+use lookalike_plugin::{Extractor, ExtractorSpec, Metric, PairScorer};
 
 use crate::error::{Error, Result};
 use crate::index::snapshot::{self, Unusable};
@@ -35,6 +36,18 @@ pub struct Hit {
     pub distance: f32,
     /// Its label, if it has one.
     pub label: Option<String>,
+    /// P(same) from the pair scorer when the query re-ranked ([`Query::rerank`]); hits are
+    /// then ordered by it, highest first.
+    pub score: Option<f32>,
+}
+
+/// Re-ranking of a query's candidates by a pair scorer.
+#[derive(Debug, Clone)]
+pub struct Rerank {
+    /// The scorer; its dimension must be the active model's.
+    pub scorer: Arc<dyn PairScorer>,
+    /// How many nearest candidates the index returns for the scorer to re-order (at least k).
+    pub candidates: usize,
 }
 
 /// What a query asks for besides the image: how many results and which labels.
@@ -43,18 +56,31 @@ pub struct Hit {
 /// let q = lookalike::Query::k(5).labels(["sneaker", "sandal"]);
 /// assert_eq!(q.k, 5);
 /// ```
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default)]
 pub struct Query {
     /// How many hits to return (at most; fewer only if fewer images match).
     pub k: usize,
     /// Only images with one of these labels; `None` for every image.
     pub labels: Option<BTreeSet<String>>,
+    /// Re-order the nearest `candidates` by a pair scorer's P(same).
+    pub rerank: Option<Rerank>,
 }
 
 impl Query {
     /// The `k` nearest images, whatever their label.
     pub fn k(k: usize) -> Self {
-        Query { k, labels: None }
+        Query {
+            k,
+            labels: None,
+            rerank: None,
+        }
+    }
+
+    /// Takes the `candidates` nearest images (at least `k`) and returns the `k` that `scorer`
+    /// finds most likely to show the same thing as the query.
+    pub fn rerank(mut self, scorer: Arc<dyn PairScorer>, candidates: usize) -> Self {
+        self.rerank = Some(Rerank { scorer, candidates });
+        self
     }
 
     /// Restricts results to images carrying any of `labels`. The filter is applied during the
@@ -430,7 +456,20 @@ impl Db {
             });
         }
         let want = query.k.min(available);
-        let fetch = want + usize::from(exclude.is_some());
+        if let Some(r) = &query.rerank {
+            if r.scorer.dim() != model.spec.dim {
+                return Err(Error::DimensionMismatch {
+                    what: format!("pair scorer {} against the active model", r.scorer.name()),
+                    expected: model.spec.dim,
+                    got: r.scorer.dim(),
+                });
+            }
+        }
+        let shortlist = match &query.rerank {
+            Some(r) => r.candidates.max(want).min(available),
+            None => want,
+        };
+        let fetch = shortlist + usize::from(exclude.is_some());
         let allow = match &allowed {
             Some(a) => Allow::Only(a),
             None => Allow::All,
@@ -441,8 +480,8 @@ impl Db {
             .into_iter()
             .filter(|n| Some(n.id) != exclude)
             .collect();
-        found.truncate(want);
-        if found.len() < want {
+        found.truncate(shortlist);
+        if found.len() < shortlist {
             // An approximate graph search can miss matches under a selective filter: scan the
             // allowed embeddings exactly instead.
             let candidates: Vec<u64> = match allowed {
@@ -454,16 +493,86 @@ impl Db {
                     .filter(|id| Some(ImageId(*id)) != exclude)
                     .collect(),
             };
-            found = self.exact_scan(model, vector, &candidates, want)?;
+            found = self.exact_scan(model, vector, &candidates, shortlist)?;
         }
-        Ok(found
+        let scores = match &query.rerank {
+            Some(r) => Some(self.pair_scores(model, r.scorer.as_ref(), vector, &found)?),
+            None => None,
+        };
+        let mut hits: Vec<Hit> = found
             .into_iter()
-            .map(|n| Hit {
+            .enumerate()
+            .map(|(i, n)| Hit {
                 id: n.id,
                 distance: n.distance,
                 label: state.labels.get(&n.id.0).cloned().flatten(),
+                score: scores.as_ref().map(|s| s[i]),
             })
-            .collect())
+            .collect();
+        if scores.is_some() {
+            hits.sort_by(|a, b| {
+                b.score
+                    .unwrap_or(0.0)
+                    .total_cmp(&a.score.unwrap_or(0.0))
+                    .then(a.distance.total_cmp(&b.distance))
+            });
+        }
+        hits.truncate(want);
+        Ok(hits)
+    }
+
+    /// P(same) of the query against each found image.
+    fn pair_scores(
+        &self,
+        model: &Model,
+        scorer: &dyn PairScorer,
+        query: &[f32],
+        found: &[crate::index::Neighbour],
+    ) -> Result<Vec<f32>> {
+        if found.is_empty() {
+            return Ok(Vec::new());
+        }
+        let dim = model.spec.dim;
+        let mut others = Vec::with_capacity(found.len() * dim);
+        for n in found {
+            let v = self
+                .inner
+                .store
+                .embedding(model.version, n.id, dim)?
+                .ok_or(Error::UnknownImage(n.id))?;
+            others.extend_from_slice(&v);
+        }
+        let name = scorer.name().to_string();
+        let to_plugin = |e: lookalike_plugin::candle_core::Error| Error::plugin(&name, e.into());
+        let b = Tensor::from_vec(others, (found.len(), dim), &Device::Cpu).map_err(to_plugin)?;
+        let a = Tensor::from_slice(query, (1, dim), &Device::Cpu)
+            .and_then(|q| q.broadcast_as((found.len(), dim)))
+            .and_then(|q| q.contiguous())
+            .map_err(to_plugin)?;
+        let p = scorer.score(&a, &b).map_err(|e| Error::plugin(&name, e))?;
+        p.to_vec1::<f32>().map_err(to_plugin)
+    }
+
+    /// P(same) that `scorer` gives stored images `a` and `b`, from their embeddings under the
+    /// active model.
+    pub fn same(&self, a: ImageId, b: ImageId, scorer: &dyn PairScorer) -> Result<f32> {
+        let model = self.model();
+        if scorer.dim() != model.spec.dim {
+            return Err(Error::DimensionMismatch {
+                what: format!("pair scorer {} against the active model", scorer.name()),
+                expected: model.spec.dim,
+                got: scorer.dim(),
+            });
+        }
+        let va = self.embedding(a)?;
+        let hit = crate::index::Neighbour {
+            id: b,
+            distance: 0.0,
+        };
+        if !self.read_state()?.labels.contains_key(&b.0) {
+            return Err(Error::UnknownImage(b));
+        }
+        Ok(self.pair_scores(&model, scorer, &va, &[hit])?[0])
     }
 
     fn exact_scan(

@@ -79,10 +79,20 @@ mod preprocess;
 mod registry;
 mod store;
 
-pub use db::{Db, Hit, IndexInfo, IndexSource, ModelInfo, Query};
+pub use db::{Db, Hit, IndexInfo, IndexSource, ModelInfo, Query, Rerank};
 pub use error::{Error, Result};
 pub use lookalike_plugin;
 pub use options::{Durability, IndexKind, Options};
+
+/// The EfficientNet-Lite0 (and fused-backbone) plugin crate.
+#[cfg(feature = "fused")]
+pub use lookalike_fused as fused;
+/// The MLP |x1 - x2| pair-scorer plugin crate.
+#[cfg(feature = "mlp-diff")]
+pub use lookalike_mlp_diff as mlp_diff;
+/// The SimNet plugin crate.
+#[cfg(feature = "simnet")]
+pub use lookalike_simnet as simnet;
 
 /// The id of a stored image: assigned on insert, never reused.
 #[derive(

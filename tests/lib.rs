@@ -13,3 +13,4 @@ mod model;
 mod persistence;
 mod pretrained;
 mod robustness;
+mod scorer;

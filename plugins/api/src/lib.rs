@@ -283,6 +283,21 @@ pub trait PairScorer: Send + Sync + Debug + 'static {
     fn save_weights(&self) -> Result<Vec<u8>, PluginError>;
 }
 
+/// Builds pair scorers of one kind.
+pub trait ScorerPlugin: Send + Sync + Debug + 'static {
+    /// The registry name (`"mlp-diff"`).
+    fn name(&self) -> &str;
+
+    /// Builds a scorer for `dim`-dimensional embeddings from a configuration string and, when
+    /// restoring a trained one, its weights.
+    fn build(
+        &self,
+        dim: usize,
+        config: &str,
+        weights: Option<&[u8]>,
+    ) -> Result<Box<dyn PairScorer>, PluginError>;
+}
+
 /// What a plugin can get wrong. The database converts it into its own error at the boundary,
 /// keeping the plugin's name.
 #[derive(Debug, thiserror::Error)]
