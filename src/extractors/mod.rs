@@ -15,6 +15,8 @@ pub(crate) fn builtin() -> Vec<Arc<dyn ExtractorPlugin>> {
     let mut v: Vec<Arc<dyn ExtractorPlugin>> = vec![Arc::new(classic::ClassicPlugin)];
     #[cfg(feature = "fused")]
     v.push(Arc::new(lookalike_fused::EfficientNetPlugin));
+    #[cfg(feature = "fused")]
+    v.push(Arc::new(lookalike_fused::FusedPlugin));
     #[cfg(feature = "simnet")]
     v.push(Arc::new(lookalike_simnet::SimNetPlugin));
     v

@@ -235,3 +235,77 @@ pub fn contrastive_loss(
     let neg = (&y * hinge)?;
     ((pos + neg)? * 0.5)?.mean_all()
 }
+
+/// Max pooling with a `k x k` window, `stride` and zero `padding`, written with plain tensor
+/// ops so that it has a gradient (candle's own max pool has none when the windows overlap).
+/// Zero padding equals -inf padding for non-negative inputs (after ReLU).
+pub fn max_pool2d(
+    x: &Tensor,
+    k: usize,
+    stride: usize,
+    padding: usize,
+) -> candle_core::Result<Tensor> {
+    if k == stride && padding == 0 {
+        return x.max_pool2d(k);
+    }
+    let x = if padding > 0 {
+        x.pad_with_zeros(2, padding, padding)?
+            .pad_with_zeros(3, padding, padding)?
+    } else {
+        x.clone()
+    };
+    let (n, c, h, w) = x.dims4()?;
+    let (oh, ow) = ((h - k) / stride + 1, (w - k) / stride + 1);
+    let mut out: Option<Tensor> = None;
+    for dy in 0..k {
+        for dx in 0..k {
+            // Rows dy, dy + s, ..., dy + (oh - 1) s: take a span, pad to oh * s, fold, keep the first.
+            let span_h = (oh - 1) * stride + 1;
+            let span_w = (ow - 1) * stride + 1;
+            let v = x
+                .narrow(2, dy, span_h)?
+                .narrow(3, dx, span_w)?
+                .pad_with_zeros(2, 0, oh * stride - span_h)?
+                .pad_with_zeros(3, 0, ow * stride - span_w)?
+                .reshape((n, c, oh, stride, ow, stride))?
+                .narrow(3, 0, 1)?
+                .narrow(5, 0, 1)?
+                .reshape((n, c, oh, ow))?;
+            out = Some(match out {
+                None => v,
+                Some(o) => o.maximum(&v)?,
+            });
+        }
+    }
+    out.ok_or_else(|| candle_core::Error::Msg("empty pooling window".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn max_pool_matches_candle_forward_and_has_a_gradient() {
+        let x = Tensor::rand(0f32, 1f32, (2, 3, 9, 9), &Device::Cpu).unwrap();
+        let ours = max_pool2d(&x, 3, 2, 0).unwrap();
+        let theirs = x.max_pool2d_with_stride(3, 2).unwrap();
+        assert_eq!(ours.dims(), theirs.dims());
+        let d = (ours - theirs)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(d, 0.0);
+        let v = candle_core::Var::from_tensor(&x).unwrap();
+        let g = max_pool2d(v.as_tensor(), 3, 2, 1)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        assert!(g.get(v.as_tensor()).is_some());
+    }
+}

@@ -2,12 +2,18 @@
 //!
 //! * [`efficientnet`]: EfficientNet-Lite0 with ImageNet weights (`"efficientnet-lite0"`), the
 //!   pretrained extractor that works offline today.
+//! * [`fused`]: ResNet50 and VGG19 (or EfficientNet-Lite0) features fused by concatenation or
+//!   averaging, then fully connected layers (`"fused"`).
+//! * [`backbones`]: the backbones, with torchvision's parameter names.
 //!
 //! Depends on `lookalike-plugin` only; the `lookalike` crate registers these plugins behind its
 //! default `fused` feature.
 
 #![deny(missing_docs)]
 
+pub mod backbones;
 pub mod efficientnet;
+pub mod fused;
 
 pub use efficientnet::EfficientNetPlugin;
+pub use fused::FusedPlugin;

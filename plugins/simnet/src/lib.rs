@@ -198,7 +198,7 @@ impl Shallow {
             x.clone()
         };
         let h = self.conv.forward(&x)?.relu()?;
-        let h = h.max_pool2d_with_stride(self.cfg.pool, 2)?;
+        let h = nn::max_pool2d(&h, self.cfg.pool, 2, 0)?;
         self.fc.forward(&h.flatten_from(1)?)
     }
 }
