@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use lookalike::lookalike_plugin::candle_core::{safetensors, Device, Tensor};
-use lookalike::lookalike_plugin::{Extractor, ExtractorPlugin};
+use lookalike::lookalike_plugin::{Extractor, ExtractorPlugin, Trainable};
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
@@ -28,7 +28,9 @@ fn parameters(e: &dyn Extractor) -> Res<usize> {
         .sum())
 }
 
-fn throughput(e: &dyn Extractor, batch: usize, min_images: usize) -> Res<f64> {
+/// Images per second embedding random batches of `batch`: after one warm-up call, repeats
+/// until at least `min_seconds` have passed (and at least once).
+fn throughput(e: &dyn Extractor, batch: usize, min_seconds: f64) -> Res<f64> {
     let s = e.spec().input;
     let x = Tensor::rand(
         0f32,
@@ -44,7 +46,7 @@ fn throughput(e: &dyn Extractor, batch: usize, min_images: usize) -> Res<f64> {
     e.embed(&x)?; // warm-up
     let t = Instant::now();
     let mut done = 0;
-    while done < min_images {
+    while done == 0 || t.elapsed().as_secs_f64() < min_seconds {
         e.embed(&x)?;
         done += batch;
     }
@@ -73,14 +75,29 @@ fn main() -> Res<()> {
         )),
         Err(_) => println!("SKIP efficientnet-lite0: {} not found", effnet.display()),
     }
+    for preset in ["cpu", "paper"] {
+        cases.push((
+            format!("simnet {preset}"),
+            lookalike::simnet::SimNetPlugin.build(preset, None)?,
+        ));
+    }
+    for preset in ["cpu", "cpu,avg", "paper", "paper,avg"] {
+        // Random backbones: the speed is the same as with pretrained weights.
+        let mut cfg = lookalike::fused::fused::FusedConfig::preset(preset)?;
+        cfg.pretrained = [false, false];
+        cases.push((
+            format!("fused {preset}"),
+            lookalike::fused::fused::FusedTrainable::new(&cfg, None)?.freeze()?,
+        ));
+    }
     println!(
         "| extractor | input | dim | parameters | batch 1 images/s | batch 64 images/s | ratio |"
     );
     println!("|---|---|---|---|---|---|---|");
     for (name, e) in &cases {
         let s = e.spec();
-        let b1 = throughput(e.as_ref(), 1, 32)?;
-        let b64 = throughput(e.as_ref(), 64, 128)?;
+        let b1 = throughput(e.as_ref(), 1, 3.0)?;
+        let b64 = throughput(e.as_ref(), 64, 3.0)?;
         println!(
             "| {name} | {}x{}x{} | {} | {} | {b1:.1} | {b64:.1} | {:.2} |",
             s.input.channels,

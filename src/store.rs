@@ -146,10 +146,25 @@ where
 impl Store {
     /// Opens (creating if needed) the sled database in `dir`.
     pub fn open(dir: &Path, relaxed: bool) -> Result<Store> {
-        let db = sled::Config::new()
-            .path(dir)
-            .flush_every_ms(if relaxed { Some(500) } else { None })
-            .open()?;
+        let config =
+            sled::Config::new()
+                .path(dir)
+                .flush_every_ms(if relaxed { Some(500) } else { None });
+        // The caller holds the database's LOCK, so a sled file lock that is still held belongs
+        // to a handle of this process that is being dropped (sled releases it from a
+        // background thread): wait for it briefly instead of failing.
+        let mut attempts = 0;
+        let db = loop {
+            match config.open() {
+                Err(sled::Error::Io(e))
+                    if attempts < 250 && e.to_string().contains("could not acquire lock") =>
+                {
+                    attempts += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                other => break other?,
+            }
+        };
         let store = Store {
             images: db.open_tree("images")?,
             entries: db.open_tree("entries")?,

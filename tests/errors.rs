@@ -215,3 +215,81 @@ fn corrupt_records_are_errors_not_panics() {
     let err = Db::open(&path).unwrap_err();
     assert!(matches!(err, Error::Corrupt { what: "entry", .. }), "{err}");
 }
+
+/// An extractor whose dimension changed since the database was created.
+#[derive(Debug)]
+struct Sized(usize);
+
+impl lookalike::lookalike_plugin::Extractor for Sized {
+    fn name(&self) -> &str {
+        "sized"
+    }
+    fn spec(&self) -> lookalike::lookalike_plugin::ExtractorSpec {
+        lookalike::lookalike_plugin::ExtractorSpec {
+            input: lookalike::lookalike_plugin::InputSpec::luma(4, 4),
+            dim: self.0,
+            metric: lookalike::lookalike_plugin::Metric::L2,
+        }
+    }
+    fn embed(
+        &self,
+        batch: &lookalike::lookalike_plugin::candle_core::Tensor,
+    ) -> Result<
+        lookalike::lookalike_plugin::candle_core::Tensor,
+        lookalike::lookalike_plugin::PluginError,
+    > {
+        let n = batch.dim(0)?;
+        Ok(batch.reshape((n, 16))?.narrow(1, 0, self.0.min(16))?)
+    }
+    fn save_weights(&self) -> Result<Vec<u8>, lookalike::lookalike_plugin::PluginError> {
+        Ok(Vec::new())
+    }
+}
+
+impl lookalike::lookalike_plugin::ExtractorPlugin for Sized {
+    fn name(&self) -> &str {
+        "sized"
+    }
+    fn build(
+        &self,
+        _: &str,
+        _: Option<&[u8]>,
+    ) -> Result<
+        Box<dyn lookalike::lookalike_plugin::Extractor>,
+        lookalike::lookalike_plugin::PluginError,
+    > {
+        Ok(Box::new(Sized(self.0)))
+    }
+}
+
+#[test]
+fn extractor_dimension_mismatch_with_the_store() {
+    let dir = tempdir();
+    let path = dir.path().join("db");
+    {
+        let db = Db::open_with(
+            &path,
+            Options::default()
+                .register(std::sync::Arc::new(Sized(8)))
+                .extractor("sized", ""),
+        )
+        .unwrap();
+        db.insert_image(&class_png(0, 1), None).unwrap();
+    }
+    let err = Db::open_with(
+        &path,
+        Options::default().register(std::sync::Arc::new(Sized(12))),
+    )
+    .unwrap_err();
+    match err {
+        Error::DimensionMismatch { expected, got, .. } => assert_eq!((expected, got), (8, 12)),
+        other => panic!("expected DimensionMismatch, got {other}"),
+    }
+    // The data is intact: with the right plugin the database opens and answers.
+    let db = Db::open_with(
+        &path,
+        Options::default().register(std::sync::Arc::new(Sized(8))),
+    )
+    .unwrap();
+    assert_eq!(db.nearest(&class_png(0, 1), 1).unwrap().len(), 1);
+}

@@ -40,28 +40,7 @@ pub fn read_safetensors(bytes: &[u8]) -> Result<HashMap<String, Tensor>, PluginE
 /// (safetensors). Extra tensors are ignored; a missing tensor or one of another shape is an
 /// error naming it and the expected shape. F16/BF16/F64 tensors are converted to f32.
 pub fn load_varmap(varmap: &VarMap, bytes: &[u8]) -> Result<(), PluginError> {
-    let tensors = read_safetensors(bytes)?;
-    let data = varmap
-        .data()
-        .lock()
-        .map_err(|_| PluginError::Weights("the parameter map is poisoned".into()))?;
-    let mut names: Vec<&String> = data.keys().collect();
-    names.sort();
-    for name in names {
-        let var = &data[name];
-        let want = var.dims();
-        let t = tensors.get(name.as_str()).ok_or_else(|| {
-            PluginError::Weights(format!("missing tensor {name} (expected shape {want:?})"))
-        })?;
-        if t.dims() != want {
-            return Err(PluginError::Weights(format!(
-                "tensor {name} has shape {:?}, expected {want:?}",
-                t.dims()
-            )));
-        }
-        var.set(&t.to_dtype(DType::F32)?)?;
-    }
-    Ok(())
+    load_prefixed(varmap, &read_safetensors(bytes)?, "", "the")
 }
 
 /// A builder over detached copies of `varmap`'s parameters: a network built from it computes
@@ -278,6 +257,45 @@ pub fn max_pool2d(
         }
     }
     out.ok_or_else(|| candle_core::Error::Msg("empty pooling window".into()))
+}
+
+/// Loads the parameters of `varmap` whose names start with `prefix` (for example `"deep."`)
+/// from `tensors`, where each may be named with the prefix or without it (as torchvision names
+/// a backbone's tensors). Every such parameter must be present with its shape; the error names
+/// `what` (for example `"VGG16"`), the tensor and the expected shape.
+pub fn load_prefixed(
+    varmap: &VarMap,
+    tensors: &HashMap<String, Tensor>,
+    prefix: &str,
+    what: &str,
+) -> Result<(), PluginError> {
+    let data = varmap
+        .data()
+        .lock()
+        .map_err(|_| PluginError::Weights("the parameter map is poisoned".into()))?;
+    let mut names: Vec<&String> = data.keys().filter(|k| k.starts_with(prefix)).collect();
+    names.sort();
+    for name in names {
+        let var = &data[name];
+        let bare = &name[prefix.len()..];
+        let want = var.dims();
+        let t = tensors
+            .get(name.as_str())
+            .or_else(|| tensors.get(bare))
+            .ok_or_else(|| {
+                PluginError::Weights(format!(
+                    "{what} weights lack {bare} (expected shape {want:?})"
+                ))
+            })?;
+        if t.dims() != want {
+            return Err(PluginError::Weights(format!(
+                "{what} tensor {bare} has shape {:?}, expected {want:?}",
+                t.dims()
+            )));
+        }
+        var.set(&t.to_dtype(DType::F32)?)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

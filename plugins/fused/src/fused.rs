@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 
-use lookalike_plugin::candle_core::{DType, Module, Result as CResult, Tensor, Var, D};
+use lookalike_plugin::candle_core::{Module, Result as CResult, Tensor, Var, D};
 use lookalike_plugin::candle_nn::{self, Linear, VarBuilder, VarMap};
 use lookalike_plugin::{
     check_batch, nn, Extractor, ExtractorPlugin, ExtractorSpec, InputSpec, Metric, PluginError,
@@ -250,38 +250,15 @@ pub fn load_weights(cfg: &FusedConfig, varmap: &VarMap, bytes: &[u8]) -> Result<
     if tensors.keys().any(|k| k.starts_with("head.")) {
         return nn::load_varmap(varmap, bytes);
     }
-    let data = varmap
-        .data()
-        .lock()
-        .map_err(|_| PluginError::Weights("the parameter map is poisoned".into()))?;
     for (kind, pretrained) in cfg.backbones.iter().zip(cfg.pretrained) {
-        if !pretrained {
-            continue;
-        }
-        let prefix = format!("{}.", kind.prefix());
-        let mut names: Vec<&String> = data.keys().filter(|k| k.starts_with(&prefix)).collect();
-        names.sort();
-        for name in names {
-            let var = &data[name];
-            let bare = &name[prefix.len()..];
-            let want = var.dims();
-            let t = tensors
-                .get(name.as_str())
-                .or_else(|| tensors.get(bare))
-                .ok_or_else(|| {
-                    PluginError::Weights(format!(
-                        "pretrained {} weights lack {bare} (expected shape {want:?})",
-                        kind.prefix()
-                    ))
-                })?;
-            if t.dims() != want {
-                return Err(PluginError::Weights(format!(
-                    "{} tensor {bare} has shape {:?}, expected {want:?}",
-                    kind.prefix(),
-                    t.dims()
-                )));
-            }
-            var.set(&t.to_dtype(DType::F32)?)?;
+        if pretrained {
+            let prefix = format!("{}.", kind.prefix());
+            nn::load_prefixed(
+                varmap,
+                &tensors,
+                &prefix,
+                &format!("pretrained {}", kind.prefix()),
+            )?;
         }
     }
     Ok(())

@@ -134,7 +134,7 @@ fn training_smoke_one_vs_many_loss_falls() {
             .expect("n")
             .to_vec1::<f32>()
             .expect("v");
-        for i in 0..n * 3 * 64 * 64 {
+        for (i, noise) in noise.iter().enumerate() {
             let (y, x) = ((i / 64) % 64, i % 64);
             // Two patterns that differ in orientation and in brightness.
             let g = if vertical {
@@ -142,7 +142,7 @@ fn training_smoke_one_vs_many_loss_falls() {
             } else {
                 x as f32 / 32.0 - 1.5
             };
-            v.push(g + noise[i]);
+            v.push(g + noise);
         }
         Tensor::from_vec(v, (n, 3, 64, 64), &dev).expect("t")
     };

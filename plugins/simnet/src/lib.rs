@@ -280,31 +280,7 @@ impl SimNet {
 /// a `paper` SimNet held in `varmap`; other parameters keep their values. The classifier's last
 /// layer (`classifier.6`, the 1000 ImageNet classes) is not used.
 pub fn load_torchvision_vgg16(varmap: &VarMap, bytes: &[u8]) -> Result<(), PluginError> {
-    let tensors = nn::read_safetensors(bytes)?;
-    let data = varmap
-        .data()
-        .lock()
-        .map_err(|_| PluginError::Weights("the parameter map is poisoned".into()))?;
-    let mut names: Vec<&String> = data.keys().filter(|k| k.starts_with("deep.")).collect();
-    names.sort();
-    for name in names {
-        let var = &data[name];
-        let tv = &name["deep.".len()..];
-        let want = var.dims();
-        let t = tensors.get(tv).ok_or_else(|| {
-            PluginError::Weights(format!(
-                "VGG16 checkpoint lacks {tv} (expected shape {want:?})"
-            ))
-        })?;
-        if t.dims() != want {
-            return Err(PluginError::Weights(format!(
-                "VGG16 tensor {tv} has shape {:?}, expected {want:?}",
-                t.dims()
-            )));
-        }
-        var.set(&t.to_dtype(lookalike_plugin::candle_core::DType::F32)?)?;
-    }
-    Ok(())
+    nn::load_prefixed(varmap, &nn::read_safetensors(bytes)?, "deep.", "VGG16")
 }
 
 /// A SimNet for inference, from frozen weights.
@@ -361,12 +337,19 @@ impl std::fmt::Debug for SimNetTrainable {
 }
 
 impl SimNetTrainable {
-    /// A fresh network (random initialisation) or one restored from `weights`.
+    /// A fresh network (random initialisation), one restored from `weights` saved by this
+    /// plugin, or, when `weights` holds no `joint.*` tensor, a fresh network whose deep branch
+    /// is loaded from a torchvision VGG16 file (see [`load_torchvision_vgg16`]).
     pub fn new(cfg: &SimNetConfig, weights: Option<&[u8]>) -> Result<Self, PluginError> {
         let (varmap, vb) = nn::new_varmap();
         let net = SimNet::new(cfg, vb)?;
         if let Some(w) = weights {
-            nn::load_varmap(&varmap, w)?;
+            let names = nn::read_safetensors(w)?;
+            if names.keys().any(|k| k.starts_with("joint.")) {
+                nn::load_varmap(&varmap, w)?;
+            } else {
+                load_torchvision_vgg16(&varmap, w)?;
+            }
         }
         Ok(SimNetTrainable {
             net,

@@ -109,6 +109,11 @@ fn torchvision_loader_checks_names_and_shapes() {
         .collect();
     let bytes =
         safetensors::serialize(short.iter().map(|(k, t)| (k.as_str(), t)), None).expect("ser");
+    // Through the plugin: a file without `joint.*` is a torchvision backbone file.
+    let err = SimNetPlugin
+        .build("cpu", Some(&bytes))
+        .expect_err("missing through build");
+    assert!(err.to_string().contains("features.0.weight"), "{err}");
     let err = load_torchvision_vgg16(target.varmap(), &bytes).expect_err("missing");
     assert!(
         err.to_string().contains("features.0.weight") && err.to_string().contains("[32, 3, 3, 3]"),
