@@ -59,7 +59,13 @@
 //!
 //! ## Crate features
 //!
-//! * `gpu`: candle's CUDA backend and FAISS's GPU build (needs CUDA; never needed by tests).
+//! * `fused` (default): the `efficientnet-lite0` extractor (pretrained; weights from a file
+//!   you give) and the `fused` ResNet50 + VGG19 extractor ([`fused`]).
+//! * `simnet` (default): the multi-scale Siamese `simnet` extractor ([`simnet`]).
+//! * `mlp-diff` (default): the |x1 - x2| pair scorer used by [`Query::rerank`] and
+//!   [`Db::same`] ([`mlp_diff`]).
+//! * `gpu`: candle's CUDA backend and FAISS's GPU build (needs CUDA; never needed by tests;
+//!   not yet checked on a GPU machine).
 //!
 //! ## Plugins
 //!
