@@ -166,6 +166,18 @@ fn locked_in_the_same_process() {
     Db::open(dir.path().join("db")).expect("reopens once the first handle is gone");
 }
 
+/// Opens the store with sled directly, waiting while a dropped handle's background thread still
+/// holds sled's file lock.
+fn raw_sled(path: &std::path::Path) -> sled::Db {
+    for _ in 0..250 {
+        match sled::open(path.join("store")) {
+            Ok(db) => return db,
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
+        }
+    }
+    sled::open(path.join("store")).unwrap()
+}
+
 #[test]
 fn corrupt_records_are_errors_not_panics() {
     let dir = tempdir();
@@ -178,7 +190,7 @@ fn corrupt_records_are_errors_not_panics() {
     }
     // Damage the stored embedding of `id` with sled directly.
     {
-        let raw = sled::open(path.join("store")).unwrap();
+        let raw = raw_sled(&path);
         let emb = raw.open_tree("embeddings").unwrap();
         let (k, _) = emb.iter().next().unwrap().unwrap();
         emb.insert(k, &[0xff, 0xff, 0xff][..]).unwrap();
@@ -205,7 +217,7 @@ fn corrupt_records_are_errors_not_panics() {
     }
     // Damage an entry: open reports it instead of panicking.
     {
-        let raw = sled::open(path.join("store")).unwrap();
+        let raw = raw_sled(&path);
         let entries = raw.open_tree("entries").unwrap();
         entries
             .insert(id.0.to_be_bytes(), &[9u8, 9, 9, 9, 9][..])

@@ -69,6 +69,7 @@ pub use candle_core;
 use candle_core::Tensor;
 
 pub mod conformance;
+pub mod conv;
 #[cfg(feature = "nn")]
 pub mod nn;
 #[cfg(feature = "nn")]

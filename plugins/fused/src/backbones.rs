@@ -2,7 +2,8 @@
 //! or reduced width, and EfficientNet-Lite0. Each returns a globally average-pooled feature.
 
 use lookalike_plugin::candle_core::{Module, ModuleT, Result as CResult, Tensor, D};
-use lookalike_plugin::candle_nn::{self, BatchNorm, Conv2d, Conv2dConfig, VarBuilder};
+use lookalike_plugin::candle_nn::{self, BatchNorm, Conv2dConfig, VarBuilder};
+use lookalike_plugin::nn::Conv2d;
 use lookalike_plugin::nn::{self, Vgg};
 
 use crate::efficientnet::EfficientNetLite0;
@@ -85,7 +86,7 @@ impl ConvBn {
             ..Default::default()
         };
         Ok(ConvBn {
-            conv: candle_nn::conv2d_no_bias(cin, cout, k, cfg, conv)?,
+            conv: nn::conv2d_no_bias(cin, cout, k, cfg, conv)?,
             bn: candle_nn::batch_norm(cout, 1e-5, bn)?,
         })
     }

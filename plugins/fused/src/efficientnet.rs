@@ -7,9 +7,7 @@
 //! norm eps 1e-3; no squeeze-excitation; no biases in convolutions.
 
 use lookalike_plugin::candle_core::{Module, ModuleT, Result as CResult, Tensor, D};
-use lookalike_plugin::candle_nn::{
-    self, BatchNorm, Conv2d, Conv2dConfig, Linear, VarBuilder, VarMap,
-};
+use lookalike_plugin::candle_nn::{self, BatchNorm, Conv2dConfig, Linear, VarBuilder, VarMap};
 use lookalike_plugin::{
     check_batch, nn, Extractor, ExtractorPlugin, ExtractorSpec, InputSpec, Metric, PluginError,
 };
@@ -93,7 +91,7 @@ pub fn depthwise_conv2d(x: &Tensor, w: &Tensor, stride: usize) -> CResult<Tensor
 /// Convolution (TF SAME padding, no bias) then batch norm, then ReLU6 when `act`.
 #[derive(Debug, Clone)]
 struct ConvBn {
-    conv: Conv2d,
+    conv: nn::Conv2d,
     bn: BatchNorm,
     k: usize,
     stride: usize,
@@ -119,7 +117,7 @@ impl ConvBn {
             groups,
             ..Default::default()
         };
-        let conv = candle_nn::conv2d_no_bias(cin, cout, k, cfg, conv_vb)?;
+        let conv = nn::conv2d_no_bias(cin, cout, k, cfg, conv_vb)?;
         let bn = candle_nn::batch_norm(
             cout,
             candle_nn::BatchNormConfig {

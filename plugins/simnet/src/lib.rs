@@ -167,7 +167,7 @@ impl SimNetConfig {
 
 #[derive(Debug, Clone)]
 struct Shallow {
-    conv: candle_nn::Conv2d,
+    conv: nn::Conv2d,
     fc: Linear,
     cfg: ShallowConfig,
 }
@@ -179,7 +179,7 @@ impl Shallow {
             stride: cfg.stride,
             ..Default::default()
         };
-        let conv = candle_nn::conv2d(3, cfg.channels, cfg.kernel, conv_cfg, vb.pp("conv"))?;
+        let conv = nn::conv2d(3, cfg.channels, cfg.kernel, conv_cfg, vb.pp("conv"))?;
         let s = side / cfg.factor;
         let c = (s + 2 * cfg.padding - cfg.kernel) / cfg.stride + 1;
         let p = (c - cfg.pool) / 2 + 1;
