@@ -224,3 +224,68 @@ pub fn conv2d_im2col(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> R
         .contiguous()?
         .reshape((n, o, g.oh, g.ow))
 }
+
+/// Depthwise convolution (one group per channel) for inference: `x` is N x C x H x W, already
+/// padded; `w` is C x 1 x k x k. A direct loop over each channel plane, in parallel over planes.
+#[derive(Debug, Clone, Copy)]
+struct Depthwise {
+    stride: usize,
+}
+
+impl candle_core::CustomOp2 for Depthwise {
+    fn name(&self) -> &'static str {
+        "lookalike-depthwise"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "depthwise input")?;
+        let w = f32_slice(s2, l2, "depthwise kernel")?;
+        let (n, c, h, wd) = l1.shape().dims4()?;
+        let (wc, _, k, _) = l2.shape().dims4()?;
+        if wc != c || h < k || wd < k {
+            return Err(candle_core::Error::Msg(format!(
+                "depthwise: {c} channels of {h}x{wd} against a {wc}-channel {k}x{k} kernel"
+            )));
+        }
+        let s = self.stride;
+        let (oh, ow) = ((h - k) / s + 1, (wd - k) / s + 1);
+        let mut out = vec![0f32; n * c * oh * ow];
+        par_images(&mut out, oh * ow, |plane, o| {
+            let ch = plane % c;
+            let img = &x[plane * h * wd..(plane + 1) * h * wd];
+            let ker = &w[ch * k * k..(ch + 1) * k * k];
+            for oy in 0..oh {
+                let orow = &mut o[oy * ow..(oy + 1) * ow];
+                for i in 0..k {
+                    let irow = &img[(oy * s + i) * wd..(oy * s + i + 1) * wd];
+                    for j in 0..k {
+                        let wv = ker[i * k + j];
+                        if s == 1 {
+                            for (dst, src) in orow.iter_mut().zip(&irow[j..j + ow]) {
+                                *dst += wv * src;
+                            }
+                        } else {
+                            for (ox, dst) in orow.iter_mut().enumerate() {
+                                *dst += wv * irow[ox * s + j];
+                            }
+                        }
+                    }
+                }
+            }
+        });
+        Ok((CpuStorage::F32(out), Shape::from((n, c, oh, ow))))
+    }
+}
+
+/// Depthwise convolution without padding, for inference (no gradient): `x` N x C x H x W, `w`
+/// C x 1 x k x k, square `stride`.
+pub fn depthwise_conv2d_inference(x: &Tensor, w: &Tensor, stride: usize) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op2_no_bwd(&w.contiguous()?, &Depthwise { stride })
+}

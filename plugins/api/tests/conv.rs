@@ -87,3 +87,20 @@ fn matches_candle_forward_and_backward() {
     println!("gradients compared in {compared} cases; candle could not differentiate {skipped}");
     assert!(compared >= 20, "only {compared} cases compared");
 }
+
+#[test]
+fn depthwise_inference_matches_candle_grouped_conv() {
+    use lookalike_plugin::conv::depthwise_conv2d_inference;
+    for (c, k, stride, h) in [(4, 3, 1, 9), (6, 5, 2, 12), (3, 3, 2, 7), (8, 5, 1, 5)] {
+        let x = Tensor::randn(0f32, 1f32, (2, c, h, h + 1), &Device::Cpu).unwrap();
+        let w = Tensor::randn(0f32, 1f32, (c, 1, k, k), &Device::Cpu).unwrap();
+        let ours = depthwise_conv2d_inference(&x, &w, stride).unwrap();
+        let theirs = x.conv2d(&w, 0, stride, 1, c).unwrap();
+        assert_eq!(ours.dims(), theirs.dims());
+        assert!(
+            rel(&ours, &theirs) < 1e-5,
+            "c{c} k{k} s{stride}: {}",
+            rel(&ours, &theirs)
+        );
+    }
+}

@@ -142,7 +142,9 @@ impl ConvBn {
         } else {
             x.clone()
         };
-        let y = if self.depthwise {
+        let y = if self.depthwise && !train && !x.track_op() && !self.conv.weight().track_op() {
+            lookalike_plugin::conv::depthwise_conv2d_inference(&x, self.conv.weight(), self.stride)?
+        } else if self.depthwise {
             depthwise_conv2d(&x, self.conv.weight(), self.stride)?
         } else {
             self.conv.forward(&x)?
