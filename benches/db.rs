@@ -69,6 +69,8 @@ struct Args {
     test: Option<usize>,
     /// EfficientNet-Lite0 weights: adds its row to the quality table.
     efficientnet: Option<PathBuf>,
+    /// Leave out the raw-pixel and classic rows of the quality table.
+    skip_baselines: bool,
 }
 
 fn args() -> Args {
@@ -79,12 +81,14 @@ fn args() -> Args {
         train: None,
         test: None,
         efficientnet: None,
+        skip_baselines: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         match arg.as_str() {
             "--quick" => a.quick = true,
             "--quality-only" => a.quality_only = true,
+            "--skip-baselines" => a.skip_baselines = true,
             "--train" => a.train = it.next().and_then(|v| v.parse().ok()),
             "--test" => a.test = it.next().and_then(|v| v.parse().ok()),
             "--efficientnet" => a.efficientnet = it.next().map(PathBuf::from),
@@ -316,6 +320,9 @@ fn quality_section(
         ),
         ("classic (default)", Options::default()),
     ];
+    if a.skip_baselines {
+        cases.clear();
+    }
     if let Some(w) = &a.efficientnet {
         cases.push((
             "efficientnet-lite0 (ImageNet, untrained)",
@@ -356,7 +363,7 @@ fn quality_section(
             map * 100.0
         );
     }
-    for r in rows.iter().skip(1) {
+    for r in rows.iter().skip(1).filter(|_| !a.skip_baselines) {
         println!(
             "{} - raw pixels: {:+.2} points accuracy@1",
             r.0,
