@@ -248,7 +248,7 @@ pub fn one_vs_many_loss(
 pub fn load_weights(cfg: &FusedConfig, varmap: &VarMap, bytes: &[u8]) -> Result<(), PluginError> {
     let tensors: HashMap<String, Tensor> = nn::read_safetensors(bytes)?;
     if tensors.keys().any(|k| k.starts_with("head.")) {
-        return nn::load_varmap(varmap, bytes);
+        return nn::load_prefixed(varmap, &tensors, "", "the");
     }
     for (kind, pretrained) in cfg.backbones.iter().zip(cfg.pretrained) {
         if pretrained {

@@ -344,11 +344,12 @@ impl SimNetTrainable {
         let (varmap, vb) = nn::new_varmap();
         let net = SimNet::new(cfg, vb)?;
         if let Some(w) = weights {
-            let names = nn::read_safetensors(w)?;
-            if names.keys().any(|k| k.starts_with("joint.")) {
-                nn::load_varmap(&varmap, w)?;
+            // Parse once; the names say which kind of file it is.
+            let tensors = nn::read_safetensors(w)?;
+            if tensors.keys().any(|k| k.starts_with("joint.")) {
+                nn::load_prefixed(&varmap, &tensors, "", "the")?;
             } else {
-                load_torchvision_vgg16(&varmap, w)?;
+                nn::load_prefixed(&varmap, &tensors, "deep.", "VGG16")?;
             }
         }
         Ok(SimNetTrainable {
