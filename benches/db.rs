@@ -7,6 +7,8 @@
 //! cargo bench --bench db                 # full run (about 15 minutes on 2 cores)
 //! cargo bench --bench db -- --quick      # smaller sizes, for a smoke run
 //! cargo bench --bench db -- --data DIR   # Fashion-MNIST elsewhere (default ../shared/data/fashion-mnist)
+//! cargo bench --bench db -- --quality-only --skip-baselines --efficientnet W --keep DIR
+//!                                        # EfficientNet row; --keep resumes an interrupted run
 //! ```
 //!
 //! Prints figures only; nothing here asserts a speed.
@@ -71,6 +73,9 @@ struct Args {
     efficientnet: Option<PathBuf>,
     /// Leave out the raw-pixel and classic rows of the quality table.
     skip_baselines: bool,
+    /// Keep the quality databases in this folder and resume filling them on the next run
+    /// (a long embedding run that is cut off continues where it stopped).
+    keep: Option<PathBuf>,
 }
 
 fn args() -> Args {
@@ -82,6 +87,7 @@ fn args() -> Args {
         test: None,
         efficientnet: None,
         skip_baselines: false,
+        keep: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -92,6 +98,7 @@ fn args() -> Args {
             "--train" => a.train = it.next().and_then(|v| v.parse().ok()),
             "--test" => a.test = it.next().and_then(|v| v.parse().ok()),
             "--efficientnet" => a.efficientnet = it.next().map(PathBuf::from),
+            "--keep" => a.keep = it.next().map(PathBuf::from),
             "--data" => {
                 if let Some(d) = it.next() {
                     a.data = PathBuf::from(d);
@@ -130,7 +137,10 @@ fn label(set: &LabelledImages, i: usize) -> &'static str {
 /// Inserts in batches of `batch`; returns images per second.
 fn ingest(db: &Db, images: &[Vec<u8>], labels: &[&str], batch: usize) -> Res<f64> {
     let t = Instant::now();
-    for (chunk, ls) in images.chunks(batch).zip(labels.chunks(batch)) {
+    for (i, (chunk, ls)) in images.chunks(batch).zip(labels.chunks(batch)).enumerate() {
+        if batch > 1 && images.len() > 10 * batch && i % 10 == 0 {
+            eprintln!("  inserted {} of {}", i * batch, images.len());
+        }
         if batch == 1 {
             db.insert_image(&chunk[0], Some(ls[0]))?;
         } else {
@@ -332,14 +342,22 @@ fn quality_section(
         ));
     }
     for (name, opts) in cases {
-        let path = tmp
-            .path()
-            .join(format!("quality-{}", name.split(' ').next().unwrap_or("x")));
+        let folder = format!("quality-{}", name.split(' ').next().unwrap_or("x"));
+        let path = match &a.keep {
+            Some(dir) => dir.join(folder),
+            None => tmp.path().join(folder),
+        };
         let db = Db::open_with(
             &path,
             opts.durability(Durability::Relaxed).index(IndexKind::Exact),
         )?;
-        let rate = ingest(&db, train_png, train_labels, 1000)?;
+        // A kept database from an earlier, interrupted run already holds the first images
+        // (inserted in order): add the rest.
+        let have = db.len().min(n_train);
+        if have > 0 {
+            println!("{name}: resuming, {have} of {n_train} images already stored");
+        }
+        let rate = ingest(&db, &train_png[have..], &train_labels[have..], 1000)?;
         let t = Instant::now();
         let (hits, lat) = run_queries(&db, test_png, 10)?;
         let qps = n_test as f64 / t.elapsed().as_secs_f64();
