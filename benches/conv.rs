@@ -1,10 +1,14 @@
-//! Convolution benchmark: the small CNN of the fast-CPU-training issue, trained and run with
-//! candle's built-in `conv2d` and with the im2col + GEMM path (`lookalike_plugin::conv`), in
-//! the same run. Prints images/s for training (forward, backward, SGD step; batch 128) and
-//! inference (batch 256), and the ratio.
+//! Training-speed benchmark: the small CNN of the fast-CPU-training issue, trained and run
+//! with candle's built-in ops (`conv2d`, `candle_nn::BatchNorm`, `max_pool2d`) and with
+//! lookalike's kernels (`lookalike_plugin::ops`), in the same run; then each trainable
+//! plugin's CPU preset, one training step at a time, under `LOOKALIKE_OPS=candle` and the
+//! default (a child process per path, since the switch is read once per process). Prints
+//! images/s for training (forward, backward, SGD step; batch 128) and inference (batch 256),
+//! the ratios, and the GFLOP/s reached against the machine's fp32 matrix-multiply peak
+//! (candle's multi-threaded matmul of two 2048 x 2048 matrices, measured in the same run).
 //!
 //! ```text
-//! cargo bench --bench conv [-- --steps 3]
+//! cargo bench --bench conv [-- --steps 6]
 //! ```
 //!
 //! The net: input 1x28x28; conv3x3(32)+BN+ReLU, conv3x3(32)+BN+ReLU, maxpool 2;
@@ -14,16 +18,14 @@
 use std::time::Instant;
 
 use lookalike::lookalike_plugin::candle_core::{DType, Device, Module, ModuleT, Tensor, D};
-use lookalike::lookalike_plugin::candle_nn::{
-    self, BatchNorm, Linear, Optimizer, VarBuilder, VarMap, SGD,
-};
-use lookalike::lookalike_plugin::conv::conv2d_im2col;
-use lookalike::lookalike_plugin::nn::l2_normalize;
+use lookalike::lookalike_plugin::candle_nn::{self, Linear, Optimizer, VarBuilder, VarMap, SGD};
+use lookalike::lookalike_plugin::nn::{self as lnn, l2_normalize, Activation};
+use lookalike::lookalike_plugin::ops;
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
 struct Net {
-    convs: Vec<(Tensor, Tensor, BatchNorm)>,
+    convs: Vec<(Tensor, Tensor, candle_nn::BatchNorm, lnn::BatchNorm)>,
     fc: Linear,
     fast: bool,
 }
@@ -41,7 +43,8 @@ impl Net {
             )?;
             let b = vb.get_with_hints(cout, "bias", candle_nn::Init::Const(0.0))?;
             let bn = candle_nn::batch_norm(cout, 1e-5, vb.pp("bn"))?;
-            convs.push((w, b, bn));
+            let fast_bn = lnn::batch_norm(cout, 1e-5, vb.pp("bn"))?;
+            convs.push((w, b, bn, fast_bn));
         }
         let fc = candle_nn::linear(128, 128, vb.pp("fc"))?;
         Ok(Net { convs, fc, fast })
@@ -49,16 +52,20 @@ impl Net {
 
     fn forward(&self, x: &Tensor, train: bool) -> Res<Tensor> {
         let mut h = x.clone();
-        for (i, (w, b, bn)) in self.convs.iter().enumerate() {
-            let y = if self.fast {
-                conv2d_im2col(&h, w, 1, 1)?
+        for (i, (w, b, bn, fast_bn)) in self.convs.iter().enumerate() {
+            if self.fast {
+                let y = ops::conv2d(&h, w, Some(b), 1, 1)?;
+                h = fast_bn.forward_act(&y, train, Activation::Relu)?;
+                if i == 1 || i == 3 {
+                    h = ops::max_pool2d(&h, 2, 2, 0)?;
+                }
             } else {
-                h.conv2d(w, 1, 1, 1, 1)?
-            };
-            let y = y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?)?;
-            h = bn.forward_t(&y, train)?.relu()?;
-            if i == 1 || i == 3 {
-                h = h.max_pool2d(2)?;
+                let y = h.conv2d(w, 1, 1, 1, 1)?;
+                let y = y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?)?;
+                h = bn.forward_t(&y, train)?.relu()?;
+                if i == 1 || i == 3 {
+                    h = h.max_pool2d(2)?;
+                }
             }
         }
         let pooled = h.mean(D::Minus1)?.mean(D::Minus1)?;
@@ -106,12 +113,25 @@ fn run(fast: bool, steps: usize) -> Res<(f64, f64, f64, f64)> {
 
 fn main() -> Res<()> {
     let mut steps = 3;
+    let mut profile = false;
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         if a == "--steps" {
             steps = it.next().and_then(|s| s.parse().ok()).unwrap_or(steps);
         }
+        // Only the fast path's training, for a profiler.
+        profile |= a == "--profile";
     }
+    if profile {
+        let r = run(true, steps)?;
+        println!("fast path: {:.1} train images/s", r.0);
+        return Ok(());
+    }
+    if std::env::args().any(|a| a == "--presets-child") {
+        return presets(steps);
+    }
+    let peak = matmul_peak()?;
+    println!("fp32 matmul peak (candle matmul 2048 x 2048, all cores): {peak:.1} GFLOP/s");
     println!("small CNN, batch 128 training / 256 inference, {steps} steps, 2 threads");
     let candle = run(false, steps)?;
     let fast = run(true, steps)?;
@@ -119,7 +139,7 @@ fn main() -> Res<()> {
     println!("|---|---|---|---|---|");
     for (name, r) in [
         ("candle built-in conv2d", candle),
-        ("im2col + GEMM (lookalike)", fast),
+        ("lookalike ops (im2col + GEMM, fused BN)", fast),
     ] {
         println!(
             "| {name} | {:.1} | {:.0} | {:.0} | {:.1} |",
@@ -132,9 +152,112 @@ fn main() -> Res<()> {
         fast.3 / candle.3
     );
     // 44 MFLOP forward per image; backward about twice that.
+    let gflops = fast.0 * 3.0 * 44e6 / 1e9;
     println!(
-        "fast path: about {:.1} GFLOP/s in training (3 x 44 MFLOP per image)",
-        fast.0 * 3.0 * 44e6 / 1e9
+        "fast path: about {gflops:.1} GFLOP/s in training (3 x 44 MFLOP per image), {:.0} % of the matmul peak",
+        100.0 * gflops / peak
     );
+    println!("\nplugin CPU presets, one training step per batch (forward, loss, backward, SGD):");
+    println!("| plugin preset | batch | candle ops: train images/s | lookalike ops: train images/s | ratio |");
+    println!("|---|---|---|---|---|");
+    let exe = std::env::current_exe()?;
+    let mut rows: Vec<Vec<(String, usize, f64)>> = Vec::new();
+    for path in ["candle", "fast"] {
+        let out = std::process::Command::new(&exe)
+            .args(["--presets-child", "--steps", &steps.to_string()])
+            .env("LOOKALIKE_OPS", path)
+            .output()?;
+        if !out.status.success() {
+            return Err(format!(
+                "preset run ({path}) failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+            .into());
+        }
+        rows.push(
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter_map(|l| {
+                    let mut f = l.split('\t');
+                    Some((
+                        f.next()?.to_string(),
+                        f.next()?.parse().ok()?,
+                        f.next()?.parse().ok()?,
+                    ))
+                })
+                .collect(),
+        );
+    }
+    for ((name, batch, candle), (_, _, fast)) in rows[0].iter().zip(&rows[1]) {
+        println!(
+            "| {name} | {batch} | {candle:.1} | {fast:.1} | {:.1}x |",
+            fast / candle
+        );
+    }
+    Ok(())
+}
+
+/// GFLOP/s of candle's matmul (the `gemm` crate on all cores) on 2048 x 2048 f32 matrices.
+fn matmul_peak() -> Res<f64> {
+    let n = 2048;
+    let a = Tensor::randn(0f32, 1f32, (n, n), &Device::Cpu)?;
+    let b = Tensor::randn(0f32, 1f32, (n, n), &Device::Cpu)?;
+    a.matmul(&b)?; // warm-up
+    let reps = 3;
+    let t = Instant::now();
+    for _ in 0..reps {
+        a.matmul(&b)?;
+    }
+    Ok(reps as f64 * 2.0 * (n as f64).powi(3) / t.elapsed().as_secs_f64() / 1e9)
+}
+
+/// Child process: trains each trainable plugin's CPU preset for `steps` steps under the path
+/// `LOOKALIKE_OPS` selects; prints `name<TAB>batch<TAB>images/s` lines.
+fn presets(steps: usize) -> Res<()> {
+    use lookalike::lookalike_plugin::{ExtractorPlugin, TrainingBatch};
+    let plugins: Vec<(&str, Box<dyn ExtractorPlugin>)> = vec![
+        ("simnet cpu", Box::new(lookalike::simnet::SimNetPlugin)),
+        ("fused cpu", Box::new(lookalike::fused::FusedPlugin)),
+    ];
+    for (name, plugin) in plugins {
+        let spec = plugin.build("cpu", None)?.spec();
+        let t = plugin
+            .trainable("cpu", None)
+            .ok_or("plugin is not trainable")??;
+        let mut opt = lnn::SgdNesterov::new(t.vars(), 0.01, 0.9, 0.0);
+        let batch = 64;
+        let (c, h, w) = (
+            spec.input.channels as usize,
+            spec.input.height as usize,
+            spec.input.width as usize,
+        );
+        let x = Tensor::rand(0f32, 1f32, (batch, c, h, w), &Device::Cpu)?;
+        let dissimilar = Tensor::from_vec(
+            (0..batch / 2).map(|i| (i % 2) as f32).collect::<Vec<_>>(),
+            batch / 2,
+            &Device::Cpu,
+        )?;
+        let step = |opt: &mut lnn::SgdNesterov| -> Res<()> {
+            let e = t.forward_train(&x)?;
+            let (a, b) = (
+                e.narrow(0, 0, batch / 2)?,
+                e.narrow(0, batch / 2, batch / 2)?,
+            );
+            let loss = t.loss(TrainingBatch::Pairs {
+                a: &a,
+                b: &b,
+                dissimilar: &dissimilar,
+            })?;
+            opt.backward_step(&loss)?;
+            Ok(())
+        };
+        step(&mut opt)?; // warm-up
+        let start = Instant::now();
+        for _ in 0..steps {
+            step(&mut opt)?;
+        }
+        let rate = (steps * batch) as f64 / start.elapsed().as_secs_f64();
+        println!("{name}\t{batch}\t{rate:.2}");
+    }
     Ok(())
 }

@@ -69,9 +69,9 @@ pub use candle_core;
 use candle_core::Tensor;
 
 pub mod conformance;
-pub mod conv;
 #[cfg(feature = "nn")]
 pub mod nn;
+pub mod ops;
 #[cfg(feature = "nn")]
 pub use candle_nn;
 

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 
+pub use crate::ops::Activation;
 use crate::PluginError;
 
 /// A fresh `VarMap` and a builder over it (f32, CPU): build the model with the builder, and the
@@ -62,7 +63,7 @@ pub fn frozen_builder(varmap: &VarMap) -> Result<VarBuilder<'static>, PluginErro
 /// 0 for a 2 x 2 max pool (torchvision's "M").
 #[derive(Debug, Clone)]
 pub struct Vgg {
-    layers: Vec<Option<(Conv2d, Option<candle_nn::BatchNorm>)>>,
+    layers: Vec<Option<(Conv2d, Option<BatchNorm>)>>,
 }
 
 /// VGG16's configuration "D".
@@ -97,11 +98,7 @@ impl Vgg {
                 };
                 let conv = conv2d(cin, c, 3, conv_cfg, vb.pp(index.to_string()))?;
                 let bn = if batch_norm {
-                    Some(candle_nn::batch_norm(
-                        c,
-                        1e-5,
-                        vb.pp((index + 1).to_string()),
-                    )?)
+                    Some(self::batch_norm(c, 1e-5, vb.pp((index + 1).to_string()))?)
                 } else {
                     None
                 };
@@ -127,11 +124,11 @@ impl Vgg {
                 Some((conv, bn)) => {
                     let y = candle_core::Module::forward(conv, &h)?;
                     match bn {
-                        Some(bn) => candle_core::ModuleT::forward_t(bn, &y, train)?.relu()?,
+                        Some(bn) => bn.forward_act(&y, train, Activation::Relu)?,
                         None => y.relu()?,
                     }
                 }
-                None => h.max_pool2d(2)?,
+                None => max_pool2d(&h, 2, 2, 0)?,
             };
         }
         Ok(h)
@@ -215,15 +212,19 @@ pub fn contrastive_loss(
     ((pos + neg)? * 0.5)?.mean_all()
 }
 
-/// Max pooling with a `k x k` window, `stride` and zero `padding`, written with plain tensor
-/// ops so that it has a gradient (candle's own max pool has none when the windows overlap).
-/// Zero padding equals -inf padding for non-negative inputs (after ReLU).
+/// Max pooling with a `k x k` window, `stride` and `padding`, differentiable for every
+/// window/stride combination: the fast kernel ([`crate::ops::max_pool2d`]) on CPU f32 tensors,
+/// and otherwise plain tensor ops (candle's own max pool has no gradient when windows overlap),
+/// where zero padding stands in for `-inf` padding (equal for non-negative inputs, after ReLU).
 pub fn max_pool2d(
     x: &Tensor,
     k: usize,
     stride: usize,
     padding: usize,
 ) -> candle_core::Result<Tensor> {
+    if crate::ops::fast_for(x) {
+        return crate::ops::max_pool2d(x, k, stride, padding);
+    }
     if k == stride && padding == 0 {
         return x.max_pool2d(k);
     }
@@ -328,10 +329,9 @@ mod tests {
     }
 }
 
-/// A 2-D convolution layer that runs the im2col + GEMM path ([`crate::conv`]) while training
-/// (a gradient is being recorded), groups = 1 and the `LOOKALIKE_CONV` switch allows it, and
-/// candle's `conv2d` otherwise (its forward pass is as fast or faster: measured 0.8x for ours at
-/// inference in `benches/conv.rs`). Same parameter names as `candle_nn::conv2d`.
+/// A 2-D convolution layer that runs the fast kernels ([`crate::ops::conv2d`]) on CPU f32
+/// tensors when groups = 1 and the `LOOKALIKE_OPS` switch allows it, and candle's `conv2d`
+/// otherwise. Same parameter names as `candle_nn::conv2d`.
 #[derive(Debug, Clone)]
 pub struct Conv2d {
     inner: candle_nn::Conv2d,
@@ -349,18 +349,16 @@ impl Conv2d {
 
 impl candle_core::Module for Conv2d {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let training = x.track_op() || self.inner.weight().track_op();
-        if !training
-            || self.groups != 1
-            || crate::conv::conv_path() == crate::conv::ConvPath::Candle
-        {
+        if self.groups != 1 || !crate::ops::fast_for(x) {
             return self.inner.forward(x);
         }
-        let y = crate::conv::conv2d_im2col(x, self.inner.weight(), self.stride, self.padding)?;
-        match self.inner.bias() {
-            Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),
-            None => Ok(y),
-        }
+        crate::ops::conv2d(
+            x,
+            self.inner.weight(),
+            self.inner.bias(),
+            self.stride,
+            self.padding,
+        )
     }
 }
 
@@ -393,4 +391,90 @@ pub fn conv2d_no_bias(
     vb: VarBuilder,
 ) -> candle_core::Result<Conv2d> {
     Ok(wrap(candle_nn::conv2d_no_bias(cin, cout, k, cfg, vb)?, cfg))
+}
+
+/// Batch normalisation over N x C x ... inputs with `candle_nn::batch_norm`'s parameter names
+/// (`weight`, `bias`, `running_mean`, `running_var`) and update rule, plus a fused activation.
+/// On CPU f32 tensors it runs the fast kernels ([`crate::ops::batch_norm`]): statistics,
+/// normalisation and activation in one op, and one op backward.
+#[derive(Debug, Clone)]
+pub struct BatchNorm {
+    inner: candle_nn::BatchNorm,
+    running_mean: candle_core::Var,
+    running_var: candle_core::Var,
+    weight: Tensor,
+    bias: Tensor,
+}
+
+/// [`BatchNorm`] over `c` channels under `vb`, configured as `candle_nn::batch_norm`.
+pub fn batch_norm<C: Into<candle_nn::BatchNormConfig>>(
+    c: usize,
+    config: C,
+    vb: VarBuilder,
+) -> candle_core::Result<BatchNorm> {
+    let inner = candle_nn::batch_norm(c, config, vb)?;
+    // Var::from_tensor shares storage with a variable (a VarMap-backed builder), so the
+    // running statistics updated here are the ones candle's layer and the VarMap see.
+    let running_mean = candle_core::Var::from_tensor(inner.running_mean())?;
+    let running_var = candle_core::Var::from_tensor(inner.running_var())?;
+    let (weight, bias) = match inner.weight_and_bias() {
+        Some((w, b)) => (w.clone(), b.clone()),
+        None => (
+            Tensor::ones(c, DType::F32, &Device::Cpu)?,
+            Tensor::zeros(c, DType::F32, &Device::Cpu)?,
+        ),
+    };
+    Ok(BatchNorm {
+        inner,
+        running_mean,
+        running_var,
+        weight,
+        bias,
+    })
+}
+
+impl BatchNorm {
+    /// Normalises `x` (batch statistics when `train`, updating the running ones; running
+    /// statistics otherwise), then applies `act`.
+    pub fn forward_act(
+        &self,
+        x: &Tensor,
+        train: bool,
+        act: Activation,
+    ) -> candle_core::Result<Tensor> {
+        if !crate::ops::fast_for(x) {
+            let y = candle_core::ModuleT::forward_t(&self.inner, x, train)?;
+            return match act {
+                Activation::Identity => Ok(y),
+                Activation::Relu => y.relu(),
+                Activation::Relu6 => y.clamp(0f32, 6f32),
+            };
+        }
+        let eps = self.inner.eps();
+        if !train {
+            let stats = Tensor::stack(
+                &[self.running_mean.as_tensor(), self.running_var.as_tensor()],
+                0,
+            )?;
+            return crate::ops::batch_norm(x, &self.weight, &self.bias, &stats, eps, act, false);
+        }
+        let stats = crate::ops::batch_stats(x)?;
+        let m = self.inner.momentum();
+        let count = (x.elem_count() / x.dim(1)?) as f64;
+        let mean = stats.get(0)?;
+        let var = stats.get(1)?;
+        self.running_mean
+            .set(&((self.running_mean.as_tensor() * (1.0 - m))? + (mean * m)?)?)?;
+        self.running_var.set(
+            &((self.running_var.as_tensor() * (1.0 - m))?
+                + (var * (m * count / (count - 1.0).max(1.0)))?)?,
+        )?;
+        crate::ops::batch_norm(x, &self.weight, &self.bias, &stats, eps, act, true)
+    }
+}
+
+impl candle_core::ModuleT for BatchNorm {
+    fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        self.forward_act(x, train, Activation::Identity)
+    }
 }

@@ -1,10 +1,10 @@
 //! Backbones with torchvision's parameter names: ResNet50 (bottleneck v1.5) and VGG19, at full
 //! or reduced width, and EfficientNet-Lite0. Each returns a globally average-pooled feature.
 
-use lookalike_plugin::candle_core::{Module, ModuleT, Result as CResult, Tensor, D};
-use lookalike_plugin::candle_nn::{self, BatchNorm, Conv2dConfig, VarBuilder};
-use lookalike_plugin::nn::Conv2d;
+use lookalike_plugin::candle_core::{Module, Result as CResult, Tensor, D};
+use lookalike_plugin::candle_nn::{Conv2dConfig, VarBuilder};
 use lookalike_plugin::nn::{self, Vgg};
+use lookalike_plugin::nn::{Activation, BatchNorm, Conv2d};
 
 use crate::efficientnet::EfficientNetLite0;
 
@@ -87,12 +87,12 @@ impl ConvBn {
         };
         Ok(ConvBn {
             conv: nn::conv2d_no_bias(cin, cout, k, cfg, conv)?,
-            bn: candle_nn::batch_norm(cout, 1e-5, bn)?,
+            bn: nn::batch_norm(cout, 1e-5, bn)?,
         })
     }
 
-    fn forward(&self, x: &Tensor, train: bool) -> CResult<Tensor> {
-        self.bn.forward_t(&self.conv.forward(x)?, train)
+    fn forward(&self, x: &Tensor, train: bool, act: Activation) -> CResult<Tensor> {
+        self.bn.forward_act(&self.conv.forward(x)?, train, act)
     }
 }
 
@@ -129,11 +129,11 @@ impl Bottleneck {
     }
 
     fn forward(&self, x: &Tensor, train: bool) -> CResult<Tensor> {
-        let h = self.a.forward(x, train)?.relu()?;
-        let h = self.b.forward(&h, train)?.relu()?;
-        let h = self.c.forward(&h, train)?;
+        let h = self.a.forward(x, train, Activation::Relu)?;
+        let h = self.b.forward(&h, train, Activation::Relu)?;
+        let h = self.c.forward(&h, train, Activation::Identity)?;
         let skip = match &self.down {
-            Some(d) => d.forward(x, train)?,
+            Some(d) => d.forward(x, train, Activation::Identity)?,
             None => x.clone(),
         };
         (h + skip)?.relu()
@@ -171,7 +171,7 @@ impl ResNet {
 
     /// The last feature map.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> CResult<Tensor> {
-        let h = self.stem.forward(x, train)?.relu()?;
+        let h = self.stem.forward(x, train, Activation::Relu)?;
         // 3x3 max pool, stride 2, padding 1.
         let mut h = nn::max_pool2d(&h, 3, 2, 1)?;
         for b in &self.stages {

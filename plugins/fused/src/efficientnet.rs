@@ -6,8 +6,8 @@
 //! "SAME" padding (asymmetric for stride 2 on even sizes, so it pads explicitly); ReLU6; batch
 //! norm eps 1e-3; no squeeze-excitation; no biases in convolutions.
 
-use lookalike_plugin::candle_core::{Module, ModuleT, Result as CResult, Tensor, D};
-use lookalike_plugin::candle_nn::{self, BatchNorm, Conv2dConfig, Linear, VarBuilder, VarMap};
+use lookalike_plugin::candle_core::{Module, Result as CResult, Tensor, D};
+use lookalike_plugin::candle_nn::{self, Conv2dConfig, Linear, VarBuilder, VarMap};
 use lookalike_plugin::{
     check_batch, nn, Extractor, ExtractorPlugin, ExtractorSpec, InputSpec, Metric, PluginError,
 };
@@ -92,7 +92,7 @@ pub fn depthwise_conv2d(x: &Tensor, w: &Tensor, stride: usize) -> CResult<Tensor
 #[derive(Debug, Clone)]
 struct ConvBn {
     conv: nn::Conv2d,
-    bn: BatchNorm,
+    bn: nn::BatchNorm,
     k: usize,
     stride: usize,
     act: bool,
@@ -118,7 +118,7 @@ impl ConvBn {
             ..Default::default()
         };
         let conv = nn::conv2d_no_bias(cin, cout, k, cfg, conv_vb)?;
-        let bn = candle_nn::batch_norm(
+        let bn = nn::batch_norm(
             cout,
             candle_nn::BatchNormConfig {
                 eps: BN_EPS,
@@ -143,18 +143,18 @@ impl ConvBn {
             x.clone()
         };
         let y = if self.depthwise && !train && !x.track_op() && !self.conv.weight().track_op() {
-            lookalike_plugin::conv::depthwise_conv2d_inference(&x, self.conv.weight(), self.stride)?
+            lookalike_plugin::ops::depthwise_conv2d_inference(&x, self.conv.weight(), self.stride)?
         } else if self.depthwise {
             depthwise_conv2d(&x, self.conv.weight(), self.stride)?
         } else {
             self.conv.forward(&x)?
         };
-        let x = self.bn.forward_t(&y, train)?;
-        if self.act {
-            x.clamp(0f32, 6f32)
+        let act = if self.act {
+            nn::Activation::Relu6
         } else {
-            Ok(x)
-        }
+            nn::Activation::Identity
+        };
+        self.bn.forward_act(&y, train, act)
     }
 }
 
