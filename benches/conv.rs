@@ -19,7 +19,7 @@ use std::time::Instant;
 
 use lookalike::lookalike_plugin::candle_core::{DType, Device, Module, ModuleT, Tensor, D};
 use lookalike::lookalike_plugin::candle_nn::{self, Linear, Optimizer, VarBuilder, VarMap, SGD};
-use lookalike::lookalike_plugin::nn::{self as lnn, l2_normalize, Activation};
+use lookalike::lookalike_plugin::nn::{self as lnn, l2_normalize, Activation, Optimiser};
 use lookalike::lookalike_plugin::ops;
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;

@@ -160,6 +160,8 @@ struct Inner {
     state: RwLock<State>,
     /// Set after a failed durable write: later writes refuse to run.
     poisoned: Mutex<Option<String>>,
+    /// A training job holds this while it runs.
+    job_running: std::sync::atomic::AtomicBool,
     /// Held for the life of the handle; the OS releases it on exit, even on `kill -9`.
     _lock: File,
 }
@@ -296,6 +298,7 @@ impl Db {
                     dirty,
                 }),
                 poisoned: Mutex::new(None),
+                job_running: std::sync::atomic::AtomicBool::new(false),
                 options,
                 _lock: lock,
             }),
@@ -364,8 +367,20 @@ impl Db {
 
         let mut state = self.write_state()?;
         if state.model.version != model.version {
-            // The active model changed while we embedded: the new model's catch-up on next
-            // open (or its switch) embeds these; nothing to add to this index.
+            // The active model changed while we embedded: embed these with the new model too
+            // (stored under its version) and add them to its index.
+            let ids: Vec<u64> = new.iter().map(|n| n.id.0).collect();
+            let active = state.model.clone();
+            if let Err(e) = add_from_store(&self.inner.store, &active, &mut state.index, &ids) {
+                return Err(self.poison(e));
+            }
+            for n in &new {
+                if let Some(l) = &n.entry.label {
+                    state.by_label.entry(l.clone()).or_default().insert(n.id.0);
+                }
+                state.labels.insert(n.id.0, n.entry.label.clone());
+            }
+            state.dirty = true;
             return Ok(new.iter().map(|n| n.id).collect());
         }
         let ids: Vec<ImageId> = new.iter().map(|n| n.id).collect();
@@ -400,10 +415,18 @@ impl Db {
         if query.k == 0 {
             return Err(Error::ZeroK);
         }
-        let model = self.model();
         let img = preprocess::decode(bytes, self.limits())?;
-        let vector = embed(&model, &[&img])?.pop().unwrap_or_default();
-        self.search(&model, &vector, query, None)
+        // A model switch between embedding and searching makes the search refuse (it would
+        // mix models); embed again with the new model then.
+        let mut tries = 0;
+        loop {
+            let model = self.model();
+            let vector = embed(&model, &[&img])?.pop().unwrap_or_default();
+            match self.search(&model, &vector, query, None) {
+                Err(Error::ModelChanged) if tries < 3 => tries += 1,
+                other => return other,
+            }
+        }
     }
 
     /// [`Db::nearest_to`] with a label filter.
@@ -411,16 +434,22 @@ impl Db {
         if query.k == 0 {
             return Err(Error::ZeroK);
         }
-        let model = self.model();
-        if !self.read_state()?.labels.contains_key(&id.0) {
-            return Err(Error::UnknownImage(id));
+        let mut tries = 0;
+        loop {
+            let model = self.model();
+            if !self.read_state()?.labels.contains_key(&id.0) {
+                return Err(Error::UnknownImage(id));
+            }
+            let vector = self
+                .inner
+                .store
+                .embedding(model.version, id, model.spec.dim)?
+                .ok_or(Error::UnknownImage(id))?;
+            match self.search(&model, &vector, query, Some(id)) {
+                Err(Error::ModelChanged) if tries < 3 => tries += 1,
+                other => return other,
+            }
         }
-        let vector = self
-            .inner
-            .store
-            .embedding(model.version, id, model.spec.dim)?
-            .ok_or(Error::UnknownImage(id))?;
-        self.search(&model, &vector, query, Some(id))
     }
 
     fn search(
@@ -432,9 +461,7 @@ impl Db {
     ) -> Result<Vec<Hit>> {
         let state = self.read_state()?;
         if state.model.version != model.version {
-            return Err(Error::InvalidArgument(
-                "the active model changed during the query; retry".into(),
-            ));
+            return Err(Error::ModelChanged);
         }
         let allowed: Option<Vec<u64>> = query.labels.as_ref().map(|set| {
             set.iter()
@@ -770,6 +797,244 @@ impl Db {
         self.rebuild_locked(&mut state)
     }
 
+    /// Trains extractor `name` from the labelled images in the database with default
+    /// [`crate::TrainOptions`], and switches to the new model: see
+    /// [`Db::train_extractor_with`].
+    pub fn train_extractor(&self, name: &str) -> Result<crate::TrainReport> {
+        self.train_extractor_with(name, crate::TrainOptions::default())
+    }
+
+    /// Trains extractor `name` (a plugin with a trainable form) from the labelled images in
+    /// the database: holds out a stratified validation split, trains for `options.epochs`
+    /// epochs with the chosen pair miner (checkpointing each epoch), evaluates the result
+    /// against the active model on the held-out split, stores it as a new model version,
+    /// re-embeds every image, builds its index and (by default) makes it active in one step.
+    /// Queries keep running on the old model meanwhile. The job runs on the calling thread;
+    /// one job at a time per database ([`Error::JobRunning`]).
+    pub fn train_extractor_with(
+        &self,
+        name: &str,
+        options: crate::TrainOptions,
+    ) -> Result<crate::TrainReport> {
+        crate::training::train_extractor(self, name, options)
+    }
+
+    /// The interrupted training job whose checkpoint is stored, if any: (extractor,
+    /// configuration, epochs finished). Resume it with `TrainOptions::resume(true)` and the
+    /// same options.
+    pub fn pending_job(&self) -> Result<Option<(String, String, usize)>> {
+        Ok(self
+            .inner
+            .store
+            .checkpoint()?
+            .map(|c| (c.plugin, c.config, c.epochs_done as usize)))
+    }
+
+    /// Every stored model version, oldest first; the active one is [`Db::active_model`].
+    pub fn models(&self) -> Result<Vec<ModelInfo>> {
+        let mut out = Vec::new();
+        for version in self.inner.store.model_versions()? {
+            if let Some(r) = self.inner.store.model(version)? {
+                out.push(ModelInfo {
+                    version,
+                    extractor: r.plugin.clone(),
+                    config: r.config.clone(),
+                    dim: r.dim as usize,
+                    metric: metric_from_str(&r.metric, version)?,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Makes model `version` the active one: embeds any image it has no embedding for, builds
+    /// its index, then switches in one step (queries see the old model and index, or the new
+    /// ones, never a mix). The choice is durable.
+    pub fn use_model(&self, version: u32) -> Result<()> {
+        self.check_poisoned()?;
+        if self.model().version == version {
+            return Ok(());
+        }
+        let record = self
+            .inner
+            .store
+            .model(version)?
+            .ok_or(Error::UnknownModel(version))?;
+        let model = Arc::new(model_from_record(&self.inner.registry, version, record)?);
+        // Embed and index outside the state lock: queries keep running on the old model.
+        let live: HashMap<u64, Option<String>> = self.read_state()?.labels.clone();
+        let mut index = build_index(&self.inner.store, &model, &self.inner.options, &live)?;
+        let mut state = self.write_state()?;
+        // Catch up with writes that happened meanwhile.
+        let missing: Vec<u64> = state
+            .labels
+            .keys()
+            .filter(|id| !index.ids().contains(id))
+            .copied()
+            .collect();
+        let gone: Vec<ImageId> = index
+            .ids()
+            .iter()
+            .filter(|id| !state.labels.contains_key(id))
+            .map(|id| ImageId(*id))
+            .collect();
+        index.remove(&gone)?;
+        add_from_store(&self.inner.store, &model, &mut index, &missing)?;
+        self.inner.store.set_active_model(version)?;
+        self.durable_write_always()?;
+        state.index_info = IndexInfo {
+            kind: kind_name(index.shape()),
+            len: index.len(),
+            dim: index.dim(),
+            source: IndexSource::Rebuilt {
+                reason: format!("switched to model {version}"),
+            },
+            open_seconds: 0.0,
+        };
+        state.model = model;
+        state.index = index;
+        state.dirty = true;
+        drop(state);
+        if self.inner.options.snapshot {
+            self.save_snapshot()?;
+        }
+        Ok(())
+    }
+
+    /// Deletes model version `version` and its embeddings. The active model cannot be
+    /// deleted ([`Error::ActiveModel`]).
+    pub fn delete_model(&self, version: u32) -> Result<()> {
+        self.check_poisoned()?;
+        if self.model().version == version {
+            return Err(Error::ActiveModel(version));
+        }
+        if self.inner.store.model(version)?.is_none() {
+            return Err(Error::UnknownModel(version));
+        }
+        self.inner.store.delete_model(version)?;
+        self.durable_write()
+    }
+
+    // ---- crate internals for the training jobs ----
+
+    pub(crate) fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    pub(crate) fn registry(&self) -> &Registry {
+        &self.inner.registry
+    }
+
+    /// Marks a training job as running; the guard clears the mark when dropped.
+    pub(crate) fn start_job(&self) -> Result<JobGuard> {
+        use std::sync::atomic::Ordering;
+        if self
+            .inner
+            .job_running
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return Err(Error::JobRunning);
+        }
+        Ok(JobGuard(self.inner.clone()))
+    }
+
+    /// Every labelled image with its label, in id order.
+    pub(crate) fn labelled(&self) -> Result<Vec<(ImageId, String)>> {
+        let state = self.read_state()?;
+        let mut out: Vec<(ImageId, String)> = state
+            .labels
+            .iter()
+            .filter_map(|(id, l)| l.clone().map(|l| (ImageId(*id), l)))
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+
+    /// Ids of every stored image.
+    pub(crate) fn live_ids(&self) -> Result<Vec<u64>> {
+        let mut ids: Vec<u64> = self.read_state()?.labels.keys().copied().collect();
+        ids.sort_unstable();
+        Ok(ids)
+    }
+
+    /// The active model's stored embeddings of `ids` (missing ones are skipped).
+    pub(crate) fn active_embeddings(&self, ids: &[ImageId]) -> Result<Vec<(ImageId, Vec<f32>)>> {
+        let model = self.model();
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(v) = self
+                .inner
+                .store
+                .embedding(model.version, *id, model.spec.dim)?
+            {
+                out.push((*id, v));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Stores a new model version (not active): its record, then an embedding of every stored
+    /// image under it, in batches; `progress(done, total)` after each batch, and `cancelled()`
+    /// checked between batches (a cancelled install deletes what it wrote).
+    pub(crate) fn install_model(
+        &self,
+        record: ModelRecord,
+        extractor: Arc<dyn Extractor>,
+        progress: &mut dyn FnMut(usize, usize),
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<u32> {
+        self.check_poisoned()?;
+        let version = self
+            .inner
+            .store
+            .model_versions()?
+            .into_iter()
+            .max()
+            .unwrap_or(0)
+            + 1;
+        let spec = extractor.spec();
+        let model = Model {
+            version,
+            record: record.clone(),
+            extractor,
+            spec,
+        };
+        self.inner.store.put_model(version, &record)?;
+        let ids = self.live_ids()?;
+        let limits = ImageLimits {
+            max_bytes: u64::MAX,
+            max_pixels: u64::MAX,
+        };
+        let result = (|| {
+            for (done, chunk) in ids.chunks(EMBED_BATCH * 4).enumerate() {
+                if cancelled() {
+                    return Err(Error::Cancelled);
+                }
+                let mut got = Vec::with_capacity(chunk.len());
+                let mut imgs = Vec::with_capacity(chunk.len());
+                for id in chunk {
+                    // An image removed meanwhile is skipped.
+                    if let Some(bytes) = self.inner.store.image(ImageId(*id))? {
+                        imgs.push(preprocess::decode(&bytes, limits)?);
+                        got.push(ImageId(*id));
+                    }
+                }
+                let refs: Vec<_> = imgs.iter().collect();
+                for (id, v) in got.iter().zip(embed(&model, &refs)?) {
+                    self.inner.store.put_embedding(version, *id, &v)?;
+                }
+                progress(((done + 1) * EMBED_BATCH * 4).min(ids.len()), ids.len());
+            }
+            self.durable_write_always()
+        })();
+        if let Err(e) = result {
+            let _ = self.inner.store.delete_model(version);
+            return Err(e);
+        }
+        Ok(version)
+    }
+
     // ---- internals ----
 
     fn model(&self) -> Arc<Model> {
@@ -882,6 +1147,62 @@ impl Drop for Inner {
     }
 }
 
+/// Clears the running-job mark when a job ends, however it ends.
+#[derive(Debug)]
+pub(crate) struct JobGuard(Arc<Inner>);
+
+impl Drop for JobGuard {
+    fn drop(&mut self) {
+        self.0
+            .job_running
+            .store(false, std::sync::atomic::Ordering::Release);
+    }
+}
+
+/// Embeds decoded images with `extractor` (declaring `spec`) in batches, normalised as stored
+/// (L2 for cosine). `name` labels errors.
+pub(crate) fn embed_with(
+    name: &str,
+    extractor: &dyn Extractor,
+    spec: &ExtractorSpec,
+    images: &[&image::DynamicImage],
+) -> Result<Vec<Vec<f32>>> {
+    let mut out = Vec::with_capacity(images.len());
+    for chunk in images.chunks(EMBED_BATCH) {
+        let batch = preprocess::batch_tensor(chunk, &spec.input)?;
+        let emb = extractor
+            .embed(&batch)
+            .map_err(|e| Error::plugin(name, e))?;
+        let dims = emb.dims().to_vec();
+        if dims != [chunk.len(), spec.dim] {
+            return Err(Error::DimensionMismatch {
+                what: format!("output of extractor {name} (shape {dims:?})"),
+                expected: spec.dim,
+                got: dims.last().copied().unwrap_or(0),
+            });
+        }
+        let rows = emb
+            .to_dtype(lookalike_plugin::candle_core::DType::F32)
+            .and_then(|t| t.to_vec2::<f32>())
+            .map_err(|e| Error::plugin(name, e.into()))?;
+        for mut v in rows {
+            if v.iter().any(|x| !x.is_finite()) {
+                return Err(Error::plugin(
+                    name,
+                    lookalike_plugin::PluginError::InvalidSpec(
+                        "embedding has NaN or infinite values".into(),
+                    ),
+                ));
+            }
+            if spec.metric == Metric::Cosine {
+                l2_normalise(&mut v);
+            }
+            out.push(v);
+        }
+    }
+    Ok(out)
+}
+
 fn in_batch(index: usize, len: usize, source: Error) -> Error {
     if len == 1 {
         source
@@ -933,42 +1254,12 @@ fn ef_search(options: &Options) -> u32 {
 
 /// Embeds decoded images in batches, normalised as stored.
 fn embed(model: &Model, images: &[&image::DynamicImage]) -> Result<Vec<Vec<f32>>> {
-    let name = &model.record.plugin;
-    let mut out = Vec::with_capacity(images.len());
-    for chunk in images.chunks(EMBED_BATCH) {
-        let batch = preprocess::batch_tensor(chunk, &model.spec.input)?;
-        let emb = model
-            .extractor
-            .embed(&batch)
-            .map_err(|e| Error::plugin(name, e))?;
-        let dims = emb.dims().to_vec();
-        if dims != [chunk.len(), model.spec.dim] {
-            return Err(Error::DimensionMismatch {
-                what: format!("output of extractor {name} (shape {dims:?})"),
-                expected: model.spec.dim,
-                got: dims.last().copied().unwrap_or(0),
-            });
-        }
-        let rows = emb
-            .to_dtype(lookalike_plugin::candle_core::DType::F32)
-            .and_then(|t| t.to_vec2::<f32>())
-            .map_err(|e| Error::plugin(name, e.into()))?;
-        for mut v in rows {
-            if v.iter().any(|x| !x.is_finite()) {
-                return Err(Error::plugin(
-                    name,
-                    lookalike_plugin::PluginError::InvalidSpec(
-                        "embedding has NaN or infinite values".into(),
-                    ),
-                ));
-            }
-            if model.spec.metric == Metric::Cosine {
-                l2_normalise(&mut v);
-            }
-            out.push(v);
-        }
-    }
-    Ok(out)
+    embed_with(
+        &model.record.plugin,
+        model.extractor.as_ref(),
+        &model.spec,
+        images,
+    )
 }
 
 fn load_or_create_model(store: &Store, registry: &Registry, options: &Options) -> Result<Model> {
@@ -1015,6 +1306,11 @@ fn load_or_create_model(store: &Store, registry: &Registry, options: &Options) -
             format!("model {version} is not stored"),
         )
     })?;
+    model_from_record(registry, version, record)
+}
+
+/// Builds a stored model version's extractor and checks it against the record.
+fn model_from_record(registry: &Registry, version: u32, record: ModelRecord) -> Result<Model> {
     let weights = (!record.weights.is_empty()).then_some(record.weights.as_slice());
     let extractor = registry.build(&record.plugin, &record.config, weights)?;
     let spec = extractor.spec();

@@ -126,6 +126,43 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// Too few labelled images or labels to train (or evaluate) with.
+    #[error("not enough labelled data to train: {0}")]
+    NotEnoughData(String),
+    /// The extractor cannot be trained (its plugin offers no trainable form).
+    #[error("extractor {0} cannot be trained (its plugin has no trainable form)")]
+    NotTrainable(String),
+    /// An unknown pair-mining strategy was asked for.
+    #[error("unknown miner {name:?}; known: {}", known.join(", "))]
+    UnknownMiner {
+        /// The name asked for.
+        name: String,
+        /// The known names.
+        known: Vec<String>,
+    },
+    /// A training job is already running on this database.
+    #[error("a training job is already running on this database; wait for it or cancel it")]
+    JobRunning,
+    /// The job was cancelled; the database is as it was before the job.
+    #[error("the training job was cancelled; nothing was changed")]
+    Cancelled,
+    /// Training diverged (the loss became NaN or infinite).
+    #[error("training diverged at epoch {epoch}, step {step} (loss {loss}); try a smaller learning rate")]
+    Diverged {
+        /// Epoch (from 0).
+        epoch: usize,
+        /// Step within the epoch.
+        step: usize,
+        /// The loss value.
+        loss: f32,
+    },
+    /// The model version cannot be deleted because queries use it.
+    #[error("model {0} is the active model; activate another before deleting it")]
+    ActiveModel(u32),
+    /// The active model changed between embedding a query and searching; the query methods
+    /// retry on their own, so callers only see this after repeated switches.
+    #[error("the active model changed during the query; retry")]
+    ModelChanged,
     /// An earlier durable write failed; the in-memory state can no longer be trusted.
     #[error("an earlier write failed ({0}); close and reopen the database")]
     Poisoned(String),

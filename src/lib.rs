@@ -84,11 +84,15 @@ mod options;
 mod preprocess;
 mod registry;
 mod store;
+pub mod training;
 
 pub use db::{Db, Hit, IndexInfo, IndexSource, ModelInfo, Query, Rerank};
 pub use error::{Error, Result};
 pub use lookalike_plugin;
 pub use options::{Durability, IndexKind, Options};
+pub use training::{
+    Augment, CancelToken, Metrics, OptimiserKind, Phase, Progress, TrainOptions, TrainReport,
+};
 
 /// The EfficientNet-Lite0 (and fused-backbone) plugin crate.
 #[cfg(feature = "fused")]

@@ -8,6 +8,7 @@
 //! | `embeddings` | model (u32 BE) ++ id (u64 BE) | [`EmbeddingRecord`] |
 //! | `models` | model (u32 BE) | [`ModelRecord`]: plugin, config, weights, dimension, metric |
 //! | `meta` | `b"format"`, `b"active_model"` | u32 |
+//! | `jobs` | `b"checkpoint"` | [`CheckpointRecord`]: the last epoch checkpoint of a training job |
 //!
 //! An image is inserted in one transaction over `images`, `entries` and `embeddings`, so after a
 //! crash an id is either in all three or in none.
@@ -27,6 +28,7 @@ const RECORD_V1: u16 = 1;
 
 const META_FORMAT: &[u8] = b"format";
 const META_ACTIVE: &[u8] = b"active_model";
+const JOB_CHECKPOINT: &[u8] = b"checkpoint";
 
 /// The encoded image, as the caller gave it.
 #[derive(Debug, Serialize, Deserialize)]
@@ -64,6 +66,38 @@ pub(crate) struct ModelRecord {
     pub created_unix: u64,
 }
 
+/// A training job's state after a finished epoch: enough to resume it exactly.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct CheckpointRecord {
+    pub format: u16,
+    /// The extractor plugin and configuration being trained.
+    pub plugin: String,
+    pub config: String,
+    /// The options that decide the job's course (seed, epochs, batch shape, miner, ...),
+    /// serialised: a resume with other options is refused.
+    pub fingerprint: String,
+    /// Epochs finished.
+    pub epochs_done: u32,
+    /// The trainable's weights (safetensors) and the optimiser's buffers (safetensors).
+    pub weights: Vec<u8>,
+    pub optimiser: Vec<u8>,
+    /// Learning rate at the end of the epoch (decay may have changed it), and the epochs since
+    /// the last decay.
+    pub lr: f64,
+    pub since_decay: u32,
+    /// Validation accuracies so far (for the decay rule and the report).
+    pub history: Vec<(f64, f64, f64)>,
+    /// Counters carried into the report.
+    pub steps: u64,
+    pub pairs_seen: u64,
+    pub images_seen: u64,
+    pub train_seconds: f64,
+    pub loader_wait_seconds: f64,
+    /// Metrics of the active model before the job.
+    pub before: (f64, f64),
+    pub created_unix: u64,
+}
+
 /// A record ready to insert: the image, its entry and its embedding under `model`.
 pub(crate) struct NewImage {
     pub id: ImageId,
@@ -81,6 +115,7 @@ pub(crate) struct Store {
     embeddings: Tree,
     models: Tree,
     meta: Tree,
+    jobs: Tree,
 }
 
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
@@ -171,6 +206,7 @@ impl Store {
             embeddings: db.open_tree("embeddings")?,
             models: db.open_tree("models")?,
             meta: db.open_tree("meta")?,
+            jobs: db.open_tree("jobs")?,
             db,
         };
         match store.meta.get(META_FORMAT)? {
@@ -397,6 +433,40 @@ impl Store {
     /// Sets the active model version.
     pub fn set_active_model(&self, version: u32) -> Result<()> {
         self.meta.insert(META_ACTIVE, encode(&version))?;
+        Ok(())
+    }
+
+    /// Deletes a model version's record and every embedding under it.
+    pub fn delete_model(&self, version: u32) -> Result<()> {
+        self.models.remove(version.to_be_bytes())?;
+        for key in self.embeddings.scan_prefix(version.to_be_bytes()).keys() {
+            self.embeddings.remove(key?)?;
+        }
+        Ok(())
+    }
+
+    /// The training job checkpoint, if one is stored.
+    pub fn checkpoint(&self) -> Result<Option<CheckpointRecord>> {
+        match self.jobs.get(JOB_CHECKPOINT)? {
+            None => Ok(None),
+            Some(v) => {
+                let r: CheckpointRecord = decode("checkpoint", "checkpoint", &v)?;
+                check_format("checkpoint", "checkpoint", r.format)?;
+                Ok(Some(r))
+            }
+        }
+    }
+
+    /// Stores the training job checkpoint, durably.
+    pub fn put_checkpoint(&self, record: &CheckpointRecord) -> Result<()> {
+        self.jobs.insert(JOB_CHECKPOINT, encode(record))?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Deletes the training job checkpoint.
+    pub fn clear_checkpoint(&self) -> Result<()> {
+        self.jobs.remove(JOB_CHECKPOINT)?;
         Ok(())
     }
 }

@@ -14,3 +14,4 @@ mod persistence;
 mod pretrained;
 mod robustness;
 mod scorer;
+mod training;

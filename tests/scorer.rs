@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use lookalike::lookalike_plugin::candle_core::{Device, Tensor};
+use lookalike::lookalike_plugin::nn::Optimiser;
 use lookalike::mlp_diff::MlpDiffTrainable;
 use lookalike::{Error, Query};
 

@@ -73,6 +73,8 @@ pub mod conformance;
 pub mod nn;
 pub mod ops;
 #[cfg(feature = "nn")]
+pub mod optim;
+#[cfg(feature = "nn")]
 pub use candle_nn;
 
 /// How distances between two embeddings are measured.
@@ -259,8 +261,14 @@ pub trait Trainable: Send + Debug {
     /// The plugin's training objective over embeddings from [`Trainable::forward_train`].
     fn loss(&self, batch: TrainingBatch<'_>) -> Result<Tensor, PluginError>;
 
-    /// The parameters an optimiser updates.
+    /// The parameters an optimiser updates, in a stable order (the same on every call and in
+    /// every process for one configuration: optimiser state is checkpointed by position).
     fn vars(&self) -> Vec<candle_core::Var>;
+
+    /// Seeds the model's training-time randomness (dropout) before a step. The training jobs
+    /// call it with a seed derived from the job's seed, epoch and step, so that a resumed job
+    /// repeats an uninterrupted one exactly. The default does nothing (no randomness).
+    fn reseed(&self, _seed: u64) {}
 
     /// The current weights as safetensors bytes, loadable by `ExtractorPlugin::build`.
     fn save_weights(&self) -> Result<Vec<u8>, PluginError>;

@@ -9,11 +9,129 @@ pub use crate::ops::Activation;
 use crate::PluginError;
 
 /// A fresh `VarMap` and a builder over it (f32, CPU): build the model with the builder, and the
-/// map holds every parameter under its `vb.pp(..)` name.
+/// map holds every parameter under its `vb.pp(..)` name. Inside [`with_init_seed`] the random
+/// initial values are drawn from that seed (and each parameter's name), so the same seed gives
+/// the same initial model; otherwise from candle's generator.
 pub fn new_varmap() -> (VarMap, VarBuilder<'static>) {
     let varmap = VarMap::new();
-    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let vb = match INIT_SEED.with(|s| s.get()) {
+        Some(seed) => VarBuilder::from_backend(
+            Box::new(SeededVarMap {
+                varmap: varmap.clone(),
+                seed,
+            }),
+            DType::F32,
+            Device::Cpu,
+        ),
+        None => VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
+    };
     (varmap, vb)
+}
+
+thread_local! {
+    static INIT_SEED: std::cell::Cell<Option<u64>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` with [`new_varmap`] drawing initial parameters from `seed` on this thread. The
+/// training jobs build trainable models inside it (candle's CPU generator cannot be seeded).
+pub fn with_init_seed<T>(seed: u64, f: impl FnOnce() -> T) -> T {
+    let old = INIT_SEED.with(|s| s.replace(Some(seed)));
+    let out = f();
+    INIT_SEED.with(|s| s.set(old));
+    out
+}
+
+/// A `VarMap` backend whose new variables are initialised from a seed.
+struct SeededVarMap {
+    varmap: VarMap,
+    seed: u64,
+}
+
+impl candle_nn::var_builder::SimpleBackend for SeededVarMap {
+    fn get(
+        &self,
+        s: candle_core::Shape,
+        name: &str,
+        h: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let mut data = self
+            .varmap
+            .data()
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("the parameter map is poisoned".into()))?;
+        if let Some(v) = data.get(name) {
+            if v.shape() != &s {
+                candle_core::bail!("shape mismatch for {name}: {:?} against {s:?}", v.shape());
+            }
+            return Ok(v.as_tensor().clone());
+        }
+        // FNV-1a of the name, mixed with the seed: each parameter its own stream.
+        let mut hash = 0xcbf2_9ce4_8422_2325u64;
+        for b in name.bytes() {
+            hash = (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+        let rng = TrainRng::default();
+        rng.reseed(self.seed ^ hash);
+        let n = s.elem_count();
+        let uniform = |lo: f64, up: f64| -> Vec<f32> {
+            (0..n)
+                .map(|_| (lo + (up - lo) * rng.unit()) as f32)
+                .collect()
+        };
+        let normal = |mean: f64, std: f64| -> Vec<f32> {
+            (0..n)
+                .map(|_| {
+                    let u1 = rng.unit().max(f64::MIN_POSITIVE);
+                    let u2 = rng.unit();
+                    let z = (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos();
+                    (mean + std * z) as f32
+                })
+                .collect()
+        };
+        let values = match h {
+            candle_nn::Init::Const(c) => vec![c as f32; n],
+            candle_nn::Init::Uniform { lo, up } => uniform(lo, up),
+            candle_nn::Init::Randn { mean, stdev } => normal(mean, stdev),
+            candle_nn::Init::Kaiming {
+                dist,
+                fan,
+                non_linearity,
+            } => {
+                let std = non_linearity.gain() / (fan.for_shape(&s) as f64).sqrt();
+                match dist {
+                    candle_nn::init::NormalOrUniform::Uniform => {
+                        let bound = 3f64.sqrt() * std;
+                        uniform(-bound, bound)
+                    }
+                    candle_nn::init::NormalOrUniform::Normal => normal(0.0, std),
+                }
+            }
+        };
+        let var =
+            candle_core::Var::from_tensor(&Tensor::from_vec(values, s, dev)?.to_dtype(dtype)?)?;
+        let t = var.as_tensor().clone();
+        data.insert(name.to_string(), var);
+        Ok(t)
+    }
+
+    fn get_unchecked(
+        &self,
+        name: &str,
+        _dtype: DType,
+        _dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        candle_core::bail!("{name}: a VarMap creates parameters through `get`")
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.varmap
+            .data()
+            .lock()
+            .map(|d| d.contains_key(name))
+            .unwrap_or(false)
+    }
 }
 
 /// Every parameter of `varmap` as safetensors bytes, names sorted.
@@ -135,53 +253,77 @@ impl Vgg {
     }
 }
 
-/// Stochastic gradient descent with Nesterov momentum (Sutskever et al. 2013), as PyTorch's
-/// `SGD(nesterov=True)`: `v = mu * v + g; p -= lr * (g + mu * v)`, with optional weight decay
-/// added to `g`.
-#[derive(Debug)]
-pub struct SgdNesterov {
-    vars: Vec<(candle_core::Var, Option<Tensor>)>,
-    /// Learning rate.
-    pub lr: f64,
-    /// Momentum `mu`.
-    pub momentum: f64,
-    /// L2 weight decay.
-    pub weight_decay: f64,
+pub use crate::optim::{Adam, Optimiser, SgdNesterov};
+
+/// A seedable random source for a model's training-time randomness (dropout masks), shared by
+/// its layers. [`crate::Trainable::reseed`] sets it before every step, so that a resumed
+/// training job draws the same masks as an uninterrupted one (candle's CPU generator cannot be
+/// seeded).
+#[derive(Debug, Clone, Default)]
+pub struct TrainRng(std::sync::Arc<std::sync::Mutex<u64>>);
+
+impl TrainRng {
+    /// Restarts the sequence from `seed`.
+    pub fn reseed(&self, seed: u64) {
+        if let Ok(mut s) = self.0.lock() {
+            *s = seed;
+        }
+    }
+
+    /// A uniform value in [0, 1).
+    fn unit(&self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// The next 64 random bits (SplitMix64).
+    fn next(&self) -> u64 {
+        let mut s = match self.0.lock() {
+            Ok(s) => s,
+            Err(p) => p.into_inner(),
+        };
+        *s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = *s;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
 }
 
-impl SgdNesterov {
-    /// An optimiser over `vars`.
-    pub fn new(vars: Vec<candle_core::Var>, lr: f64, momentum: f64, weight_decay: f64) -> Self {
-        SgdNesterov {
-            vars: vars.into_iter().map(|v| (v, None)).collect(),
-            lr,
-            momentum,
-            weight_decay,
-        }
+/// Inverted dropout with drop probability `p`, its mask drawn from `rng`.
+pub fn dropout(x: &Tensor, p: f32, rng: &TrainRng) -> candle_core::Result<Tensor> {
+    if p <= 0.0 {
+        return Ok(x.clone());
     }
-
-    /// One step from the gradients of `loss`.
-    pub fn backward_step(&mut self, loss: &Tensor) -> candle_core::Result<()> {
-        let grads = loss.backward()?;
-        for (var, velocity) in &mut self.vars {
-            let Some(g) = grads.get(var.as_tensor()) else {
-                continue;
-            };
-            let g = if self.weight_decay != 0.0 {
-                (g + (var.as_tensor() * self.weight_decay)?)?
+    if p >= 1.0 {
+        return x.zeros_like();
+    }
+    let keep = 1.0 / (1.0 - p);
+    let mask: Vec<f32> = (0..x.elem_count())
+        .map(|_| {
+            let u = (rng.next() >> 40) as f32 / (1u64 << 24) as f32;
+            if u >= p {
+                keep
             } else {
-                g.clone()
-            };
-            let v = match velocity.take() {
-                Some(v) => ((v * self.momentum)? + &g)?,
-                None => g.clone(),
-            };
-            let update = (&g + (&v * self.momentum)?)?;
-            var.set(&(var.as_tensor() - (update * self.lr)?)?)?;
-            *velocity = Some(v);
-        }
-        Ok(())
-    }
+                0.0
+            }
+        })
+        .collect();
+    x * Tensor::from_vec(mask, x.shape(), x.device())?
+}
+
+/// The variables of `varmap` in name order, leaving out those under any of `skip` (name
+/// prefixes): the stable order [`crate::Trainable::vars`] promises.
+pub fn sorted_vars(varmap: &VarMap, skip: &[String]) -> Vec<candle_core::Var> {
+    let data = match varmap.data().lock() {
+        Ok(d) => d,
+        Err(p) => p.into_inner(),
+    };
+    let mut named: Vec<(&String, &candle_core::Var)> = data
+        .iter()
+        .filter(|(k, _)| !skip.iter().any(|s| k.starts_with(s.as_str())))
+        .collect();
+    named.sort_by(|a, b| a.0.cmp(b.0));
+    named.into_iter().map(|(_, v)| v.clone()).collect()
 }
 
 /// Rows of `x` scaled to unit L2 norm.

@@ -140,6 +140,8 @@ pub struct Fused {
     backbones: [Backbone; 2],
     projections: [Linear; 2],
     fc: Vec<Linear>,
+    /// Dropout masks while training (seeded by `Trainable::reseed`).
+    rng: nn::TrainRng,
 }
 
 impl Fused {
@@ -177,6 +179,7 @@ impl Fused {
             backbones: [b0, b1],
             projections: [p0, p1],
             fc,
+            rng: nn::TrainRng::default(),
         })
     }
 
@@ -203,7 +206,7 @@ impl Fused {
         for l in &self.fc {
             h = h.relu()?;
             if train {
-                h = candle_nn::ops::dropout(&h, 0.2)?;
+                h = nn::dropout(&h, 0.2, &self.rng)?;
             }
             h = l.forward(&h)?;
         }
@@ -382,14 +385,11 @@ impl Trainable for FusedTrainable {
             .filter(|(_, p)| *p)
             .map(|(b, _)| format!("{}.", b.prefix()))
             .collect();
-        match self.varmap.data().lock() {
-            Ok(d) => d
-                .iter()
-                .filter(|(k, _)| !frozen.iter().any(|f| k.starts_with(f)))
-                .map(|(_, v)| v.clone())
-                .collect(),
-            Err(_) => Vec::new(),
-        }
+        nn::sorted_vars(&self.varmap, &frozen)
+    }
+
+    fn reseed(&self, seed: u64) {
+        self.net.rng.reseed(seed);
     }
 
     fn save_weights(&self) -> Result<Vec<u8>, PluginError> {

@@ -25,6 +25,7 @@ pub const HIDDEN_LAYERS: usize = 2;
 pub struct MlpDiff {
     layers: Vec<Linear>,
     dim: usize,
+    rng: nn::TrainRng,
 }
 
 impl MlpDiff {
@@ -39,7 +40,11 @@ impl MlpDiff {
             width = next;
         }
         layers.push(candle_nn::linear(width, 2, vb.pp("out"))?);
-        Ok(MlpDiff { layers, dim })
+        Ok(MlpDiff {
+            layers,
+            dim,
+            rng: nn::TrainRng::default(),
+        })
     }
 
     /// Logits (N x 2) for rows of `a` and `b` (N x D).
@@ -51,7 +56,7 @@ impl MlpDiff {
             if i < last {
                 h = h.relu()?;
                 if train {
-                    h = candle_nn::ops::dropout(&h, DROPOUT)?;
+                    h = nn::dropout(&h, DROPOUT, &self.rng)?;
                 }
             }
         }
@@ -155,9 +160,14 @@ impl MlpDiffTrainable {
         )?)
     }
 
-    /// The parameters.
+    /// The parameters, in name order.
     pub fn vars(&self) -> Vec<Var> {
-        self.varmap.all_vars()
+        nn::sorted_vars(&self.varmap, &[])
+    }
+
+    /// Seeds the dropout masks of the following steps.
+    pub fn reseed(&self, seed: u64) {
+        self.net.rng.reseed(seed);
     }
 
     /// The paper's optimiser for these parameters: Nesterov momentum 0.8 at `lr`.

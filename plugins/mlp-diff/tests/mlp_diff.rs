@@ -3,6 +3,7 @@
 
 use lookalike_mlp_diff::{MlpDiffPlugin, MlpDiffTrainable};
 use lookalike_plugin::candle_core::{DType, Device, Tensor};
+use lookalike_plugin::nn::Optimiser;
 use lookalike_plugin::{PairScorer, PluginError, ScorerPlugin};
 
 /// 64 pairs of 16-d embeddings around 4 class centres; half of the pairs share a class.

@@ -211,6 +211,8 @@ pub struct SimNet {
     deep_fc: Vec<Linear>,
     shallow: [Shallow; 2],
     joint: Linear,
+    /// Dropout masks while training (seeded by `Trainable::reseed`).
+    rng: nn::TrainRng,
 }
 
 impl SimNet {
@@ -248,6 +250,7 @@ impl SimNet {
             deep_fc,
             shallow,
             joint,
+            rng: nn::TrainRng::default(),
         })
     }
 
@@ -259,7 +262,7 @@ impl SimNet {
             if i + 1 < self.deep_fc.len() {
                 d = d.relu()?;
                 if train {
-                    d = candle_nn::ops::dropout(&d, 0.5)?;
+                    d = nn::dropout(&d, 0.5, &self.rng)?;
                 }
             }
         }
@@ -270,7 +273,7 @@ impl SimNet {
         ];
         let mut joint = Tensor::cat(&parts, 1)?;
         if train && self.cfg.dropout > 0.0 {
-            joint = candle_nn::ops::dropout(&joint, self.cfg.dropout)?;
+            joint = nn::dropout(&joint, self.cfg.dropout, &self.rng)?;
         }
         nn::l2_normalize(&self.joint.forward(&joint)?)
     }
@@ -402,7 +405,11 @@ impl Trainable for SimNetTrainable {
     }
 
     fn vars(&self) -> Vec<Var> {
-        self.varmap.all_vars()
+        nn::sorted_vars(&self.varmap, &[])
+    }
+
+    fn reseed(&self, seed: u64) {
+        self.net.rng.reseed(seed);
     }
 
     fn save_weights(&self) -> Result<Vec<u8>, PluginError> {

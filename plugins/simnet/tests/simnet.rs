@@ -2,6 +2,7 @@
 //! falls and gradients reach every branch).
 
 use lookalike_plugin::candle_core::{DType, Device, Tensor};
+use lookalike_plugin::nn::Optimiser;
 use lookalike_plugin::{nn, ExtractorPlugin, Trainable, TrainingBatch};
 use lookalike_simnet::{load_torchvision_vgg16, SimNetConfig, SimNetPlugin, SimNetTrainable};
 

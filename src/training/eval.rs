@@ -1,0 +1,205 @@
+//! Held-out evaluation: a seeded stratified split, and retrieval metrics (accuracy@1 as in
+//! the SimNet paper, mAP@10) of validation queries against a gallery of training images.
+
+use std::collections::BTreeMap;
+
+use lookalike_plugin::candle_core::{Device, Tensor};
+use lookalike_plugin::Metric;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+
+use crate::error::{Error, Result};
+use crate::ImageId;
+
+/// Retrieval quality of a model on the held-out split.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Metrics {
+    /// Share of validation queries whose nearest gallery image has their label.
+    pub accuracy_at_1: f64,
+    /// Mean over queries of (sum of precision at each relevant rank among the first 10) / 10.
+    pub map_at_10: f64,
+    /// Queries evaluated.
+    pub queries: usize,
+}
+
+/// A stratified split: per label, `share` of its images (at least one when it has two or
+/// more) go to validation, the rest to training. Seeded.
+pub(crate) fn split(
+    labelled: &[(ImageId, u32)],
+    share: f64,
+    seed: u64,
+) -> (BTreeMap<u32, Vec<ImageId>>, Vec<(ImageId, u32)>) {
+    let mut by_label: BTreeMap<u32, Vec<ImageId>> = BTreeMap::new();
+    for (id, l) in labelled {
+        by_label.entry(*l).or_default().push(*id);
+    }
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed_5911);
+    let mut train = BTreeMap::new();
+    let mut val = Vec::new();
+    for (l, mut ids) in by_label {
+        ids.shuffle(&mut rng);
+        let n_val = if ids.len() >= 2 {
+            ((ids.len() as f64 * share).round() as usize).clamp(1, ids.len() - 1)
+        } else {
+            0
+        };
+        val.extend(ids[..n_val].iter().map(|id| (*id, l)));
+        train.insert(l, ids[n_val..].to_vec());
+    }
+    val.sort();
+    (train, val)
+}
+
+/// A seeded sample of at most `n` items.
+pub(crate) fn sample<T: Clone>(items: &[T], n: usize, seed: u64) -> Vec<T> {
+    if items.len() <= n {
+        return items.to_vec();
+    }
+    let mut idx: Vec<usize> = (0..items.len()).collect();
+    idx.shuffle(&mut StdRng::seed_from_u64(seed));
+    idx.truncate(n);
+    idx.sort_unstable();
+    idx.into_iter().map(|i| items[i].clone()).collect()
+}
+
+/// Metrics of `queries` against `gallery` (embeddings with labels), exact search under
+/// `metric`, computed with matrix products in chunks of queries.
+pub(crate) fn retrieval(
+    queries: &[(Vec<f32>, u32)],
+    gallery: &[(Vec<f32>, u32)],
+    metric: Metric,
+) -> Result<Metrics> {
+    if queries.is_empty() || gallery.is_empty() {
+        return Err(Error::NotEnoughData(
+            "no validation queries or no gallery images to evaluate with".into(),
+        ));
+    }
+    let dim = gallery[0].0.len();
+    let to_err = |e: lookalike_plugin::candle_core::Error| Error::plugin("evaluation", e.into());
+    let g_flat: Vec<f32> = gallery
+        .iter()
+        .flat_map(|(v, _)| v.iter().copied())
+        .collect();
+    let g = Tensor::from_vec(g_flat, (gallery.len(), dim), &Device::Cpu).map_err(to_err)?;
+    let gt = g.t().map_err(to_err)?;
+    let g_norm: Vec<f32> = gallery
+        .iter()
+        .map(|(v, _)| v.iter().map(|x| x * x).sum())
+        .collect();
+    let (mut top1, mut ap_sum) = (0usize, 0f64);
+    for chunk in queries.chunks(256) {
+        let q_flat: Vec<f32> = chunk.iter().flat_map(|(v, _)| v.iter().copied()).collect();
+        let q = Tensor::from_vec(q_flat, (chunk.len(), dim), &Device::Cpu).map_err(to_err)?;
+        let dots = q
+            .matmul(&gt)
+            .and_then(|d| d.to_vec2::<f32>())
+            .map_err(to_err)?;
+        for ((_, label), row) in chunk.iter().zip(dots) {
+            // Smaller is nearer: 1 - cos for unit vectors, |g|^2 - 2 q.g for L2 (|q|^2 is
+            // the same for every gallery item).
+            let mut scored: Vec<(f32, usize)> = row
+                .iter()
+                .enumerate()
+                .map(|(i, d)| match metric {
+                    Metric::Cosine => (1.0 - d, i),
+                    Metric::L2 => (g_norm[i] - 2.0 * d, i),
+                })
+                .collect();
+            let k = 10.min(scored.len());
+            scored.select_nth_unstable_by(k - 1, |a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+            scored.truncate(k);
+            scored.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+            if gallery[scored[0].1].1 == *label {
+                top1 += 1;
+            }
+            let (mut rel, mut ap) = (0usize, 0f64);
+            for (rank, (_, i)) in scored.iter().enumerate() {
+                if gallery[*i].1 == *label {
+                    rel += 1;
+                    ap += rel as f64 / (rank + 1) as f64;
+                }
+            }
+            ap_sum += ap / 10.0;
+        }
+    }
+    let n = queries.len() as f64;
+    Ok(Metrics {
+        accuracy_at_1: top1 as f64 / n,
+        map_at_10: ap_sum / n,
+        queries: queries.len(),
+    })
+}
+
+/// Area under the ROC curve of scores for positives (`label` true) against negatives, and the
+/// curve itself as (false positive rate, true positive rate) points from (0,0) to (1,1).
+pub(crate) fn roc(scores: &[(f32, bool)]) -> (f64, Vec<(f64, f64)>) {
+    let pos = scores.iter().filter(|s| s.1).count() as f64;
+    let neg = scores.len() as f64 - pos;
+    if pos == 0.0 || neg == 0.0 {
+        return (f64::NAN, Vec::new());
+    }
+    let mut sorted = scores.to_vec();
+    sorted.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let (mut tp, mut fp) = (0f64, 0f64);
+    let mut curve = vec![(0.0, 0.0)];
+    let mut auc = 0.0;
+    let mut i = 0;
+    while i < sorted.len() {
+        // Ties move together.
+        let t = sorted[i].0;
+        let (tp0, fp0) = (tp, fp);
+        while i < sorted.len() && sorted[i].0 == t {
+            if sorted[i].1 {
+                tp += 1.0;
+            } else {
+                fp += 1.0;
+            }
+            i += 1;
+        }
+        auc += (fp - fp0) / neg * (tp + tp0) / 2.0 / pos;
+        curve.push((fp / neg, tp / pos));
+    }
+    (auc, curve)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_is_stratified_and_seeded() {
+        let labelled: Vec<(ImageId, u32)> =
+            (0..100).map(|i| (ImageId(i), (i % 4) as u32)).collect();
+        let (train, val) = split(&labelled, 0.2, 9);
+        assert_eq!(val.len(), 20);
+        for l in 0..4 {
+            assert_eq!(val.iter().filter(|v| v.1 == l).count(), 5);
+            assert_eq!(train[&l].len(), 20);
+        }
+        assert_eq!(split(&labelled, 0.2, 9).1, val);
+        assert_ne!(split(&labelled, 0.2, 10).1, val);
+    }
+
+    #[test]
+    fn retrieval_on_separated_clusters_is_perfect() {
+        let g: Vec<(Vec<f32>, u32)> = (0..20)
+            .map(|i| (vec![(i % 2) as f32 * 10.0, i as f32 * 0.01], (i % 2) as u32))
+            .collect();
+        let q = vec![(vec![0.0, 0.05], 0), (vec![10.0, 0.05], 1)];
+        let m = retrieval(&q, &g, Metric::L2).unwrap();
+        assert_eq!(m.accuracy_at_1, 1.0);
+        assert!((m.map_at_10 - 1.0).abs() < 1e-9);
+        // Swapped labels: nothing right.
+        let q = vec![(vec![0.0, 0.05], 1)];
+        assert_eq!(retrieval(&q, &g, Metric::L2).unwrap().accuracy_at_1, 0.0);
+    }
+
+    #[test]
+    fn roc_auc_of_perfect_and_random_scores() {
+        let perfect: Vec<(f32, bool)> = (0..10).map(|i| (i as f32, i >= 5)).collect();
+        assert!((roc(&perfect).0 - 1.0).abs() < 1e-9);
+        let tied: Vec<(f32, bool)> = (0..10).map(|i| (0.5, i % 2 == 0)).collect();
+        assert!((roc(&tied).0 - 0.5).abs() < 1e-9);
+    }
+}

@@ -1,0 +1,582 @@
+//! The training job: see the module docs of [`super`].
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use lookalike_plugin::candle_core::{Device, Tensor};
+use lookalike_plugin::nn::{Adam, Optimiser, SgdNesterov};
+use lookalike_plugin::{Extractor, ExtractorSpec, Trainable, TrainingBatch};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+
+use super::eval::{self, Metrics};
+use super::loader::{derive_seed, plan_epoch, Loader};
+use super::miners::{self, Distances, Mined};
+use super::{EpochRecord, OptimiserKind, Phase, Progress, TrainOptions, TrainReport};
+use crate::db::embed_with;
+use crate::error::{Error, Result};
+use crate::preprocess::{self, ImageLimits};
+use crate::store::{CheckpointRecord, ModelRecord};
+use crate::{Db, ImageId};
+
+fn plugin_err(name: &str) -> impl Fn(lookalike_plugin::PluginError) -> Error + '_ {
+    move |e| Error::plugin(name, e)
+}
+
+fn candle_err(name: &str) -> impl Fn(lookalike_plugin::candle_core::Error) -> Error + '_ {
+    move |e| Error::plugin(name, e.into())
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The queries and gallery every evaluation of a job uses.
+struct EvalSet {
+    queries: Vec<(ImageId, u32)>,
+    gallery: Vec<(ImageId, u32)>,
+}
+
+impl EvalSet {
+    /// Metrics of `extractor` (declaring `spec`) on the set, embedding the images afresh.
+    fn evaluate(
+        &self,
+        db: &Db,
+        name: &str,
+        extractor: &dyn Extractor,
+        spec: &ExtractorSpec,
+    ) -> Result<Metrics> {
+        let embed = |items: &[(ImageId, u32)]| -> Result<Vec<(Vec<f32>, u32)>> {
+            let limits = ImageLimits {
+                max_bytes: u64::MAX,
+                max_pixels: u64::MAX,
+            };
+            let mut out = Vec::with_capacity(items.len());
+            for chunk in items.chunks(256) {
+                let mut imgs = Vec::with_capacity(chunk.len());
+                let mut labels = Vec::with_capacity(chunk.len());
+                for (id, l) in chunk {
+                    if let Some(bytes) = db.store().image(*id)? {
+                        imgs.push(preprocess::decode(&bytes, limits)?);
+                        labels.push(*l);
+                    }
+                }
+                let refs: Vec<_> = imgs.iter().collect();
+                let vecs = embed_with(name, extractor, spec, &refs)?;
+                out.extend(vecs.into_iter().zip(labels));
+            }
+            Ok(out)
+        };
+        eval::retrieval(&embed(&self.queries)?, &embed(&self.gallery)?, spec.metric)
+    }
+
+    /// Metrics of the active model from its stored embeddings.
+    fn evaluate_active(&self, db: &Db) -> Result<Metrics> {
+        let metric = db.active_model().metric;
+        let lookup = |items: &[(ImageId, u32)]| -> Result<Vec<(Vec<f32>, u32)>> {
+            let labels: BTreeMap<ImageId, u32> = items.iter().copied().collect();
+            let ids: Vec<ImageId> = items.iter().map(|x| x.0).collect();
+            Ok(db
+                .active_embeddings(&ids)?
+                .into_iter()
+                .filter_map(|(id, v)| labels.get(&id).map(|l| (v, *l)))
+                .collect())
+        };
+        eval::retrieval(&lookup(&self.queries)?, &lookup(&self.gallery)?, metric)
+    }
+}
+
+fn check_options(o: &TrainOptions) -> Result<()> {
+    let bad = |m: String| Err(Error::InvalidArgument(m));
+    if o.epochs == 0 {
+        return bad("epochs must be at least 1".into());
+    }
+    if o.per_label < 2 {
+        return bad(
+            "per_label must be at least 2 (positive pairs need two images of a label)".into(),
+        );
+    }
+    if o.batch_size < o.random + 2 * o.per_label {
+        return bad(format!(
+            "batch_size {} leaves room for fewer than two labels of {} images besides {} random ones",
+            o.batch_size, o.per_label, o.random
+        ));
+    }
+    if !(o.validation_share > 0.0 && o.validation_share < 1.0) {
+        return bad(format!(
+            "validation_share must be in (0, 1), got {}",
+            o.validation_share
+        ));
+    }
+    if o.eval_queries == 0 || o.eval_gallery == 0 {
+        return bad("eval_queries and eval_gallery must be at least 1".into());
+    }
+    let lr = match o.optimiser {
+        OptimiserKind::SgdNesterov { lr, .. } | OptimiserKind::Adam { lr } => lr,
+    };
+    if !(lr > 0.0 && lr.is_finite()) {
+        return bad(format!("the learning rate must be positive, got {lr}"));
+    }
+    Ok(())
+}
+
+/// Runs a training job for extractor `name`; see [`crate::Db::train_extractor_with`].
+pub(crate) fn train_extractor(db: &Db, name: &str, opts: TrainOptions) -> Result<TrainReport> {
+    let _guard = db.start_job()?;
+    let started = Instant::now();
+    check_options(&opts)?;
+    let plugin = db.registry().plugin(name)?.clone();
+    let mut miner = miners::by_name(&opts.miner).ok_or_else(|| Error::UnknownMiner {
+        name: opts.miner.clone(),
+        known: miners::MINERS.iter().map(|s| s.to_string()).collect(),
+    })?;
+    let cancelled = || opts.cancel.as_ref().is_some_and(|c| c.is_cancelled());
+    let report = |p: Progress| {
+        if let Some(f) = &opts.progress {
+            f(&p)
+        }
+    };
+    let progress_at = |phase, epoch, step, steps, loss, validation, embedded| Progress {
+        phase,
+        epoch,
+        epochs: opts.epochs,
+        step,
+        steps,
+        loss,
+        lambda: None,
+        images_per_second: 0.0,
+        pairs_per_second: 0.0,
+        validation,
+        embedded,
+        elapsed_seconds: started.elapsed().as_secs_f64(),
+    };
+
+    // The labelled images, their labels as indices, the split.
+    let labelled = db.labelled()?;
+    let mut label_index: BTreeMap<String, u32> = BTreeMap::new();
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    for (_, l) in &labelled {
+        *counts.entry(l.clone()).or_default() += 1;
+    }
+    let usable: Vec<&String> = counts
+        .iter()
+        .filter(|(_, n)| **n >= 3)
+        .map(|(l, _)| l)
+        .collect();
+    if usable.len() < 2 {
+        return Err(Error::NotEnoughData(format!(
+            "{} labelled images with {} labels; training needs at least two labels with three or \
+             more images each (one for validation, two for a positive pair)",
+            labelled.len(),
+            counts.len()
+        )));
+    }
+    for (i, l) in usable.iter().enumerate() {
+        label_index.insert((*l).clone(), i as u32);
+    }
+    let indexed: Vec<(ImageId, u32)> = labelled
+        .iter()
+        .filter_map(|(id, l)| label_index.get(l).map(|i| (*id, *i)))
+        .collect();
+    let (train, val) = eval::split(&indexed, opts.validation_share, opts.seed);
+    let train_all: Vec<(ImageId, u32)> = train
+        .iter()
+        .flat_map(|(l, ids)| ids.iter().map(move |id| (*id, *l)))
+        .collect();
+    let evalset = EvalSet {
+        queries: eval::sample(&val, opts.eval_queries, opts.seed ^ 1),
+        gallery: eval::sample(&train_all, opts.eval_gallery, opts.seed ^ 2),
+    };
+    let labels_per = ((opts.batch_size - opts.random) / opts.per_label).min(train.len());
+    let steps = opts
+        .steps_per_epoch
+        .unwrap_or_else(|| train_all.len().div_ceil(opts.batch_size))
+        .max(1);
+
+    // The model, fresh or from the checkpoint.
+    let fingerprint = opts.fingerprint();
+    let checkpoint = match db.store().checkpoint()? {
+        Some(c) if opts.resume => {
+            if c.plugin != name || c.config != opts.config || c.fingerprint != fingerprint {
+                return Err(Error::InvalidArgument(format!(
+                    "the stored checkpoint is of another job ({} {:?}, {}); resume with the same \
+                     extractor, configuration and options, or start afresh without resume",
+                    c.plugin, c.config, c.fingerprint
+                )));
+            }
+            Some(c)
+        }
+        None if opts.resume => {
+            return Err(Error::InvalidArgument(
+                "resume asked for, but no checkpoint is stored".into(),
+            ))
+        }
+        Some(_) => {
+            db.store().clear_checkpoint()?;
+            None
+        }
+        None => None,
+    };
+    let weights = checkpoint.as_ref().map(|c| c.weights.as_slice());
+    // Built under the job's seed, so that one seed gives one initial model.
+    let trainable: Box<dyn Trainable> =
+        lookalike_plugin::nn::with_init_seed(opts.seed, || plugin.trainable(&opts.config, weights))
+            .ok_or_else(|| Error::NotTrainable(name.to_string()))?
+            .map_err(plugin_err(name))?;
+    let spec = trainable.freeze().map_err(plugin_err(name))?.spec();
+    let mut optimiser: Box<dyn Optimiser> = match opts.optimiser {
+        OptimiserKind::SgdNesterov { lr, momentum } => {
+            Box::new(SgdNesterov::new(trainable.vars(), lr, momentum, 0.0))
+        }
+        OptimiserKind::Adam { lr } => Box::new(Adam::new(trainable.vars(), lr)),
+    };
+
+    // Counters, restored from the checkpoint.
+    let mut start_epoch = 0;
+    let mut since_decay = 0u32;
+    let mut history: Vec<(f64, f64, f64)> = Vec::new(); // (minutes, acc@1, mAP@10)
+    let (mut steps_done, mut pairs_seen, mut images_seen) = (0u64, 0u64, 0u64);
+    let (mut train_seconds, mut wait_seconds) = (0f64, 0f64);
+    let before = match &checkpoint {
+        Some(c) => {
+            optimiser
+                .load_state(&c.optimiser)
+                .map_err(plugin_err(name))?;
+            optimiser.set_learning_rate(c.lr);
+            start_epoch = c.epochs_done as usize;
+            since_decay = c.since_decay;
+            history = c.history.clone();
+            steps_done = c.steps;
+            pairs_seen = c.pairs_seen;
+            images_seen = c.images_seen;
+            train_seconds = c.train_seconds;
+            wait_seconds = c.loader_wait_seconds;
+            Metrics {
+                accuracy_at_1: c.before.0,
+                map_at_10: c.before.1,
+                queries: evalset.queries.len(),
+            }
+        }
+        None => {
+            report(progress_at(
+                Phase::Evaluating,
+                0,
+                0,
+                steps,
+                0.0,
+                None,
+                (0, 0),
+            ));
+            evalset.evaluate_active(db)?
+        }
+    };
+    let resumed_from = checkpoint.as_ref().map(|_| start_epoch);
+    let run_started = Instant::now();
+    let (run_images0, run_pairs0) = (images_seen, pairs_seen);
+    let budget = opts.max_minutes.map(|m| m * 60.0);
+    let mut out_of_time = false;
+    let mut epochs_done = start_epoch;
+    let mut last_eval: Option<(usize, Metrics)> = None;
+    let c_err = candle_err(name);
+    let (c, h, w) = (
+        spec.input.channels as usize,
+        spec.input.height as usize,
+        spec.input.width as usize,
+    );
+
+    let result: Result<()> = (|| {
+        for epoch in start_epoch..opts.epochs {
+            miner.start_epoch(epoch, opts.epochs);
+            let plan = plan_epoch(
+                &train,
+                opts.seed,
+                epoch,
+                steps,
+                labels_per,
+                opts.per_label,
+                opts.random,
+            );
+            let mut loader = Loader::start(
+                db.clone(),
+                spec.input.clone(),
+                opts.augment,
+                plan,
+                opts.seed,
+                epoch,
+                opts.workers,
+            );
+            for step in 0..steps {
+                if cancelled() {
+                    return Err(Error::Cancelled);
+                }
+                if budget.is_some_and(|b| train_seconds >= b) {
+                    out_of_time = true;
+                    break;
+                }
+                let t = Instant::now();
+                let batch = loader
+                    .next_batch()
+                    .ok_or_else(|| Error::Index("the loader stopped early".into()))??;
+                let waited = t.elapsed().as_secs_f64();
+                wait_seconds += waited;
+                let n = batch.labels.len();
+                trainable.reseed(derive_seed(opts.seed, epoch, step, 3));
+                let x =
+                    Tensor::from_vec(batch.pixels, (n, c, h, w), &Device::Cpu).map_err(&c_err)?;
+                let emb = trainable.forward_train(&x).map_err(plugin_err(name))?;
+                let dim = emb.dim(1).map_err(&c_err)?;
+                let flat: Vec<f32> = emb
+                    .detach()
+                    .flatten_all()
+                    .and_then(|t| t.to_vec1())
+                    .map_err(&c_err)?;
+                let dist = Distances::new(&flat, dim);
+                let mut rng = StdRng::seed_from_u64(derive_seed(opts.seed, epoch, step, 4));
+                let mined = miner.mine(&batch.labels, &dist, &mut rng);
+                let pairs = mined.pairs();
+                let mut loss_value = 0.0;
+                if pairs > 0 {
+                    let loss =
+                        loss_of(trainable.as_ref(), &emb, &mined, dim).map_err(|e| match e {
+                            Error::Plugin { .. } => e,
+                            other => other,
+                        })?;
+                    loss_value = loss.to_scalar::<f32>().map_err(&c_err)?;
+                    if !loss_value.is_finite() {
+                        return Err(Error::Diverged {
+                            epoch,
+                            step,
+                            loss: loss_value,
+                        });
+                    }
+                    optimiser.backward_step(&loss).map_err(&c_err)?;
+                }
+                train_seconds += t.elapsed().as_secs_f64();
+                steps_done += 1;
+                pairs_seen += pairs as u64;
+                images_seen += n as u64;
+                let run = run_started.elapsed().as_secs_f64().max(1e-9);
+                let mut p = progress_at(
+                    Phase::Training,
+                    epoch,
+                    step,
+                    steps,
+                    loss_value,
+                    None,
+                    (0, 0),
+                );
+                p.lambda = miner.lambda();
+                p.images_per_second = (images_seen - run_images0) as f64 / run;
+                p.pairs_per_second = (pairs_seen - run_pairs0) as f64 / run;
+                report(p);
+            }
+            drop(loader);
+            epochs_done = epoch + 1;
+            if out_of_time {
+                break;
+            }
+            if opts.eval_every_epoch || epoch + 1 == opts.epochs {
+                report(progress_at(
+                    Phase::Evaluating,
+                    epoch,
+                    steps,
+                    steps,
+                    0.0,
+                    None,
+                    (0, 0),
+                ));
+                let frozen = trainable.freeze().map_err(plugin_err(name))?;
+                let m = evalset.evaluate(db, name, frozen.as_ref(), &spec)?;
+                last_eval = Some((epochs_done, m));
+                history.push((train_seconds / 60.0, m.accuracy_at_1, m.map_at_10));
+                report(progress_at(
+                    Phase::Evaluating,
+                    epoch,
+                    steps,
+                    steps,
+                    0.0,
+                    Some(m),
+                    (0, 0),
+                ));
+                // The MLP paper's decay rule on the running means of validation accuracy.
+                if let Some(alpha) = opts.lr_decay {
+                    since_decay += 1;
+                    let k = history.len();
+                    if k > 3 && since_decay >= 3 {
+                        let mean = |upto: usize| {
+                            history[..upto].iter().map(|x| x.1).sum::<f64>() / upto as f64
+                        };
+                        let gain = mean(k) - (mean(k - 1) + mean(k - 2) + mean(k - 3)) / 3.0;
+                        if gain < alpha {
+                            let lr = optimiser.learning_rate() * 0.5;
+                            optimiser.set_learning_rate(lr);
+                            since_decay = 0;
+                        }
+                    }
+                }
+            }
+            db.store().put_checkpoint(&CheckpointRecord {
+                format: 1,
+                plugin: name.to_string(),
+                config: opts.config.clone(),
+                fingerprint: fingerprint.clone(),
+                epochs_done: epochs_done as u32,
+                weights: trainable.save_weights().map_err(plugin_err(name))?,
+                optimiser: optimiser.state().map_err(plugin_err(name))?,
+                lr: optimiser.learning_rate(),
+                since_decay,
+                history: history.clone(),
+                steps: steps_done,
+                pairs_seen,
+                images_seen,
+                train_seconds,
+                loader_wait_seconds: wait_seconds,
+                before: (before.accuracy_at_1, before.map_at_10),
+                created_unix: now_unix(),
+            })?;
+        }
+        Ok(())
+    })();
+    if let Err(e) = result {
+        if matches!(e, Error::Cancelled) {
+            db.store().clear_checkpoint()?;
+        }
+        return Err(e);
+    }
+
+    // The new model: evaluate (unless the last epoch just did), store, embed, switch.
+    let frozen: Arc<dyn Extractor> = Arc::from(trainable.freeze().map_err(plugin_err(name))?);
+    let after = match last_eval {
+        Some((e, m)) if e == epochs_done && !out_of_time => m,
+        _ => {
+            report(progress_at(
+                Phase::Evaluating,
+                epochs_done,
+                0,
+                steps,
+                0.0,
+                None,
+                (0, 0),
+            ));
+            let m = evalset.evaluate(db, name, frozen.as_ref(), &spec)?;
+            history.push((train_seconds / 60.0, m.accuracy_at_1, m.map_at_10));
+            m
+        }
+    };
+    let record = ModelRecord {
+        format: 1,
+        plugin: name.to_string(),
+        plugin_version: frozen.version(),
+        config: opts.config.clone(),
+        dim: spec.dim as u32,
+        metric: spec.metric.as_str().to_string(),
+        weights: frozen.save_weights().map_err(plugin_err(name))?,
+        created_unix: now_unix(),
+    };
+    let mut on_embed = |done: usize, total: usize| {
+        report(progress_at(
+            Phase::Embedding,
+            epochs_done,
+            0,
+            steps,
+            0.0,
+            None,
+            (done, total),
+        ))
+    };
+    let version = match db.install_model(record, frozen, &mut on_embed, &cancelled) {
+        Ok(v) => v,
+        Err(e) => {
+            if matches!(e, Error::Cancelled) {
+                db.store().clear_checkpoint()?;
+            }
+            return Err(e);
+        }
+    };
+    if opts.activate {
+        db.use_model(version)?;
+    }
+    db.store().clear_checkpoint()?;
+    db.flush()?;
+    let history = history
+        .iter()
+        .enumerate()
+        .map(|(i, (minutes, acc, map))| EpochRecord {
+            epoch: i,
+            minutes: *minutes,
+            validation: Some(Metrics {
+                accuracy_at_1: *acc,
+                map_at_10: *map,
+                queries: evalset.queries.len(),
+            }),
+        })
+        .collect();
+    Ok(TrainReport {
+        version,
+        activated: opts.activate,
+        extractor: name.to_string(),
+        config: opts.config.clone(),
+        miner: miner.name().to_string(),
+        before,
+        after,
+        epochs: epochs_done,
+        steps: steps_done,
+        pairs_seen,
+        images_seen,
+        train_seconds,
+        total_seconds: started.elapsed().as_secs_f64(),
+        loader_wait_share: if train_seconds > 0.0 {
+            wait_seconds / train_seconds
+        } else {
+            0.0
+        },
+        resumed_from,
+        history,
+    })
+}
+
+/// The plugin's loss over the mined pairs or groups, on rows of `emb` (N x dim).
+fn loss_of(t: &dyn Trainable, emb: &Tensor, mined: &Mined, dim: usize) -> Result<Tensor> {
+    let c_err = |e: lookalike_plugin::candle_core::Error| Error::plugin("training", e.into());
+    let rows = |idx: Vec<u32>| -> Result<Tensor> {
+        let n = idx.len();
+        let i = Tensor::from_vec(idx, n, &Device::Cpu).map_err(c_err)?;
+        emb.index_select(&i, 0).map_err(c_err)
+    };
+    match mined {
+        Mined::Pairs(p) => {
+            let a = rows(p.iter().map(|x| x.0 as u32).collect())?;
+            let b = rows(p.iter().map(|x| x.1 as u32).collect())?;
+            let y: Vec<f32> = p.iter().map(|x| if x.2 { 1.0 } else { 0.0 }).collect();
+            let y = Tensor::from_vec(y, p.len(), &Device::Cpu).map_err(c_err)?;
+            t.loss(TrainingBatch::Pairs {
+                a: &a,
+                b: &b,
+                dissimilar: &y,
+            })
+            .map_err(|e| Error::plugin("training", e))
+        }
+        Mined::OneVsMany(g) => {
+            let k = g.first().map(|x| x.2.len()).unwrap_or(0);
+            let anchor = rows(g.iter().map(|x| x.0 as u32).collect())?;
+            let positive = rows(g.iter().map(|x| x.1 as u32).collect())?;
+            let negatives = rows(
+                g.iter()
+                    .flat_map(|x| x.2.iter().map(|i| *i as u32))
+                    .collect(),
+            )?
+            .reshape((g.len(), k, dim))
+            .map_err(c_err)?;
+            t.loss(TrainingBatch::OneVsMany {
+                anchor: &anchor,
+                positive: &positive,
+                negatives: &negatives,
+            })
+            .map_err(|e| Error::plugin("training", e))
+        }
+    }
+}

@@ -1,0 +1,422 @@
+//! In-database training jobs: [`crate::Db::train_extractor`] trains an extractor plugin from
+//! the labelled images the database holds, evaluates it on a held-out split, re-embeds every
+//! image with it, builds its index and switches to it in one step.
+//!
+//! The life cycle of a job ([`job`]): snapshot the labelled images and split them (stratified,
+//! seeded) -> evaluate the active model on the held-out split -> for each epoch, batches of
+//! P labels x K images plus random others are loaded, decoded and augmented on worker threads
+//! ([`loader`]), embedded with the current weights, mined for pairs ([`miners`]) and used
+//! for one optimiser step -> after each epoch: validation metrics, learning-rate decay,
+//! a checkpoint in the store -> at the end, a new model version, re-embedding, index, switch.
+//! See `docs/training.md`.
+
+pub mod eval;
+mod job;
+pub(crate) mod loader;
+pub mod miners;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+pub use eval::Metrics;
+pub(crate) use job::train_extractor;
+
+/// Cancels a running job from another thread. The job stops at its next step (or between
+/// re-embedding batches), removes its checkpoint and any model version it began writing, and
+/// returns [`crate::Error::Cancelled`]: the database is as it was.
+#[derive(Debug, Clone, Default)]
+pub struct CancelToken(Arc<AtomicBool>);
+
+impl CancelToken {
+    /// A token that is not cancelled.
+    pub fn new() -> Self {
+        CancelToken::default()
+    }
+
+    /// Asks the job to stop.
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether [`CancelToken::cancel`] was called.
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// The optimiser of a job.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum OptimiserKind {
+    /// SGD with Nesterov momentum (the SimNet and MLP papers).
+    SgdNesterov {
+        /// Learning rate.
+        lr: f64,
+        /// Momentum.
+        momentum: f64,
+    },
+    /// Adam (the fused paper).
+    Adam {
+        /// Learning rate.
+        lr: f64,
+    },
+}
+
+/// Data augmentation applied to every training image (the papers' lists). Values are in the
+/// [0, 1] pixel scale before the extractor's normalisation.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Augment {
+    /// Random shift (a random crop of the zero-padded image) by up to this many pixels.
+    pub shift: u32,
+    /// Random horizontal flip.
+    pub flip: bool,
+    /// Random rotation within +- this many degrees.
+    pub rotate_degrees: f32,
+    /// Colour jitter: brightness and contrast changed by up to this fraction.
+    pub jitter: f32,
+    /// Gaussian noise with this standard deviation.
+    pub noise: f32,
+}
+
+impl Augment {
+    /// No augmentation.
+    pub fn none() -> Self {
+        Augment {
+            shift: 0,
+            flip: false,
+            rotate_degrees: 0.0,
+            jitter: 0.0,
+            noise: 0.0,
+        }
+    }
+
+    /// The default: shifts of up to 2 pixels and horizontal flips.
+    pub fn light() -> Self {
+        Augment {
+            shift: 2,
+            flip: true,
+            ..Augment::none()
+        }
+    }
+
+    /// Everything the papers list: shift 3, flip, rotation 10 degrees, jitter 0.2, noise 0.02.
+    pub fn full() -> Self {
+        Augment {
+            shift: 3,
+            flip: true,
+            rotate_degrees: 10.0,
+            jitter: 0.2,
+            noise: 0.02,
+        }
+    }
+}
+
+impl Default for Augment {
+    fn default() -> Self {
+        Augment::light()
+    }
+}
+
+/// What a job is doing when it reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Evaluating a model on the held-out split.
+    Evaluating,
+    /// Optimiser steps.
+    Training,
+    /// Embedding every stored image with the new model.
+    Embedding,
+}
+
+/// A progress report, passed to [`TrainOptions::on_progress`]'s callback.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Progress {
+    /// What the job is doing.
+    pub phase: Phase,
+    /// Epoch (from 0) and the job's epoch count.
+    pub epoch: usize,
+    /// Epochs planned.
+    pub epochs: usize,
+    /// Step within the epoch (from 0) and steps per epoch.
+    pub step: usize,
+    /// Steps per epoch.
+    pub steps: usize,
+    /// The last step's loss.
+    pub loss: f32,
+    /// OPMS's lambda, for miners that have one.
+    pub lambda: Option<f32>,
+    /// Training throughput since the job (or its resumption) started.
+    pub images_per_second: f64,
+    /// Mined pairs per second since the job (or its resumption) started.
+    pub pairs_per_second: f64,
+    /// Validation metrics, when the report follows an evaluation.
+    pub validation: Option<Metrics>,
+    /// Images embedded so far and in all (the embedding phase).
+    pub embedded: (usize, usize),
+    /// Seconds since the job started.
+    pub elapsed_seconds: f64,
+}
+
+/// A progress callback.
+pub type ProgressFn = Arc<dyn Fn(&Progress) + Send + Sync>;
+
+/// How a training job runs. `TrainOptions::default()` suits the `cpu` presets.
+#[derive(Clone)]
+pub struct TrainOptions {
+    /// The plugin's configuration (preset); empty for its default.
+    pub config: String,
+    /// Epochs; OPMS's lambda grows by 1/epochs per epoch.
+    pub epochs: usize,
+    /// Stop after this much training time (minutes; evaluation and re-embedding not counted),
+    /// keeping the weights reached: for "the best model in 15 minutes".
+    pub max_minutes: Option<f64>,
+    /// Images per batch.
+    pub batch_size: usize,
+    /// Images of each label in a batch (K); the batch holds (batch_size - random) / K labels.
+    pub per_label: usize,
+    /// Images drawn from anywhere (random others) per batch.
+    pub random: usize,
+    /// Steps per epoch; by default as many batches as it takes to see the training split once.
+    pub steps_per_epoch: Option<usize>,
+    /// Pair mining: `opms` (default), `naive`, `balanced`, `one-vs-many`.
+    pub miner: String,
+    /// The optimiser.
+    pub optimiser: OptimiserKind,
+    /// The MLP paper's learning-rate decay (§4.5) with this alpha: halve the rate when the
+    /// running mean of validation accuracy gained less than alpha over the last three epochs
+    /// (from the fourth epoch, at most every third). `None`: constant rate.
+    pub lr_decay: Option<f64>,
+    /// Share of each label's images held out for validation.
+    pub validation_share: f64,
+    /// Validation queries evaluated (a seeded sample of the held-out split).
+    pub eval_queries: usize,
+    /// Gallery images the queries search (a seeded sample of the training split).
+    pub eval_gallery: usize,
+    /// Evaluate after every epoch (for the curve and the decay rule); otherwise only at the end.
+    pub eval_every_epoch: bool,
+    /// Data augmentation.
+    pub augment: Augment,
+    /// The seed of everything random in the job.
+    pub seed: u64,
+    /// Loader threads.
+    pub workers: usize,
+    /// Continue from the stored checkpoint of an interrupted job with the same plugin,
+    /// configuration and options. Without it a new job discards any old checkpoint.
+    pub resume: bool,
+    /// Make the new model active when the job ends (otherwise it is stored and listed, and
+    /// [`crate::Db::use_model`] activates it).
+    pub activate: bool,
+    /// Called with progress reports (from the job's thread).
+    pub progress: Option<ProgressFn>,
+    /// Cancels the job from another thread.
+    pub cancel: Option<CancelToken>,
+}
+
+impl std::fmt::Debug for TrainOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.fingerprint())
+    }
+}
+
+impl Default for TrainOptions {
+    fn default() -> Self {
+        TrainOptions {
+            config: String::new(),
+            epochs: 10,
+            max_minutes: None,
+            batch_size: 128,
+            per_label: 8,
+            random: 8,
+            steps_per_epoch: None,
+            miner: "opms".into(),
+            optimiser: OptimiserKind::SgdNesterov {
+                lr: 0.05,
+                momentum: 0.9,
+            },
+            lr_decay: None,
+            validation_share: 0.1,
+            eval_queries: 1000,
+            eval_gallery: 10_000,
+            eval_every_epoch: true,
+            augment: Augment::light(),
+            seed: 0,
+            workers: 1,
+            resume: false,
+            activate: true,
+            progress: None,
+            cancel: None,
+        }
+    }
+}
+
+impl TrainOptions {
+    /// Sets the plugin configuration (preset).
+    pub fn config(mut self, config: impl Into<String>) -> Self {
+        self.config = config.into();
+        self
+    }
+
+    /// Sets the number of epochs.
+    pub fn epochs(mut self, epochs: usize) -> Self {
+        self.epochs = epochs;
+        self
+    }
+
+    /// Sets the training-time budget in minutes.
+    pub fn max_minutes(mut self, minutes: f64) -> Self {
+        self.max_minutes = Some(minutes);
+        self
+    }
+
+    /// Sets the batch shape: `batch_size` images, `per_label` of each label, `random` others.
+    pub fn batch(mut self, batch_size: usize, per_label: usize, random: usize) -> Self {
+        self.batch_size = batch_size;
+        self.per_label = per_label;
+        self.random = random;
+        self
+    }
+
+    /// Sets the steps per epoch.
+    pub fn steps_per_epoch(mut self, steps: usize) -> Self {
+        self.steps_per_epoch = Some(steps);
+        self
+    }
+
+    /// Sets the miner by name.
+    pub fn miner(mut self, name: impl Into<String>) -> Self {
+        self.miner = name.into();
+        self
+    }
+
+    /// Sets the optimiser.
+    pub fn optimiser(mut self, optimiser: OptimiserKind) -> Self {
+        self.optimiser = optimiser;
+        self
+    }
+
+    /// Turns on the MLP paper's learning-rate decay with `alpha`.
+    pub fn lr_decay(mut self, alpha: f64) -> Self {
+        self.lr_decay = Some(alpha);
+        self
+    }
+
+    /// Sets the augmentation.
+    pub fn augment(mut self, augment: Augment) -> Self {
+        self.augment = augment;
+        self
+    }
+
+    /// Sets the seed.
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.seed = seed;
+        self
+    }
+
+    /// Sets the evaluation sizes (validation queries, gallery images).
+    pub fn eval_sizes(mut self, queries: usize, gallery: usize) -> Self {
+        self.eval_queries = queries;
+        self.eval_gallery = gallery;
+        self
+    }
+
+    /// Resumes an interrupted job from its checkpoint.
+    pub fn resume(mut self, resume: bool) -> Self {
+        self.resume = resume;
+        self
+    }
+
+    /// Whether to activate the new model at the end.
+    pub fn activate(mut self, activate: bool) -> Self {
+        self.activate = activate;
+        self
+    }
+
+    /// Sets the loader threads.
+    pub fn workers(mut self, workers: usize) -> Self {
+        self.workers = workers;
+        self
+    }
+
+    /// Sets the progress callback.
+    pub fn on_progress(mut self, f: impl Fn(&Progress) + Send + Sync + 'static) -> Self {
+        self.progress = Some(Arc::new(f));
+        self
+    }
+
+    /// Sets the cancel token.
+    pub fn cancel_token(mut self, token: CancelToken) -> Self {
+        self.cancel = Some(token);
+        self
+    }
+
+    /// The options that decide a job's course, as text: a checkpoint resumes only under the
+    /// same fingerprint.
+    pub(crate) fn fingerprint(&self) -> String {
+        format!(
+            "config={:?} epochs={} batch={}/{}/{} steps={:?} miner={} optimiser={:?} decay={:?} \
+             validation={} eval={}/{}/{} augment={:?} seed={}",
+            self.config,
+            self.epochs,
+            self.batch_size,
+            self.per_label,
+            self.random,
+            self.steps_per_epoch,
+            self.miner,
+            self.optimiser,
+            self.lr_decay,
+            self.validation_share,
+            self.eval_queries,
+            self.eval_gallery,
+            self.eval_every_epoch,
+            self.augment,
+            self.seed
+        )
+    }
+}
+
+/// One epoch of a job's history.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EpochRecord {
+    /// Epoch (from 0).
+    pub epoch: usize,
+    /// Training minutes at the end of the epoch.
+    pub minutes: f64,
+    /// Validation metrics after the epoch (when evaluated).
+    pub validation: Option<Metrics>,
+}
+
+/// What a finished job did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainReport {
+    /// The new model version.
+    pub version: u32,
+    /// Whether it is now the active model.
+    pub activated: bool,
+    /// The extractor plugin and configuration trained.
+    pub extractor: String,
+    /// Its configuration.
+    pub config: String,
+    /// The miner used.
+    pub miner: String,
+    /// The active model's metrics on the held-out split before the job.
+    pub before: Metrics,
+    /// The new model's metrics on the same queries and gallery.
+    pub after: Metrics,
+    /// Epochs completed (the last may be partial when the time budget ran out).
+    pub epochs: usize,
+    /// Optimiser steps taken.
+    pub steps: u64,
+    /// Pairs the loss saw.
+    pub pairs_seen: u64,
+    /// Training images processed.
+    pub images_seen: u64,
+    /// Seconds of training (steps and loading; not evaluation or re-embedding).
+    pub train_seconds: f64,
+    /// Seconds from start to switch.
+    pub total_seconds: f64,
+    /// Share of training time the trainer waited for the loader threads.
+    pub loader_wait_share: f64,
+    /// The epoch this run resumed from, if it resumed.
+    pub resumed_from: Option<usize>,
+    /// Per-epoch history (validation curve).
+    pub history: Vec<EpochRecord>,
+}

@@ -1,0 +1,246 @@
+//! Training jobs on the bundled Fashion-MNIST sample (300 images, 10 labels): the job trains,
+//! evaluates, switches atomically while queries run, resumes exactly after an interruption,
+//! cancels cleanly, and refuses bad requests with typed errors.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use lookalike::{CancelToken, Db, Error, Options, Phase, TrainOptions};
+
+use crate::common::{open, relaxed, tempdir};
+
+/// The bundled sample as (bytes, label), in a fixed order.
+fn sample() -> Vec<(Vec<u8>, String)> {
+    let root =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data/fashion-mnist-sample");
+    let mut out = Vec::new();
+    let mut classes: Vec<_> = std::fs::read_dir(&root)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().is_dir())
+        .collect();
+    classes.sort_by_key(|e| e.file_name());
+    for class in classes {
+        let mut files: Vec<_> = std::fs::read_dir(class.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .collect();
+        files.sort_by_key(|e| e.file_name());
+        for f in files {
+            out.push((
+                std::fs::read(f.path()).unwrap(),
+                class.file_name().to_string_lossy().into_owned(),
+            ));
+        }
+    }
+    assert_eq!(out.len(), 300);
+    out
+}
+
+fn filled(dir: &std::path::Path, opts: Options) -> Db {
+    let db = open(dir, opts);
+    let data = sample();
+    db.insert_images(data.iter().map(|(b, l)| (b.as_slice(), Some(l.as_str()))))
+        .unwrap();
+    db
+}
+
+/// Small, quick jobs: SimNet `cpu`, batches of 4 labels x 6 + 8 random.
+fn quick() -> TrainOptions {
+    TrainOptions::default()
+        .epochs(2)
+        .batch(32, 6, 8)
+        .steps_per_epoch(3)
+        .eval_sizes(60, 240)
+        .seed(5)
+}
+
+#[test]
+fn trains_switches_and_keeps_old_versions() {
+    let dir = tempdir();
+    let db = filled(dir.path(), relaxed());
+    let query = sample()[0].0.clone();
+    // Queries run on another thread for the whole job: every one must succeed.
+    let stop = Arc::new(AtomicBool::new(false));
+    let q = {
+        let (db, stop, query) = (db.clone(), stop.clone(), query.clone());
+        std::thread::spawn(move || {
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let hits = db.nearest(&query, 5).unwrap();
+                assert_eq!(hits.len(), 5);
+                n += 1;
+            }
+            n
+        })
+    };
+    let phases = Arc::new(Mutex::new(Vec::new()));
+    let seen = phases.clone();
+    let report = db
+        .train_extractor_with(
+            "simnet",
+            quick().epochs(3).on_progress(move |p| {
+                let mut s = seen.lock().unwrap();
+                if s.last() != Some(&p.phase) {
+                    s.push(p.phase);
+                }
+                assert!(p.loss.is_finite());
+            }),
+        )
+        .unwrap();
+    stop.store(true, Ordering::Relaxed);
+    assert!(q.join().unwrap() > 0);
+    assert_eq!(report.version, 2);
+    assert!(report.activated);
+    assert_eq!(report.epochs, 3);
+    assert_eq!(report.history.len(), 3);
+    assert_eq!(report.steps, 9);
+    assert!(report.pairs_seen > 0);
+    assert!(report.after.accuracy_at_1 > 0.2, "after {:?}", report.after);
+    assert!((0.0..=1.0).contains(&report.loader_wait_share));
+    let phases = phases.lock().unwrap().clone();
+    assert_eq!(phases.first(), Some(&Phase::Evaluating));
+    assert!(phases.contains(&Phase::Training) && phases.contains(&Phase::Embedding));
+    // The new model answers; the old one is listed and can come back.
+    assert_eq!(db.active_model().extractor, "simnet");
+    assert_eq!(db.active_model().dim, 128);
+    assert_eq!(db.nearest(&query, 3).unwrap().len(), 3);
+    assert_eq!(db.models().unwrap().len(), 2);
+    assert_eq!(db.embedding(lookalike::ImageId(1)).unwrap().len(), 128);
+    assert!(matches!(db.delete_model(2), Err(Error::ActiveModel(2))));
+    db.use_model(1).unwrap();
+    assert_eq!(db.active_model().extractor, "classic");
+    db.delete_model(2).unwrap();
+    assert_eq!(db.models().unwrap().len(), 1);
+    assert!(matches!(db.use_model(2), Err(Error::UnknownModel(2))));
+    // The choice survives a reopen.
+    drop(db);
+    let db = open(dir.path(), relaxed());
+    assert_eq!(db.active_model().version, 1);
+    assert_eq!(db.len(), 300);
+}
+
+#[test]
+fn a_resumed_job_ends_where_an_uninterrupted_one_does() {
+    let (d1, d2) = (tempdir(), tempdir());
+    let whole = filled(d1.path(), relaxed());
+    let cut = filled(d2.path(), relaxed());
+    let full = whole.train_extractor_with("simnet", quick()).unwrap();
+    // Interrupt the second job at the start of its second epoch (a panic stands in for a
+    // crash: the job's thread unwinds, the epoch-1 checkpoint stays in the store).
+    let interrupted = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        cut.train_extractor_with(
+            "simnet",
+            quick().on_progress(|p| {
+                if p.phase == Phase::Training && p.epoch == 1 {
+                    panic!("simulated crash");
+                }
+            }),
+        )
+    }));
+    assert!(interrupted.is_err());
+    assert_eq!(cut.active_model().version, 1, "nothing switched");
+    assert_eq!(
+        cut.pending_job().unwrap(),
+        Some(("simnet".into(), String::new(), 1))
+    );
+    // Resuming with other options is refused; with the same ones it finishes the job.
+    assert!(matches!(
+        cut.train_extractor_with("simnet", quick().seed(6).resume(true)),
+        Err(Error::InvalidArgument(_))
+    ));
+    let resumed = cut
+        .train_extractor_with("simnet", quick().resume(true))
+        .unwrap();
+    assert_eq!(resumed.resumed_from, Some(1));
+    assert_eq!(cut.pending_job().unwrap(), None);
+    assert_eq!(resumed.steps, full.steps);
+    assert_eq!(resumed.after, full.after);
+    for id in [1u64, 77, 300] {
+        let id = lookalike::ImageId(id);
+        assert_eq!(
+            whole.embedding(id).unwrap(),
+            cut.embedding(id).unwrap(),
+            "image {id}"
+        );
+    }
+}
+
+#[test]
+fn cancelling_leaves_the_database_as_it_was() {
+    let dir = tempdir();
+    let db = filled(dir.path(), relaxed());
+    let token = CancelToken::new();
+    let t = token.clone();
+    let err = db
+        .train_extractor_with(
+            "simnet",
+            quick().cancel_token(token).on_progress(move |p| {
+                if p.phase == Phase::Training && p.epoch == 1 {
+                    t.cancel();
+                }
+            }),
+        )
+        .unwrap_err();
+    assert!(matches!(err, Error::Cancelled), "{err}");
+    assert_eq!(db.models().unwrap().len(), 1);
+    assert_eq!(db.active_model().version, 1);
+    assert_eq!(db.pending_job().unwrap(), None);
+    // And the database trains normally afterwards.
+    assert!(db.train_extractor_with("simnet", quick().epochs(1)).is_ok());
+}
+
+#[test]
+fn bad_requests_are_typed_errors() {
+    let dir = tempdir();
+    let db = filled(dir.path(), relaxed());
+    let e = db
+        .train_extractor_with("simnet", quick().miner("hardest"))
+        .unwrap_err();
+    assert!(
+        matches!(e, Error::UnknownMiner { .. }) && e.to_string().contains("opms"),
+        "{e}"
+    );
+    assert!(matches!(
+        db.train_extractor("nope"),
+        Err(Error::UnknownExtractor { .. })
+    ));
+    assert!(matches!(
+        db.train_extractor("classic"),
+        Err(Error::NotTrainable(_))
+    ));
+    assert!(matches!(
+        db.train_extractor_with("simnet", quick().batch(8, 6, 0)),
+        Err(Error::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        db.train_extractor_with("simnet", quick().resume(true)),
+        Err(Error::InvalidArgument(_))
+    ));
+    // A second job while one runs.
+    let second = Arc::new(Mutex::new(None));
+    let (db2, slot) = (db.clone(), second.clone());
+    db.train_extractor_with(
+        "simnet",
+        quick().epochs(1).on_progress(move |p| {
+            let mut s = slot.lock().unwrap();
+            if p.phase == Phase::Training && s.is_none() {
+                *s = Some(matches!(
+                    db2.train_extractor("simnet"),
+                    Err(Error::JobRunning)
+                ));
+            }
+        }),
+    )
+    .unwrap();
+    assert_eq!(*second.lock().unwrap(), Some(true));
+    // Too little data: two labels of two images.
+    let small = tempdir();
+    let db = open(small.path(), relaxed());
+    let data = sample();
+    for i in [0, 1, 30, 31] {
+        db.insert_image(&data[i].0, Some(&data[i].1)).unwrap();
+    }
+    let e = db.train_extractor("simnet").unwrap_err();
+    assert!(matches!(e, Error::NotEnoughData(_)), "{e}");
+}
