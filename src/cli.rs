@@ -67,6 +67,52 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Train an extractor from the labelled images in the database and switch to it.
+    Train {
+        /// The database directory.
+        db: PathBuf,
+        /// The extractor plugin to train (for example simnet or fused).
+        extractor: String,
+        /// The plugin's configuration (preset).
+        #[arg(long, default_value = "")]
+        config: String,
+        /// Epochs.
+        #[arg(long, default_value_t = 10)]
+        epochs: usize,
+        /// Stop after this many minutes of training, keeping the weights reached.
+        #[arg(long)]
+        minutes: Option<f64>,
+        /// Pair miner: opms, naive, balanced, one-vs-many.
+        #[arg(long, default_value = "opms")]
+        miner: String,
+        /// Learning rate (SGD with Nesterov momentum 0.9).
+        #[arg(long, default_value_t = 0.05)]
+        lr: f64,
+        /// Use Adam with the learning rate instead of SGD.
+        #[arg(long)]
+        adam: bool,
+        /// Seed of the job.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Resume the interrupted job stored in the database (same options).
+        #[arg(long)]
+        resume: bool,
+        /// Store the new model without making it active.
+        #[arg(long)]
+        no_activate: bool,
+    },
+    /// List the stored model versions.
+    Models {
+        /// The database directory.
+        db: PathBuf,
+    },
+    /// Make a stored model version the active one.
+    Use {
+        /// The database directory.
+        db: PathBuf,
+        /// The model version.
+        version: u32,
+    },
     /// Remove images by id.
     Remove {
         /// The database directory.
@@ -200,6 +246,65 @@ fn run(cli: Cli) -> lookalike::Result<()> {
             }
             Ok(())
         }
+        Command::Train {
+            db,
+            extractor,
+            config,
+            epochs,
+            minutes,
+            miner,
+            lr,
+            adam,
+            seed,
+            resume,
+            no_activate,
+        } => {
+            let db = existing(&db)?;
+            let optimiser = if adam {
+                lookalike::OptimiserKind::Adam { lr }
+            } else {
+                lookalike::OptimiserKind::SgdNesterov { lr, momentum: 0.9 }
+            };
+            let mut opts = lookalike::TrainOptions::default()
+                .config(config)
+                .epochs(epochs)
+                .miner(miner)
+                .optimiser(optimiser)
+                .seed(seed)
+                .resume(resume)
+                .activate(!no_activate);
+            if let Some(m) = minutes {
+                opts = opts.max_minutes(m);
+            }
+            train(&db, &extractor, opts)
+        }
+        Command::Models { db } => {
+            let db = existing(&db)?;
+            let active = db.active_model().version;
+            for m in db.models()? {
+                println!(
+                    "{} v{} {} {:?} (dim {}, {})",
+                    if m.version == active { "*" } else { " " },
+                    m.version,
+                    m.extractor,
+                    m.config,
+                    m.dim,
+                    m.metric.as_str()
+                );
+            }
+            if let Some((e, c, n)) = db.pending_job()? {
+                println!(
+                    "interrupted job: {e} {c:?} after {n} epochs (resume with train --resume)"
+                );
+            }
+            Ok(())
+        }
+        Command::Use { db, version } => {
+            let db = existing(&db)?;
+            db.use_model(version)?;
+            println!("model v{version} is active");
+            Ok(())
+        }
         Command::Remove { db, ids } => {
             let db = existing(&db)?;
             for id in ids {
@@ -209,6 +314,84 @@ fn run(cli: Cli) -> lookalike::Result<()> {
             Ok(())
         }
     }
+}
+
+/// Runs a training job with a progress bar per phase; prints the report.
+fn train(db: &Db, extractor: &str, opts: lookalike::TrainOptions) -> lookalike::Result<()> {
+    use lookalike::Phase;
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template("{prefix:>10} {bar:30} {pos}/{len} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let b = bar.clone();
+    let opts = opts.on_progress(move |p| match p.phase {
+        Phase::Training => {
+            b.set_prefix(format!("epoch {}/{}", p.epoch + 1, p.epochs));
+            b.set_length(p.steps as u64);
+            b.set_position(p.step as u64 + 1);
+            let lambda = p
+                .lambda
+                .map(|l| format!(" lambda {l:.2}"))
+                .unwrap_or_default();
+            b.set_message(format!(
+                "loss {:.4}{lambda} {:.0} images/s {:.0} pairs/s",
+                p.loss, p.images_per_second, p.pairs_per_second
+            ));
+        }
+        Phase::Evaluating => {
+            if let Some(m) = &p.validation {
+                b.suspend(|| {
+                    println!(
+                        "epoch {}: validation accuracy@1 {:.2} %, mAP@10 {:.2} %",
+                        p.epoch + 1,
+                        m.accuracy_at_1 * 100.0,
+                        m.map_at_10 * 100.0
+                    )
+                });
+            } else {
+                b.set_prefix("evaluating");
+                b.set_message("");
+            }
+        }
+        Phase::Embedding => {
+            b.set_prefix("embedding");
+            b.set_length(p.embedded.1 as u64);
+            b.set_position(p.embedded.0 as u64);
+            b.set_message("images");
+        }
+    });
+    let r = db.train_extractor_with(extractor, opts)?;
+    bar.finish_and_clear();
+    println!(
+        "model v{} ({} {:?}, miner {}){}",
+        r.version,
+        r.extractor,
+        r.config,
+        r.miner,
+        if r.activated {
+            ", now active"
+        } else {
+            ", stored"
+        }
+    );
+    println!(
+        "held-out accuracy@1 {:.2} % -> {:.2} %, mAP@10 {:.2} % -> {:.2} % ({} queries)",
+        r.before.accuracy_at_1 * 100.0,
+        r.after.accuracy_at_1 * 100.0,
+        r.before.map_at_10 * 100.0,
+        r.after.map_at_10 * 100.0,
+        r.after.queries
+    );
+    println!(
+        "{} epochs, {} steps, {} pairs in {:.1} min of training ({:.1} min in all)",
+        r.epochs,
+        r.steps,
+        r.pairs_seen,
+        r.train_seconds / 60.0,
+        r.total_seconds / 60.0
+    );
+    Ok(())
 }
 
 fn read(path: &Path) -> lookalike::Result<Vec<u8>> {

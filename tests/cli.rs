@@ -1,4 +1,5 @@
-//! The `lookalike` binary end to end: add a folder with folder labels, query, stats, remove.
+//! The `lookalike` binary end to end: add a folder with folder labels, query, stats, remove;
+//! train, models, use.
 
 use std::process::Command;
 
@@ -80,4 +81,53 @@ fn add_query_stats_remove() {
     ]);
     assert!(!ok);
     assert!(err.contains("not a lookalike database"), "{err}");
+}
+
+#[test]
+fn train_models_use() {
+    let dir = tempdir();
+    let db = dir.path().join("db");
+    let sample =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data/fashion-mnist-sample");
+    let (ok, _, err) = cli(&[
+        "add".as_ref(),
+        db.as_os_str(),
+        sample.as_os_str(),
+        "--folder-labels".as_ref(),
+    ]);
+    assert!(ok, "{err}");
+    let (ok, out, err) = cli(&[
+        "train".as_ref(),
+        db.as_os_str(),
+        "simnet".as_ref(),
+        "--epochs".as_ref(),
+        "1".as_ref(),
+        "--seed".as_ref(),
+        "3".as_ref(),
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("model v2 (simnet") && out.contains("now active"),
+        "{out}"
+    );
+    assert!(out.contains("held-out accuracy@1"), "{out}");
+    let (ok, out, _) = cli(&["models".as_ref(), db.as_os_str()]);
+    assert!(ok);
+    assert!(
+        out.contains("* v2 simnet") && out.contains("  v1 classic"),
+        "{out}"
+    );
+    let (ok, out, _) = cli(&["use".as_ref(), db.as_os_str(), "1".as_ref()]);
+    assert!(ok && out.contains("v1 is active"), "{out}");
+    // Bad requests fail with a message, not a panic.
+    let (ok, _, err) = cli(&["train".as_ref(), db.as_os_str(), "classic".as_ref()]);
+    assert!(!ok && err.contains("cannot be trained"), "{err}");
+    let (ok, _, err) = cli(&[
+        "train".as_ref(),
+        db.as_os_str(),
+        "simnet".as_ref(),
+        "--miner".as_ref(),
+        "x".as_ref(),
+    ]);
+    assert!(!ok && err.contains("unknown miner"), "{err}");
 }
