@@ -819,6 +819,19 @@ impl Db {
         crate::training::train_extractor(self, name, options)
     }
 
+    /// Trains pair scorer `name` (`"mlp-diff"`) on the active model's embeddings of the
+    /// labelled images: balanced pairs, held-out validation pairs (and labels, with
+    /// `held_out_labels`), the MLP paper's per-case accuracy and ROC. The returned scorer works
+    /// with [`Query::rerank`] and [`Db::same`]; keep [`crate::ScorerReport::weights`] to rebuild
+    /// it later with the plugin's `build`.
+    pub fn train_scorer(
+        &self,
+        name: &str,
+        options: crate::ScorerTrainOptions,
+    ) -> Result<crate::ScorerReport> {
+        crate::training::train_scorer(self, name, options)
+    }
+
     /// The interrupted training job whose checkpoint is stored, if any: (extractor,
     /// configuration, epochs finished). Resume it with `TrainOptions::resume(true)` and the
     /// same options.

@@ -91,7 +91,8 @@ pub use error::{Error, Result};
 pub use lookalike_plugin;
 pub use options::{Durability, IndexKind, Options};
 pub use training::{
-    Augment, CancelToken, Metrics, OptimiserKind, Phase, Progress, TrainOptions, TrainReport,
+    Augment, CancelToken, CaseAccuracy, Metrics, OptimiserKind, Phase, Progress, ScorerReport,
+    ScorerTrainOptions, TrainOptions, TrainReport,
 };
 
 /// The EfficientNet-Lite0 (and fused-backbone) plugin crate.

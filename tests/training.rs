@@ -244,3 +244,64 @@ fn bad_requests_are_typed_errors() {
     let e = db.train_extractor("simnet").unwrap_err();
     assert!(matches!(e, Error::NotEnoughData(_)), "{e}");
 }
+
+#[test]
+fn scorer_training_reports_the_papers_cases() {
+    let dir = tempdir();
+    let db = filled(dir.path(), relaxed());
+    let r = db
+        .train_scorer(
+            "mlp-diff",
+            lookalike::ScorerTrainOptions {
+                epochs: 3,
+                pairs_per_epoch: 2048,
+                pairs_per_case: 200,
+                held_out_labels: vec!["bag".into(), "sneaker".into()],
+                seed: 2,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let cases: Vec<&str> = r.cases.iter().map(|c| c.case).collect();
+    assert_eq!(
+        cases,
+        [
+            "similar, seen",
+            "dissimilar, seen",
+            "similar, unseen",
+            "dissimilar, unseen",
+            "dissimilar, seen and unseen"
+        ]
+    );
+    assert_eq!(r.history.len(), 3);
+    assert!(r.roc_auc > 0.6, "ROC-AUC {}", r.roc_auc);
+    assert_eq!(r.roc.first(), Some(&(0.0, 0.0)));
+    assert_eq!(r.roc.last(), Some(&(1.0, 1.0)));
+    // The scorer plugs into queries and `same`.
+    let q = sample()[0].0.clone();
+    let hits = db
+        .nearest_with(&q, &lookalike::Query::k(5).rerank(r.scorer.clone(), 20))
+        .unwrap();
+    assert!(hits.iter().all(|h| h.score.is_some()));
+    let p = db
+        .same(
+            lookalike::ImageId(1),
+            lookalike::ImageId(2),
+            r.scorer.as_ref(),
+        )
+        .unwrap();
+    assert!((0.0..=1.0).contains(&p));
+    // Typed errors.
+    assert!(matches!(
+        db.train_scorer("nope", Default::default()),
+        Err(Error::InvalidArgument(_))
+    ));
+    let bad = lookalike::ScorerTrainOptions {
+        held_out_labels: vec!["unicorn".into()],
+        ..Default::default()
+    };
+    assert!(matches!(
+        db.train_scorer("mlp-diff", bad),
+        Err(Error::InvalidArgument(_))
+    ));
+}

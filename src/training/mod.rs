@@ -14,12 +14,15 @@ pub mod eval;
 mod job;
 pub(crate) mod loader;
 pub mod miners;
+mod scorer;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 pub use eval::Metrics;
 pub(crate) use job::train_extractor;
+pub(crate) use scorer::train_scorer;
+pub use scorer::{CaseAccuracy, ScorerReport, ScorerTrainOptions};
 
 /// Cancels a running job from another thread. The job stops at its next step (or between
 /// re-embedding batches), removes its checkpoint and any model version it began writing, and

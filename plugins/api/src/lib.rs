@@ -305,6 +305,36 @@ pub trait ScorerPlugin: Send + Sync + Debug + 'static {
         config: &str,
         weights: Option<&[u8]>,
     ) -> Result<Box<dyn PairScorer>, PluginError>;
+
+    /// A trainable scorer for `dim`-dimensional embeddings, for `Db::train_scorer`: fresh, or
+    /// from saved weights. `None` (the default) for a scorer that cannot be trained.
+    fn trainable(
+        &self,
+        _dim: usize,
+        _config: &str,
+        _weights: Option<&[u8]>,
+    ) -> Option<Result<Box<dyn TrainableScorer>, PluginError>> {
+        None
+    }
+}
+
+/// A pair scorer being trained.
+pub trait TrainableScorer: Send + Debug {
+    /// The training objective (dropout on) for pairs of rows of `a` and `b` (`N x D`);
+    /// `same` holds N values, 1 for a pair showing the same thing, 0 otherwise (f32).
+    fn loss(&self, a: &Tensor, b: &Tensor, same: &Tensor) -> Result<Tensor, PluginError>;
+
+    /// The parameters an optimiser updates, in a stable order.
+    fn vars(&self) -> Vec<candle_core::Var>;
+
+    /// Seeds training-time randomness (dropout) before a step; see [`Trainable::reseed`].
+    fn reseed(&self, _seed: u64) {}
+
+    /// The current weights as safetensors bytes, loadable by [`ScorerPlugin::build`].
+    fn save_weights(&self) -> Result<Vec<u8>, PluginError>;
+
+    /// An inference scorer with the current weights.
+    fn freeze(&self) -> Result<Box<dyn PairScorer>, PluginError>;
 }
 
 /// What a plugin can get wrong. The database converts it into its own error at the boundary,

@@ -11,7 +11,7 @@
 
 use lookalike_plugin::candle_core::{DType, Module, Result as CResult, Tensor, Var, D};
 use lookalike_plugin::candle_nn::{self, Linear, VarBuilder, VarMap};
-use lookalike_plugin::{nn, PairScorer, PluginError, ScorerPlugin};
+use lookalike_plugin::{nn, PairScorer, PluginError, ScorerPlugin, TrainableScorer};
 
 /// Dropout on hidden layers (section 3.2).
 pub const DROPOUT: f32 = 0.25;
@@ -208,5 +208,39 @@ impl ScorerPlugin for MlpDiffPlugin {
         Ok(Box::new(
             MlpDiffTrainable::new(dim, config, weights)?.freeze()?,
         ))
+    }
+
+    fn trainable(
+        &self,
+        dim: usize,
+        config: &str,
+        weights: Option<&[u8]>,
+    ) -> Option<Result<Box<dyn TrainableScorer>, PluginError>> {
+        Some(
+            MlpDiffTrainable::new(dim, config, weights)
+                .map(|t| Box::new(t) as Box<dyn TrainableScorer>),
+        )
+    }
+}
+
+impl TrainableScorer for MlpDiffTrainable {
+    fn loss(&self, a: &Tensor, b: &Tensor, same: &Tensor) -> Result<Tensor, PluginError> {
+        MlpDiffTrainable::loss(self, a, b, same)
+    }
+
+    fn vars(&self) -> Vec<Var> {
+        MlpDiffTrainable::vars(self)
+    }
+
+    fn reseed(&self, seed: u64) {
+        MlpDiffTrainable::reseed(self, seed)
+    }
+
+    fn save_weights(&self) -> Result<Vec<u8>, PluginError> {
+        MlpDiffTrainable::save_weights(self)
+    }
+
+    fn freeze(&self) -> Result<Box<dyn PairScorer>, PluginError> {
+        Ok(Box::new(MlpDiffTrainable::freeze(self)?))
     }
 }
