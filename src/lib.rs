@@ -67,6 +67,28 @@
 //! * `gpu`: candle's CUDA backend and FAISS's GPU build (needs CUDA; never needed by tests;
 //!   not yet checked on a GPU machine).
 //!
+//! ## Training
+//!
+//! [`Db::train_extractor_with`] trains a trainable extractor (`simnet`, `fused`) from the
+//! labelled images the database holds: pairs mined per batch (OPMS, balanced, 1 + N), an
+//! evaluation on a held-out split before and after, a checkpoint per epoch (resumable after a
+//! crash), then a new model version, every image re-embedded, a new index and an atomic switch.
+//! Old versions stay ([`Db::models`], [`Db::use_model`], [`Db::delete_model`]).
+//! [`Db::train_scorer`] trains the pair scorer. See `docs/training.md`.
+//!
+//! ```no_run
+//! # fn main() -> lookalike::Result<()> {
+//! use lookalike::{Db, TrainOptions};
+//!
+//! let db = Db::open("shop.db")?;
+//! let report = db.train_extractor_with("simnet", TrainOptions::default().max_minutes(15.0))?;
+//! println!(
+//!     "model v{}: held-out accuracy@1 {:.3} -> {:.3}",
+//!     report.version, report.before.accuracy_at_1, report.after.accuracy_at_1
+//! );
+//! # Ok(()) }
+//! ```
+//!
 //! ## Plugins
 //!
 //! Extractors implement [`lookalike_plugin::Extractor`] and are built by an

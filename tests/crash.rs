@@ -1,7 +1,9 @@
 //! Crash harness: re-runs itself as a child that inserts and removes images under the default
 //! (immediate) durability, kills it with SIGKILL at a random moment, reopens, and checks that
 //! every acknowledged insert is there, every acknowledged removal is gone, and the index holds
-//! exactly the ids the store holds. `harness = false`: run with `cargo test --test crash`.
+//! exactly the ids the store holds. Then a training job is killed the same way after its first
+//! epoch checkpoint, resumed, and compared with an uninterrupted job of the same seed (same
+//! embeddings, bit for bit). `harness = false`: run with `cargo test --test crash`.
 
 #![allow(clippy::unwrap_used)]
 
@@ -16,6 +18,7 @@ use lookalike::{Db, ImageId};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 const CHILD_ENV: &str = "LOOKALIKE_CRASH_CHILD";
+const TRAIN_CHILD_ENV: &str = "LOOKALIKE_CRASH_TRAIN_CHILD";
 const ROUNDS: u64 = 8;
 
 fn png(seed: u64) -> Vec<u8> {
@@ -119,9 +122,121 @@ fn check(dir: &Path) -> Result<usize, String> {
     Ok(store.len())
 }
 
+/// The training job of the kill test: SimNet `cpu`, small batches, seeded.
+fn train_options() -> lookalike::TrainOptions {
+    lookalike::TrainOptions::default()
+        .epochs(3)
+        .batch(32, 6, 8)
+        .steps_per_epoch(3)
+        .eval_sizes(60, 240)
+        .seed(11)
+}
+
+/// A database holding the bundled Fashion-MNIST sample with folder labels.
+fn fill_sample(path: &Path) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data/fashion-mnist-sample");
+    let mut files = Vec::new();
+    for class in std::fs::read_dir(&root).expect("sample") {
+        let class = class.expect("entry").path();
+        if class.is_dir() {
+            for f in std::fs::read_dir(&class).expect("class") {
+                files.push(f.expect("file").path());
+            }
+        }
+    }
+    files.sort();
+    let db = Db::open(path).expect("open");
+    for f in files {
+        let label = f
+            .parent()
+            .and_then(|p| p.file_name())
+            .map(|n| n.to_string_lossy().into_owned());
+        db.insert_image(&std::fs::read(&f).expect("read"), label.as_deref())
+            .expect("insert");
+    }
+}
+
+/// The training child: runs the job, touching `dir/second-epoch` when epoch 2 starts (the
+/// first checkpoint is on disk by then), and keeps going until killed.
+fn train_child(dir: &Path) -> ExitCode {
+    let db = Db::open(dir.join("db")).expect("child open");
+    let marker = dir.join("second-epoch");
+    let opts = train_options().on_progress(move |p| {
+        if p.phase == lookalike::Phase::Training && p.epoch == 1 {
+            let _ = std::fs::write(&marker, b"1");
+            std::thread::sleep(Duration::from_secs(60)); // wait for the kill
+        }
+    });
+    let _ = db.train_extractor_with("simnet", opts);
+    ExitCode::SUCCESS
+}
+
+/// Kills a training job after its first checkpoint, resumes it, compares with an
+/// uninterrupted job.
+fn training_kill(dir: &Path, exe: &Path) -> Result<(), String> {
+    let (cut, whole) = (dir.join("train-cut"), dir.join("train-whole"));
+    std::fs::create_dir_all(&cut).map_err(|e| e.to_string())?;
+    fill_sample(&cut.join("db"));
+    fill_sample(&whole);
+    let mut c = Command::new(exe)
+        .env(TRAIN_CHILD_ENV, &cut)
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let marker = cut.join("second-epoch");
+    for _ in 0..600 {
+        if marker.exists() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    c.kill().map_err(|e| e.to_string())?;
+    let _ = c.wait();
+    if !marker.exists() {
+        return Err("the training child never reached its second epoch".into());
+    }
+    let db = Db::open(cut.join("db")).map_err(|e| format!("reopen: {e}"))?;
+    match db.pending_job().map_err(|e| e.to_string())? {
+        Some((e, _, 1)) if e == "simnet" => {}
+        other => {
+            return Err(format!(
+                "expected a simnet checkpoint after 1 epoch, got {other:?}"
+            ))
+        }
+    }
+    if db.active_model().version != 1 {
+        return Err("the killed job switched models".into());
+    }
+    let resumed = db
+        .train_extractor_with("simnet", train_options().resume(true))
+        .map_err(|e| format!("resume: {e}"))?;
+    let full = Db::open(&whole)
+        .and_then(|w| {
+            let r = w.train_extractor_with("simnet", train_options())?;
+            Ok((w, r))
+        })
+        .map_err(|e| format!("uninterrupted: {e}"))?;
+    if resumed.after != full.1.after || resumed.steps != full.1.steps {
+        return Err(format!(
+            "resumed {:?} vs uninterrupted {:?}",
+            resumed.after, full.1.after
+        ));
+    }
+    for id in [1u64, 150, 300] {
+        let (a, b) = (db.embedding(ImageId(id)), full.0.embedding(ImageId(id)));
+        match (a, b) {
+            (Ok(a), Ok(b)) if a == b => {}
+            _ => return Err(format!("embedding of image {id} differs after resume")),
+        }
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     if let Ok(dir) = std::env::var(CHILD_ENV) {
         return child(&PathBuf::from(dir));
+    }
+    if let Ok(dir) = std::env::var(TRAIN_CHILD_ENV) {
+        return train_child(&PathBuf::from(dir));
     }
     if std::env::args().any(|a| a == "--list") {
         println!("crash_recovery: test");
@@ -154,6 +269,16 @@ fn main() -> ExitCode {
                 failed += 1;
                 println!("round {round}: FAILED: {e}");
             }
+        }
+    }
+    match training_kill(&dir, &exe) {
+        Ok(()) => {
+            passed += 1;
+            println!("training job killed after its first checkpoint: resumed to the same weights");
+        }
+        Err(e) => {
+            failed += 1;
+            println!("training kill: FAILED: {e}");
         }
     }
     println!("crash recovery: {passed} passed, {failed} failed");

@@ -24,9 +24,8 @@ pub(crate) fn builtin() -> Vec<Arc<dyn ExtractorPlugin>> {
 
 /// The built-in pair-scorer plugins (for `Db::train_scorer` by name).
 pub(crate) fn builtin_scorers() -> Vec<Arc<dyn lookalike_plugin::ScorerPlugin>> {
-    #[allow(unused_mut)]
-    let mut v: Vec<Arc<dyn lookalike_plugin::ScorerPlugin>> = Vec::new();
-    #[cfg(feature = "mlp-diff")]
-    v.push(Arc::new(lookalike_mlp_diff::MlpDiffPlugin));
-    v
+    vec![
+        #[cfg(feature = "mlp-diff")]
+        Arc::new(lookalike_mlp_diff::MlpDiffPlugin),
+    ]
 }

@@ -23,13 +23,12 @@ pub struct Metrics {
     pub queries: usize,
 }
 
+/// Training images by label, and validation images with their labels.
+pub(crate) type Split = (BTreeMap<u32, Vec<ImageId>>, Vec<(ImageId, u32)>);
+
 /// A stratified split: per label, `share` of its images (at least one when it has two or
 /// more) go to validation, the rest to training. Seeded.
-pub(crate) fn split(
-    labelled: &[(ImageId, u32)],
-    share: f64,
-    seed: u64,
-) -> (BTreeMap<u32, Vec<ImageId>>, Vec<(ImageId, u32)>) {
+pub(crate) fn split(labelled: &[(ImageId, u32)], share: f64, seed: u64) -> Split {
     let mut by_label: BTreeMap<u32, Vec<ImageId>> = BTreeMap::new();
     for (id, l) in labelled {
         by_label.entry(*l).or_default().push(*id);

@@ -121,8 +121,8 @@ fn random_negatives(labels: &[u32], count: usize, rng: &mut StdRng) -> Vec<(usiz
 /// sorted easy to hard (positives by growing distance, negatives by shrinking distance; the
 /// hardest last). Lambda starts at 0 and grows by 1/epochs each epoch, as in the paper.
 ///
-/// The naive baseline (the paper's Table 2, row F) keeps random positives and random negatives
-/// in equal numbers, without pruning, weighting or sorting.
+/// The naive baseline (the paper's Table 2, row F) takes the same positives and as many random
+/// negatives, without pruning, weighting or sorting.
 #[derive(Debug, Clone)]
 pub struct Opms {
     /// Margin `m` of Eq. 2 (the contrastive loss's margin, 1 in the paper).
@@ -178,11 +178,10 @@ impl Miner for Opms {
     }
 
     fn mine(&mut self, labels: &[u32], dist: &Distances, rng: &mut StdRng) -> Mined {
-        let mut positives = positive_pairs(labels);
+        let positives = positive_pairs(labels);
         if self.naive {
-            positives.shuffle(rng);
-            let keep = positives.len().min(labels.len() * 2).max(1);
-            positives.truncate(keep);
+            // As many random negatives as positives: the same number of pairs OPMS yields
+            // when enough negatives survive its pruning, so equal steps mean equal pairs.
             let negatives = random_negatives(labels, positives.len(), rng);
             let mut pairs: Vec<(usize, usize, bool)> = positives
                 .into_iter()
