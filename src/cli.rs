@@ -100,6 +100,9 @@ enum Command {
         /// Store the new model without making it active.
         #[arg(long)]
         no_activate: bool,
+        /// Make the new model active only if it beats the active one on the held-out split.
+        #[arg(long)]
+        if_better: bool,
     },
     /// List the stored model versions.
     Models {
@@ -258,6 +261,7 @@ fn run(cli: Cli) -> lookalike::Result<()> {
             seed,
             resume,
             no_activate,
+            if_better,
         } => {
             let db = existing(&db)?;
             let optimiser = if adam {
@@ -272,7 +276,8 @@ fn run(cli: Cli) -> lookalike::Result<()> {
                 .optimiser(optimiser)
                 .seed(seed)
                 .resume(resume)
-                .activate(!no_activate);
+                .activate(!no_activate)
+                .activate_if_better(if_better);
             if let Some(m) = minutes {
                 opts = opts.max_minutes(m);
             }

@@ -305,3 +305,27 @@ fn scorer_training_reports_the_papers_cases() {
         Err(Error::InvalidArgument(_))
     ));
 }
+
+#[test]
+fn activate_if_better_keeps_a_worse_model_inactive() {
+    let dir = tempdir();
+    let db = filled(dir.path(), relaxed());
+    // One tiny epoch cannot beat the default extractor on this sample.
+    let r = db
+        .train_extractor_with(
+            "simnet",
+            quick()
+                .epochs(1)
+                .steps_per_epoch(1)
+                .activate_if_better(true),
+        )
+        .unwrap();
+    assert!(r.after.accuracy_at_1 <= r.before.accuracy_at_1, "{r:?}");
+    assert!(!r.activated);
+    assert_eq!(db.active_model().version, 1);
+    assert_eq!(
+        db.models().unwrap().len(),
+        2,
+        "stored and listed all the same"
+    );
+}

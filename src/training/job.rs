@@ -497,7 +497,9 @@ pub(crate) fn train_extractor(db: &Db, name: &str, opts: TrainOptions) -> Result
             return Err(e);
         }
     };
-    if opts.activate {
+    let activate =
+        opts.activate && (!opts.activate_if_better || after.accuracy_at_1 > before.accuracy_at_1);
+    if activate {
         db.use_model(version)?;
     }
     db.store().clear_checkpoint()?;
@@ -517,7 +519,7 @@ pub(crate) fn train_extractor(db: &Db, name: &str, opts: TrainOptions) -> Result
         .collect();
     Ok(TrainReport {
         version,
-        activated: opts.activate,
+        activated: activate,
         extractor: name.to_string(),
         config: opts.config.clone(),
         miner: miner.name().to_string(),

@@ -75,13 +75,23 @@ pub(crate) fn plan_epoch(
     let mut batches = Vec::with_capacity(steps);
     for _ in 0..steps {
         let mut batch = Vec::with_capacity(labels_per * per_label + random);
+        let mut used = Vec::with_capacity(labels_per);
         for _ in 0..labels_per.min(pools.len()) {
-            if next_label == order.len() {
-                order.shuffle(&mut rng);
-                next_label = 0;
-            }
-            let (label, ids, cursor) = &mut pools[order[next_label]];
-            next_label += 1;
+            // The next label in the round-robin order that this batch does not hold yet
+            // (a reshuffle in the middle of a batch could repeat one).
+            let pick = loop {
+                if next_label == order.len() {
+                    order.shuffle(&mut rng);
+                    next_label = 0;
+                }
+                let p = order[next_label];
+                next_label += 1;
+                if !used.contains(&p) {
+                    break p;
+                }
+            };
+            used.push(pick);
+            let (label, ids, cursor) = &mut pools[pick];
             for _ in 0..per_label {
                 if *cursor == ids.len() {
                     ids.shuffle(&mut rng);

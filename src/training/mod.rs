@@ -208,6 +208,9 @@ pub struct TrainOptions {
     /// Make the new model active when the job ends (otherwise it is stored and listed, and
     /// [`crate::Db::use_model`] activates it).
     pub activate: bool,
+    /// Only activate the new model when its held-out accuracy@1 beats the active model's
+    /// (it is stored and listed either way; [`TrainReport::activated`] says what happened).
+    pub activate_if_better: bool,
     /// Called with progress reports (from the job's thread).
     pub progress: Option<ProgressFn>,
     /// Cancels the job from another thread.
@@ -245,6 +248,7 @@ impl Default for TrainOptions {
             workers: 1,
             resume: false,
             activate: true,
+            activate_if_better: false,
             progress: None,
             cancel: None,
         }
@@ -330,6 +334,12 @@ impl TrainOptions {
     /// Whether to activate the new model at the end.
     pub fn activate(mut self, activate: bool) -> Self {
         self.activate = activate;
+        self
+    }
+
+    /// Activate the new model only if it beats the active one on the held-out split.
+    pub fn activate_if_better(mut self, yes: bool) -> Self {
+        self.activate_if_better = yes;
         self
     }
 
