@@ -340,11 +340,7 @@ pub(crate) fn train_extractor(db: &Db, name: &str, opts: TrainOptions) -> Result
                 let pairs = mined.pairs();
                 let mut loss_value = 0.0;
                 if pairs > 0 {
-                    let loss =
-                        loss_of(trainable.as_ref(), &emb, &mined, dim).map_err(|e| match e {
-                            Error::Plugin { .. } => e,
-                            other => other,
-                        })?;
+                    let loss = loss_of(name, trainable.as_ref(), &emb, &mined, dim)?;
                     loss_value = loss.to_scalar::<f32>().map_err(&c_err)?;
                     if !loss_value.is_finite() {
                         return Err(Error::Diverged {
@@ -542,8 +538,14 @@ pub(crate) fn train_extractor(db: &Db, name: &str, opts: TrainOptions) -> Result
 }
 
 /// The plugin's loss over the mined pairs or groups, on rows of `emb` (N x dim).
-fn loss_of(t: &dyn Trainable, emb: &Tensor, mined: &Mined, dim: usize) -> Result<Tensor> {
-    let c_err = |e: lookalike_plugin::candle_core::Error| Error::plugin("training", e.into());
+fn loss_of(
+    name: &str,
+    t: &dyn Trainable,
+    emb: &Tensor,
+    mined: &Mined,
+    dim: usize,
+) -> Result<Tensor> {
+    let c_err = |e: lookalike_plugin::candle_core::Error| Error::plugin(name, e.into());
     let rows = |idx: Vec<u32>| -> Result<Tensor> {
         let n = idx.len();
         let i = Tensor::from_vec(idx, n, &Device::Cpu).map_err(c_err)?;
@@ -560,7 +562,7 @@ fn loss_of(t: &dyn Trainable, emb: &Tensor, mined: &Mined, dim: usize) -> Result
                 b: &b,
                 dissimilar: &y,
             })
-            .map_err(|e| Error::plugin("training", e))
+            .map_err(|e| Error::plugin(name, e))
         }
         Mined::OneVsMany(g) => {
             let k = g.first().map(|x| x.2.len()).unwrap_or(0);
@@ -578,7 +580,7 @@ fn loss_of(t: &dyn Trainable, emb: &Tensor, mined: &Mined, dim: usize) -> Result
                 positive: &positive,
                 negatives: &negatives,
             })
-            .map_err(|e| Error::plugin("training", e))
+            .map_err(|e| Error::plugin(name, e))
         }
     }
 }

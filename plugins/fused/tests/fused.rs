@@ -122,18 +122,31 @@ fn paper_preset_loads_a_torchvision_named_checkpoint() {
 
 #[test]
 fn training_smoke_one_vs_many_loss_falls() {
-    let t = FusedPlugin
-        .trainable("cpu", None)
+    // Seeded: initial weights, noise and dropout masks are the same on every run (the loss
+    // fell by as little as 3 % over 20 steps from an unseeded start; with 30 seeded steps it
+    // fell clearly for each of the seeds 1-4 tried; FUSED_SMOKE_SEED picks another).
+    let seed: u64 = std::env::var("FUSED_SMOKE_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1);
+    let t = lookalike_plugin::nn::with_init_seed(seed, || FusedPlugin.trainable("cpu", None))
         .expect("trainable")
         .expect("built");
     // Anchors and positives from one pattern per anchor, negatives from the other pattern.
     let dev = Device::Cpu;
+    let state = std::cell::Cell::new(seed);
     let pattern = |vertical: bool, n: usize| {
         let mut v = Vec::with_capacity(n * 3 * 64 * 64);
-        let noise = Tensor::rand(-0.5f32, 0.5f32, n * 3 * 64 * 64, &dev)
-            .expect("n")
-            .to_vec1::<f32>()
-            .expect("v");
+        let noise: Vec<f32> = (0..n * 3 * 64 * 64)
+            .map(|_| {
+                let s = state
+                    .get()
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                state.set(s);
+                (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+            })
+            .collect();
         for (i, noise) in noise.iter().enumerate() {
             let (y, x) = ((i / 64) % 64, i % 64);
             // Two patterns that differ in orientation and in brightness.
@@ -157,7 +170,8 @@ fn training_smoke_one_vs_many_loss_falls() {
     )
     .expect("adam");
     let mut losses = Vec::new();
-    for step in 0..20 {
+    for step in 0..30 {
+        t.reseed(step);
         let vertical = step % 2 == 0;
         // One forward pass over the whole mixed batch: batch norm must see both patterns.
         let x =
