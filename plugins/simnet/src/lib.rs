@@ -137,7 +137,10 @@ impl SimNetConfig {
                 },
             ],
             embed_dim: 128,
-            dropout: 0.25,
+            // No dropout before the joint layer: with 0.25 a 300-step Fashion-MNIST probe
+            // left nearest-neighbour accuracy where it started (0.800 -> 0.800); without, it
+            // learned (0.798 -> 0.834). The paper's 0.5 is for days of training.
+            dropout: 0.0,
         }
     }
 
