@@ -85,12 +85,12 @@ enum Command {
         /// Pair miner: opms, naive, balanced, one-vs-many.
         #[arg(long, default_value = "opms")]
         miner: String,
-        /// Learning rate (SGD with Nesterov momentum 0.9).
-        #[arg(long, default_value_t = 0.05)]
+        /// Learning rate (Adam; with --sgd, SGD with Nesterov momentum 0.9).
+        #[arg(long, default_value_t = 0.001)]
         lr: f64,
-        /// Use Adam with the learning rate instead of SGD.
+        /// Use SGD with Nesterov momentum 0.9 instead of Adam.
         #[arg(long)]
-        adam: bool,
+        sgd: bool,
         /// Seed of the job.
         #[arg(long, default_value_t = 0)]
         seed: u64,
@@ -257,17 +257,17 @@ fn run(cli: Cli) -> lookalike::Result<()> {
             minutes,
             miner,
             lr,
-            adam,
+            sgd,
             seed,
             resume,
             no_activate,
             if_better,
         } => {
             let db = existing(&db)?;
-            let optimiser = if adam {
-                lookalike::OptimiserKind::Adam { lr }
-            } else {
+            let optimiser = if sgd {
                 lookalike::OptimiserKind::SgdNesterov { lr, momentum: 0.9 }
+            } else {
+                lookalike::OptimiserKind::Adam { lr }
             };
             let mut opts = lookalike::TrainOptions::default()
                 .config(config)
