@@ -198,7 +198,7 @@ impl Model {
     }
 }
 
-fn now_unix() -> u64 {
+pub(crate) fn now_unix() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -416,13 +416,19 @@ impl Db {
             return Err(Error::ZeroK);
         }
         let img = preprocess::decode(bytes, self.limits())?;
-        // A model switch between embedding and searching makes the search refuse (it would
-        // mix models); embed again with the new model then.
+        self.with_model_retry(|model| {
+            let vector = embed(model, &[&img])?.pop().unwrap_or_default();
+            self.search(model, &vector, query, None)
+        })
+    }
+
+    /// Runs `query` with the active model; a model switch between getting the query's vector
+    /// and searching makes the search refuse ([`Error::ModelChanged`]: it would mix models),
+    /// and the query runs again with the new model (up to three times).
+    fn with_model_retry(&self, query: impl Fn(&Model) -> Result<Vec<Hit>>) -> Result<Vec<Hit>> {
         let mut tries = 0;
         loop {
-            let model = self.model();
-            let vector = embed(&model, &[&img])?.pop().unwrap_or_default();
-            match self.search(&model, &vector, query, None) {
+            match query(&self.model()) {
                 Err(Error::ModelChanged) if tries < 3 => tries += 1,
                 other => return other,
             }
@@ -434,9 +440,7 @@ impl Db {
         if query.k == 0 {
             return Err(Error::ZeroK);
         }
-        let mut tries = 0;
-        loop {
-            let model = self.model();
+        self.with_model_retry(|model| {
             if !self.read_state()?.labels.contains_key(&id.0) {
                 return Err(Error::UnknownImage(id));
             }
@@ -445,11 +449,8 @@ impl Db {
                 .store
                 .embedding(model.version, id, model.spec.dim)?
                 .ok_or(Error::UnknownImage(id))?;
-            match self.search(&model, &vector, query, Some(id)) {
-                Err(Error::ModelChanged) if tries < 3 => tries += 1,
-                other => return other,
-            }
-        }
+            self.search(model, &vector, query, Some(id))
+        })
     }
 
     fn search(
@@ -1014,28 +1015,20 @@ impl Db {
             spec,
         };
         self.inner.store.put_model(version, &record)?;
-        let ids = self.live_ids()?;
-        let limits = ImageLimits {
-            max_bytes: u64::MAX,
-            max_pixels: u64::MAX,
-        };
+        let ids: Vec<ImageId> = self.live_ids()?.into_iter().map(ImageId).collect();
         let result = (|| {
             for (done, chunk) in ids.chunks(EMBED_BATCH * 4).enumerate() {
                 if cancelled() {
                     return Err(Error::Cancelled);
                 }
-                let mut got = Vec::with_capacity(chunk.len());
-                let mut imgs = Vec::with_capacity(chunk.len());
-                for id in chunk {
-                    // An image removed meanwhile is skipped.
-                    if let Some(bytes) = self.inner.store.image(ImageId(*id))? {
-                        imgs.push(preprocess::decode(&bytes, limits)?);
-                        got.push(ImageId(*id));
-                    }
-                }
-                let refs: Vec<_> = imgs.iter().collect();
-                for (id, v) in got.iter().zip(embed(&model, &refs)?) {
-                    self.inner.store.put_embedding(version, *id, &v)?;
+                let embedded = self.embed_stored(
+                    &model.record.plugin,
+                    model.extractor.as_ref(),
+                    &model.spec,
+                    chunk,
+                )?;
+                for (id, v) in embedded {
+                    self.inner.store.put_embedding(version, id, &v)?;
                 }
                 progress(((done + 1) * EMBED_BATCH * 4).min(ids.len()), ids.len());
             }
@@ -1046,6 +1039,34 @@ impl Db {
             return Err(e);
         }
         Ok(version)
+    }
+
+    /// Embeds stored images `ids` with `extractor` (declaring `spec`), in batches; images
+    /// removed meanwhile are skipped. `name` labels errors.
+    pub(crate) fn embed_stored(
+        &self,
+        name: &str,
+        extractor: &dyn Extractor,
+        spec: &ExtractorSpec,
+        ids: &[ImageId],
+    ) -> Result<Vec<(ImageId, Vec<f32>)>> {
+        let mut out = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(EMBED_BATCH * 4) {
+            let mut got = Vec::with_capacity(chunk.len());
+            let mut imgs = Vec::with_capacity(chunk.len());
+            for id in chunk {
+                if let Some(bytes) = self.inner.store.image(*id)? {
+                    imgs.push(preprocess::decode(&bytes, ImageLimits::STORED)?);
+                    got.push(*id);
+                }
+            }
+            let refs: Vec<_> = imgs.iter().collect();
+            out.extend(
+                got.into_iter()
+                    .zip(embed_with(name, extractor, spec, &refs)?),
+            );
+        }
+        Ok(out)
     }
 
     // ---- internals ----
@@ -1436,11 +1457,7 @@ fn add_from_store(
 /// Embeds a stored image whose embedding under `model` is missing, and stores it.
 fn reembed(store: &Store, model: &Model, id: ImageId) -> Result<Vec<f32>> {
     let bytes = store.image(id)?.ok_or(Error::UnknownImage(id))?;
-    let limits = ImageLimits {
-        max_bytes: u64::MAX,
-        max_pixels: u64::MAX,
-    };
-    let img = preprocess::decode(&bytes, limits)?;
+    let img = preprocess::decode(&bytes, ImageLimits::STORED)?;
     let v = embed(model, &[&img])?.pop().unwrap_or_default();
     store.put_embedding(model.version, id, &v)?;
     Ok(v)

@@ -15,6 +15,14 @@ pub(crate) struct ImageLimits {
     pub max_pixels: u64,
 }
 
+impl ImageLimits {
+    /// No limits: for images already in the store (they passed the limits when inserted).
+    pub(crate) const STORED: ImageLimits = ImageLimits {
+        max_bytes: u64::MAX,
+        max_pixels: u64::MAX,
+    };
+}
+
 /// Decodes encoded bytes (PNG, JPEG, WebP, GIF first frame, BMP) under `limits`. The pixel
 /// count is checked from the header before any pixel is decoded.
 pub(crate) fn decode(bytes: &[u8], limits: ImageLimits) -> Result<DynamicImage> {

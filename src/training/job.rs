@@ -14,9 +14,8 @@ use super::eval::{self, Metrics};
 use super::loader::{derive_seed, plan_epoch, Loader};
 use super::miners::{self, Distances, Mined};
 use super::{EpochRecord, OptimiserKind, Phase, Progress, TrainOptions, TrainReport};
-use crate::db::embed_with;
+use crate::db::now_unix;
 use crate::error::{Error, Result};
-use crate::preprocess::{self, ImageLimits};
 use crate::store::{CheckpointRecord, ModelRecord};
 use crate::{Db, ImageId};
 
@@ -26,13 +25,6 @@ fn plugin_err(name: &str) -> impl Fn(lookalike_plugin::PluginError) -> Error + '
 
 fn candle_err(name: &str) -> impl Fn(lookalike_plugin::candle_core::Error) -> Error + '_ {
     move |e| Error::plugin(name, e.into())
-}
-
-fn now_unix() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 /// The queries and gallery every evaluation of a job uses.
@@ -51,25 +43,13 @@ impl EvalSet {
         spec: &ExtractorSpec,
     ) -> Result<Metrics> {
         let embed = |items: &[(ImageId, u32)]| -> Result<Vec<(Vec<f32>, u32)>> {
-            let limits = ImageLimits {
-                max_bytes: u64::MAX,
-                max_pixels: u64::MAX,
-            };
-            let mut out = Vec::with_capacity(items.len());
-            for chunk in items.chunks(256) {
-                let mut imgs = Vec::with_capacity(chunk.len());
-                let mut labels = Vec::with_capacity(chunk.len());
-                for (id, l) in chunk {
-                    if let Some(bytes) = db.store().image(*id)? {
-                        imgs.push(preprocess::decode(&bytes, limits)?);
-                        labels.push(*l);
-                    }
-                }
-                let refs: Vec<_> = imgs.iter().collect();
-                let vecs = embed_with(name, extractor, spec, &refs)?;
-                out.extend(vecs.into_iter().zip(labels));
-            }
-            Ok(out)
+            let labels: BTreeMap<ImageId, u32> = items.iter().copied().collect();
+            let ids: Vec<ImageId> = items.iter().map(|x| x.0).collect();
+            Ok(db
+                .embed_stored(name, extractor, spec, &ids)?
+                .into_iter()
+                .filter_map(|(id, v)| labels.get(&id).map(|l| (v, *l)))
+                .collect())
         };
         eval::retrieval(&embed(&self.queries)?, &embed(&self.gallery)?, spec.metric)
     }

@@ -192,13 +192,9 @@ fn load(
     let per = (spec.channels * spec.width * spec.height) as usize;
     let mut pixels = Vec::with_capacity(per * items.len());
     let mut labels = Vec::with_capacity(items.len());
-    let limits = ImageLimits {
-        max_bytes: u64::MAX,
-        max_pixels: u64::MAX,
-    };
     for (id, label) in items {
         let bytes = store.image(*id)?.ok_or(Error::UnknownImage(*id))?;
-        let img = preprocess::decode(&bytes, limits)?;
+        let img = preprocess::decode(&bytes, ImageLimits::STORED)?;
         let start = pixels.len();
         preprocess::pixels_into(&img, spec, &mut pixels);
         augment.apply(&mut pixels[start..], spec, &mut rng);

@@ -7,7 +7,7 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
 use super::gemm::{sgemm, Mat};
-use super::{f32_slice, par_chunks, threads};
+use super::{f32_slice, par_blocks, par_chunks};
 
 /// Geometry of one convolution.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -213,14 +213,14 @@ impl CustomOp3 for ConvBackward {
         let (nx, nw) = (g.n * per, g.o * k);
         let mut out = vec![0f32; nx + nw + g.o];
         let (dx, rest) = out.split_at_mut(nx);
-        let per_thread = g.n.div_ceil(threads().min(g.n).max(1)).max(1);
-        let work = |t: usize, dx_block: &mut [f32]| {
+        // Per block of images: the input gradient in place, partial weight and bias gradients.
+        let partials = par_blocks(dx, per, |first, dx_block| {
             let mut dw = vec![0f32; nw];
             let mut db = vec![0f32; g.o];
             let mut cols = vec![0f32; if g.pointwise() { 0 } else { k * l }];
             let mut dcols = vec![0f32; if g.pointwise() { 0 } else { k * l }];
             for (j, dxi) in dx_block.chunks_mut(per.max(1)).enumerate() {
-                let i = t * per_thread + j;
+                let i = first + j;
                 let img = &x[i * per..(i + 1) * per];
                 let dyi = &dy[i * g.o * l..(i + 1) * g.o * l];
                 let c: &[f32] = if g.pointwise() {
@@ -256,28 +256,7 @@ impl CustomOp3 for ConvBackward {
                 }
             }
             (dw, db)
-        };
-        let partials: Vec<(Vec<f32>, Vec<f32>)> = if per_thread >= g.n {
-            vec![work(0, dx)]
-        } else {
-            std::thread::scope(|scope| {
-                let handles: Vec<_> = dx
-                    .chunks_mut(per * per_thread)
-                    .enumerate()
-                    .map(|(t, block)| {
-                        let work = &work;
-                        scope.spawn(move || work(t, block))
-                    })
-                    .collect();
-                handles
-                    .into_iter()
-                    .map(|h| match h.join() {
-                        Ok(v) => v,
-                        Err(panic) => std::panic::resume_unwind(panic),
-                    })
-                    .collect()
-            })
-        };
+        });
         let (dw, db) = rest.split_at_mut(nw);
         for (pw, pb) in partials {
             dw.iter_mut().zip(pw).for_each(|(a, b)| *a += b);

@@ -94,27 +94,40 @@ fn par_chunks<S>(
     f: impl Fn(&mut S, usize, &mut [f32]) + Sync,
 ) {
     let per = per.max(1);
-    let n = out.len() / per;
-    let threads = threads().min(n);
-    if threads <= 1 {
+    par_blocks(out, per, |first, block| {
         let mut s = init();
-        for (b, chunk) in out.chunks_mut(per).enumerate() {
-            f(&mut s, b, chunk);
+        for (i, chunk) in block.chunks_mut(per).enumerate() {
+            f(&mut s, first + i, chunk);
         }
-        return;
+    });
+}
+
+/// Splits `out` (whole chunks of `per` floats) into one block per core, runs
+/// `f(index of the block's first chunk, block)` on each in parallel and returns the results in
+/// order.
+fn par_blocks<T: Send>(
+    out: &mut [f32],
+    per: usize,
+    f: impl Fn(usize, &mut [f32]) -> T + Sync,
+) -> Vec<T> {
+    let per = per.max(1);
+    let n = out.len() / per;
+    let threads = threads().min(n).max(1);
+    if threads == 1 {
+        return vec![f(0, out)];
     }
     let per_thread = n.div_ceil(threads);
     std::thread::scope(|scope| {
-        for (t, block) in out.chunks_mut(per * per_thread).enumerate() {
-            let (f, init) = (&f, &init);
-            scope.spawn(move || {
-                let mut s = init();
-                for (i, chunk) in block.chunks_mut(per).enumerate() {
-                    f(&mut s, t * per_thread + i, chunk);
-                }
-            });
-        }
-    });
+        let handles: Vec<_> = out
+            .chunks_mut(per * per_thread)
+            .enumerate()
+            .map(|(t, block)| {
+                let f = &f;
+                scope.spawn(move || f(t * per_thread, block))
+            })
+            .collect();
+        join_all(handles)
+    })
 }
 
 /// Splits `0..n` into one range per core, runs `f` on each in parallel and returns the
@@ -132,12 +145,17 @@ fn par_ranges<T: Send>(n: usize, f: impl Fn(Range<usize>) -> T + Sync) -> Vec<T>
                 scope.spawn(move || f(t * per..((t + 1) * per).min(n)))
             })
             .collect();
-        handles
-            .into_iter()
-            .map(|h| match h.join() {
-                Ok(v) => v,
-                Err(panic) => std::panic::resume_unwind(panic),
-            })
-            .collect()
+        join_all(handles)
     })
+}
+
+/// The results of scoped threads in order; a worker's panic continues in the caller.
+fn join_all<T>(handles: Vec<std::thread::ScopedJoinHandle<'_, T>>) -> Vec<T> {
+    handles
+        .into_iter()
+        .map(|h| match h.join() {
+            Ok(v) => v,
+            Err(panic) => std::panic::resume_unwind(panic),
+        })
+        .collect()
 }
