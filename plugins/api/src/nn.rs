@@ -270,6 +270,47 @@ impl TrainRng {
         }
     }
 
+    /// A source that starts from `seed`.
+    pub fn seeded(seed: u64) -> Self {
+        TrainRng(std::sync::Arc::new(std::sync::Mutex::new(seed)))
+    }
+
+    /// A tensor of values uniform in `[lo, hi)`, drawn from this source (a seeded stand-in
+    /// for `Tensor::rand`, whose CPU generator cannot be seeded).
+    pub fn rand(
+        &self,
+        lo: f32,
+        hi: f32,
+        shape: impl Into<candle_core::Shape>,
+        device: &candle_core::Device,
+    ) -> candle_core::Result<Tensor> {
+        let shape = shape.into();
+        let v: Vec<f32> = (0..shape.elem_count())
+            .map(|_| lo + (hi - lo) * self.unit() as f32)
+            .collect();
+        Tensor::from_vec(v, shape, device)
+    }
+
+    /// A tensor of normal values with `mean` and `std` (Box-Muller), drawn from this source.
+    pub fn randn(
+        &self,
+        mean: f32,
+        std: f32,
+        shape: impl Into<candle_core::Shape>,
+        device: &candle_core::Device,
+    ) -> candle_core::Result<Tensor> {
+        let shape = shape.into();
+        let v: Vec<f32> = (0..shape.elem_count())
+            .map(|_| {
+                let u1 = self.unit().max(f64::MIN_POSITIVE);
+                let u2 = self.unit();
+                let z = (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos();
+                mean + std * z as f32
+            })
+            .collect();
+        Tensor::from_vec(v, shape, device)
+    }
+
     /// A uniform value in [0, 1).
     fn unit(&self) -> f64 {
         (self.next() >> 11) as f64 / (1u64 << 53) as f64
