@@ -82,8 +82,9 @@ enum Command {
         /// Stop after this many minutes of training, keeping the weights reached.
         #[arg(long)]
         minutes: Option<f64>,
-        /// Pair miner: opms, naive, balanced, one-vs-many.
-        #[arg(long, default_value = "opms")]
+        /// Pair miner: supcon (the whole batch, supervised contrastive loss), opms, naive,
+        /// balanced, one-vs-many.
+        #[arg(long, default_value = "supcon")]
         miner: String,
         /// Learning rate (Adam; with --sgd, SGD with Nesterov momentum 0.9).
         #[arg(long, default_value_t = 0.001)]
@@ -91,6 +92,9 @@ enum Command {
         /// Use SGD with Nesterov momentum 0.9 instead of Adam.
         #[arg(long)]
         sgd: bool,
+        /// Keep the learning rate constant (no cosine annealing).
+        #[arg(long)]
+        constant_lr: bool,
         /// Seed of the job.
         #[arg(long, default_value_t = 0)]
         seed: u64,
@@ -258,6 +262,7 @@ fn run(cli: Cli) -> lookalike::Result<()> {
             miner,
             lr,
             sgd,
+            constant_lr,
             seed,
             resume,
             no_activate,
@@ -274,6 +279,7 @@ fn run(cli: Cli) -> lookalike::Result<()> {
                 .epochs(epochs)
                 .miner(miner)
                 .optimiser(optimiser)
+                .cosine(!constant_lr)
                 .seed(seed)
                 .resume(resume)
                 .activate(!no_activate)

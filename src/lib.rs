@@ -70,7 +70,8 @@
 //! ## Training
 //!
 //! [`Db::train_extractor_with`] trains a trainable extractor (`simnet`, `fused`) from the
-//! labelled images the database holds: pairs mined per batch (OPMS, balanced, 1 + N), an
+//! labelled images the database holds: every pair of each batch weighed by a supervised
+//! contrastive loss (default) or pairs mined per batch (OPMS, naive, balanced, 1 + N), an
 //! evaluation on a held-out split before and after, a checkpoint per epoch (resumable after a
 //! crash), then a new model version, every image re-embedded, a new index and an atomic switch.
 //! Old versions stay ([`Db::models`], [`Db::use_model`], [`Db::delete_model`]).

@@ -215,7 +215,9 @@ pub(crate) fn train_extractor(db: &Db, name: &str, opts: TrainOptions) -> Result
         OptimiserKind::Adam { lr } => Box::new(Adam::new(trainable.vars(), lr)),
     };
 
-    // Counters, restored from the checkpoint.
+    // Counters, restored from the checkpoint. `base_lr` is the rate before the cosine
+    // annealing (the one the decay rule halves).
+    let mut base_lr = optimiser.learning_rate();
     let mut start_epoch = 0;
     let mut since_decay = 0u32;
     let mut history: Vec<(f64, f64, f64)> = Vec::new(); // (minutes, acc@1, mAP@10)
@@ -226,7 +228,7 @@ pub(crate) fn train_extractor(db: &Db, name: &str, opts: TrainOptions) -> Result
             optimiser
                 .load_state(&c.optimiser)
                 .map_err(plugin_err(name))?;
-            optimiser.set_learning_rate(c.lr);
+            base_lr = c.lr;
             start_epoch = c.epochs_done as usize;
             since_decay = c.since_decay;
             history = c.history.clone();
@@ -298,6 +300,13 @@ pub(crate) fn train_extractor(db: &Db, name: &str, opts: TrainOptions) -> Result
                     break;
                 }
                 let t = Instant::now();
+                optimiser.set_learning_rate(if opts.cosine {
+                    let by_steps = steps_done as f64 / (opts.epochs * steps).max(1) as f64;
+                    let by_time = budget.map_or(0.0, |b| train_seconds / b);
+                    cosine_annealed(base_lr, by_steps.max(by_time))
+                } else {
+                    base_lr
+                });
                 let batch = loader
                     .next_batch()
                     .ok_or_else(|| Error::Index("the loader stopped early".into()))??;
@@ -320,7 +329,7 @@ pub(crate) fn train_extractor(db: &Db, name: &str, opts: TrainOptions) -> Result
                 let pairs = mined.pairs();
                 let mut loss_value = 0.0;
                 if pairs > 0 {
-                    let loss = loss_of(name, trainable.as_ref(), &emb, &mined, dim)?;
+                    let loss = loss_of(name, trainable.as_ref(), &emb, &batch.labels, &mined, dim)?;
                     loss_value = loss.to_scalar::<f32>().map_err(&c_err)?;
                     if !loss_value.is_finite() {
                         return Err(Error::Diverged {
@@ -388,8 +397,8 @@ pub(crate) fn train_extractor(db: &Db, name: &str, opts: TrainOptions) -> Result
                         };
                         let gain = mean(k) - (mean(k - 1) + mean(k - 2) + mean(k - 3)) / 3.0;
                         if gain < alpha {
-                            let lr = optimiser.learning_rate() * 0.5;
-                            optimiser.set_learning_rate(lr);
+                            base_lr *= 0.5;
+                            optimiser.set_learning_rate(base_lr);
                             since_decay = 0;
                         }
                     }
@@ -403,7 +412,7 @@ pub(crate) fn train_extractor(db: &Db, name: &str, opts: TrainOptions) -> Result
                 epochs_done: epochs_done as u32,
                 weights: trainable.save_weights().map_err(plugin_err(name))?,
                 optimiser: optimiser.state().map_err(plugin_err(name))?,
-                lr: optimiser.learning_rate(),
+                lr: base_lr,
                 since_decay,
                 history: history.clone(),
                 steps: steps_done,
@@ -517,11 +526,18 @@ pub(crate) fn train_extractor(db: &Db, name: &str, opts: TrainOptions) -> Result
     })
 }
 
+/// The learning rate `done` (0 to 1) of the way through a run annealed along a half cosine
+/// from `base` to 0.
+fn cosine_annealed(base: f64, done: f64) -> f64 {
+    base * 0.5 * (1.0 + (std::f64::consts::PI * done.clamp(0.0, 1.0)).cos())
+}
+
 /// The plugin's loss over the mined pairs or groups, on rows of `emb` (N x dim).
 fn loss_of(
     name: &str,
     t: &dyn Trainable,
     emb: &Tensor,
+    labels: &[u32],
     mined: &Mined,
     dim: usize,
 ) -> Result<Tensor> {
@@ -562,5 +578,31 @@ fn loss_of(
             })
             .map_err(|e| Error::plugin(name, e))
         }
+        Mined::Labelled { .. } => {
+            let labels = Tensor::new(labels, &Device::Cpu).map_err(c_err)?;
+            t.loss(TrainingBatch::Labelled {
+                embeddings: emb,
+                labels: &labels,
+            })
+            .map_err(|e| Error::plugin(name, e))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cosine_annealed;
+
+    #[test]
+    fn cosine_annealing_starts_at_the_rate_and_ends_at_zero() {
+        assert_eq!(cosine_annealed(0.1, 0.0), 0.1);
+        assert!((cosine_annealed(0.1, 0.5) - 0.05).abs() < 1e-12);
+        assert!(cosine_annealed(0.1, 1.0).abs() < 1e-12);
+        // Past the end (a clock-limited run's last step) it stays at 0, never turns back up.
+        assert!(cosine_annealed(0.1, 1.3).abs() < 1e-12);
+        let rates: Vec<f64> = (0..=10)
+            .map(|i| cosine_annealed(1.0, i as f64 / 10.0))
+            .collect();
+        assert!(rates.windows(2).all(|w| w[1] < w[0]));
     }
 }

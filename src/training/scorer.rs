@@ -1,6 +1,8 @@
 //! Scorer training jobs ([`crate::Db::train_scorer`]): the MLP paper's similarity network on
 //! |x1 - x2| of the active model's stored embeddings. Balanced pairs (50/50, balanced over
-//! labels, drawn afresh each epoch from the training images; §4.2), Nesterov SGD (momentum 0.8)
+//! labels, drawn afresh each epoch from the training images; §4.2) mixed with near-neighbour
+//! pairs (an anchor and one of its nearest training images: the pairs re-ranking asks about,
+//! which random pairs almost never are), Nesterov SGD (momentum 0.8)
 //! with the paper's optional decay rule, and an evaluation that follows the paper's Table 2
 //! when labels are held out of training entirely: accuracy for similar/dissimilar pairs of seen
 //! and unseen labels, plus ROC-AUC and the ROC curve over every validation pair.
@@ -11,7 +13,7 @@ use std::time::Instant;
 
 use lookalike_plugin::candle_core::{Device, Tensor};
 use lookalike_plugin::nn::{Optimiser, SgdNesterov};
-use lookalike_plugin::{PairScorer, TrainableScorer};
+use lookalike_plugin::{Metric, PairScorer, TrainableScorer};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -29,8 +31,19 @@ pub struct ScorerTrainOptions {
     pub config: String,
     /// Epochs.
     pub epochs: usize,
-    /// Training pairs drawn per epoch (half similar).
+    /// Training pairs drawn per epoch.
     pub pairs_per_epoch: usize,
+    /// Share of each epoch's pairs taken from near neighbours: an anchor and one of its
+    /// `neighbours` nearest training images under the active model, similar or not as their
+    /// labels say. These are the pairs re-ranking ([`crate::Query::rerank`]) asks the scorer
+    /// about; the rest are the paper's balanced pairs (half similar). 0 gives the paper's
+    /// recipe alone.
+    pub neighbour_share: f64,
+    /// How many nearest training images of an anchor its neighbour pairs come from.
+    pub neighbours: usize,
+    /// Anchors (a seeded sample of the training images) whose neighbours are searched once at
+    /// the start of the job.
+    pub neighbour_anchors: usize,
     /// Pairs per optimiser step.
     pub batch: usize,
     /// Learning rate of SGD with Nesterov momentum.
@@ -57,6 +70,9 @@ impl Default for ScorerTrainOptions {
             config: String::new(),
             epochs: 10,
             pairs_per_epoch: 20_000,
+            neighbour_share: 0.5,
+            neighbours: 20,
+            neighbour_anchors: 20_000,
             batch: 256,
             lr: 0.05,
             momentum: 0.8,
@@ -146,6 +162,62 @@ fn balanced_pairs(groups: &[Vec<usize>], n: usize, rng: &mut StdRng) -> Vec<Pair
     }
     out.shuffle(rng);
     out
+}
+
+/// For each of `anchors` (rows of `table`), its `k` nearest rows among `pool` under `metric`
+/// (itself left out), nearest first. Blocks of anchors against the whole pool, one matrix
+/// product each.
+fn nearest_rows(
+    table: &[Vec<f32>],
+    anchors: &[usize],
+    pool: &[usize],
+    k: usize,
+    metric: Metric,
+) -> Result<Vec<Vec<usize>>> {
+    let to = |e: lookalike_plugin::candle_core::Error| Error::plugin("scorer training", e.into());
+    let dim = table.first().map_or(0, Vec::len);
+    let matrix = |rows: &[usize]| -> Result<Tensor> {
+        let v: Vec<f32> = rows
+            .iter()
+            .flat_map(|r| table[*r].iter().copied())
+            .collect();
+        Tensor::from_vec(v, (rows.len(), dim), &Device::Cpu).map_err(to)
+    };
+    let norms: Vec<f32> = pool
+        .iter()
+        .map(|r| table[*r].iter().map(|x| x * x).sum())
+        .collect();
+    let pool_t = matrix(pool)?.t().map_err(to)?;
+    let mut out = Vec::with_capacity(anchors.len());
+    for block in anchors.chunks(256) {
+        let dots = matrix(block)?
+            .matmul(&pool_t)
+            .and_then(|m| m.to_vec2::<f32>())
+            .map_err(to)?;
+        for (a, row) in block.iter().zip(dots) {
+            // Smaller is nearer: -a.b for cosine (unit rows), |b|^2 - 2 a.b for L2 (|a|^2 is
+            // the same for every candidate).
+            let mut scored: Vec<(f32, usize)> = row
+                .iter()
+                .zip(pool.iter().zip(&norms))
+                .filter(|(_, (r, _))| **r != *a)
+                .map(|(d, (r, n))| match metric {
+                    Metric::Cosine => (-d, *r),
+                    Metric::L2 => (n - 2.0 * d, *r),
+                })
+                .collect();
+            let k = k.min(scored.len());
+            if k == 0 {
+                out.push(Vec::new());
+                continue;
+            }
+            scored.select_nth_unstable_by(k - 1, |x, y| x.0.total_cmp(&y.0));
+            scored.truncate(k);
+            scored.sort_by(|x, y| x.0.total_cmp(&y.0));
+            out.push(scored.into_iter().map(|x| x.1).collect());
+        }
+    }
+    Ok(out)
 }
 
 /// Pairs between two pools of groups: one image from a group of `a`, one from a group of `b`.
@@ -308,13 +380,48 @@ pub(crate) fn train_scorer(db: &Db, name: &str, opts: ScorerTrainOptions) -> Res
         .ok_or_else(|| Error::NotTrainable(name.to_string()))?
         .map_err(|e| Error::plugin(name, e))?;
     let mut optimiser = SgdNesterov::new(trainable.vars(), opts.lr, opts.momentum, 0.0);
+    // Near-neighbour pairs: each sampled anchor's nearest training images, found once.
+    let mut group_of = vec![usize::MAX; table.len()];
+    for (g, rows) in train.iter().enumerate() {
+        for r in rows {
+            group_of[*r] = g;
+        }
+    }
+    let pool: Vec<usize> = train.iter().flatten().copied().collect();
+    let neighbour_pairs = ((opts.pairs_per_epoch as f64 * opts.neighbour_share.clamp(0.0, 1.0))
+        .round() as usize)
+        .min(opts.pairs_per_epoch);
+    let neighbourhoods: Vec<(usize, Vec<usize>)> = if neighbour_pairs > 0 && opts.neighbours > 0 {
+        let mut anchors = pool.clone();
+        anchors.shuffle(&mut rng);
+        anchors.truncate(opts.neighbour_anchors.max(1));
+        let near = nearest_rows(&table, &anchors, &pool, opts.neighbours, model.metric)?;
+        anchors
+            .into_iter()
+            .zip(near)
+            .filter(|(_, n)| !n.is_empty())
+            .collect()
+    } else {
+        Vec::new()
+    };
     let c_err = |e: lookalike_plugin::candle_core::Error| Error::plugin(name, e.into());
     let mut history = Vec::new();
     let mut since_decay = 0;
     let mut pairs_seen = 0u64;
     for epoch in 0..opts.epochs {
         let mut rng = StdRng::seed_from_u64(derive_seed(opts.seed, epoch, 0, 8));
-        let pairs = balanced_pairs(&train, opts.pairs_per_epoch, &mut rng);
+        let near = if neighbourhoods.is_empty() {
+            0
+        } else {
+            neighbour_pairs
+        };
+        let mut pairs = balanced_pairs(&train, opts.pairs_per_epoch - near, &mut rng);
+        for _ in 0..near {
+            let (a, n) = &neighbourhoods[rng.random_range(0..neighbourhoods.len())];
+            let b = n[rng.random_range(0..n.len())];
+            pairs.push((*a, b, group_of[*a] == group_of[b]));
+        }
+        pairs.shuffle(&mut rng);
         for (step, chunk) in pairs.chunks(opts.batch).enumerate() {
             if opts.cancel.as_ref().is_some_and(|c| c.is_cancelled()) {
                 return Err(Error::Cancelled);
@@ -387,4 +494,27 @@ pub(crate) fn train_scorer(db: &Db, name: &str, opts: ScorerTrainOptions) -> Res
         pairs_seen,
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearest_rows_orders_by_the_metric_and_leaves_the_anchor_out() {
+        // Points on a line (L2) and unit vectors at growing angles (cosine).
+        let line: Vec<Vec<f32>> = [0.0f32, 1.0, 3.0, 3.5, 10.0]
+            .iter()
+            .map(|x| vec![*x, 0.0])
+            .collect();
+        let pool: Vec<usize> = (0..5).collect();
+        let near = nearest_rows(&line, &[2, 0], &pool, 3, Metric::L2).expect("nearest");
+        assert_eq!(near, vec![vec![3, 1, 0], vec![1, 2, 3]]);
+        let unit: Vec<Vec<f32>> = [0.0f32, 0.3, 1.0, 2.0]
+            .iter()
+            .map(|a| vec![a.cos(), a.sin()])
+            .collect();
+        let near = nearest_rows(&unit, &[0], &[0, 1, 2, 3], 10, Metric::Cosine).expect("cos");
+        assert_eq!(near, vec![vec![1, 2, 3]]);
+    }
 }

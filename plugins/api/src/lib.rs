@@ -241,6 +241,14 @@ pub enum TrainingBatch<'a> {
         /// N values, 0 or 1 (f32).
         dissimilar: &'a Tensor,
     },
+    /// The whole batch with its labels, for objectives that weigh every pair of the batch
+    /// at once (the supervised contrastive loss: `nn::supcon_loss` with the `nn` feature).
+    Labelled {
+        /// N x D.
+        embeddings: &'a Tensor,
+        /// N integer labels (u32).
+        labels: &'a Tensor,
+    },
     /// One positive and K negatives per anchor (the fused paper's 1 + N batch).
     OneVsMany {
         /// N x D.

@@ -395,6 +395,39 @@ pub fn contrastive_loss(
     ((pos + neg)? * 0.5)?.mean_all()
 }
 
+/// The supervised contrastive loss of Khosla et al. (2020, Eq. 2, "L_out"), over every pair of
+/// a labelled batch: each row's cosine similarities to the other rows, divided by
+/// `temperature`, go through a softmax, and the loss is the mean negative log-probability of
+/// the rows that share its label. Rows are L2-normalised here; rows without a positive in the
+/// batch count only through the other rows' denominators. `labels` holds N integer labels
+/// (u32 or i64), `embeddings` is N x D.
+pub fn supcon_loss(
+    embeddings: &Tensor,
+    labels: &Tensor,
+    temperature: f64,
+) -> candle_core::Result<Tensor> {
+    let n = embeddings.dim(0)?;
+    let dev = embeddings.device();
+    let z = l2_normalize(embeddings)?;
+    let labels = labels.to_dtype(DType::F32)?;
+    let same = labels
+        .reshape((n, 1))?
+        .broadcast_eq(&labels.reshape((1, n))?)?
+        .to_dtype(DType::F32)?;
+    let eye = Tensor::eye(n, DType::F32, dev)?;
+    let positive = (same - &eye)?;
+    // |s| <= 1 / temperature, so the exponentials cannot overflow for any sane temperature;
+    // the diagonal is pushed far down so that a row never counts itself.
+    let s = ((z.matmul(&z.t()?)? / temperature)? - (eye * 1e4)?)?;
+    let log_denominator = s.exp()?.sum_keepdim(1)?.log()?;
+    let log_p = s.broadcast_sub(&log_denominator)?;
+    let count = positive.sum_keepdim(1)?;
+    let has_positive = count.gt(0f64)?.to_dtype(DType::F32)?;
+    let per_row = ((&log_p * &positive)?.sum_keepdim(1)? / count.clamp(1f32, f32::MAX)?)?;
+    let rows = has_positive.sum_all()?.clamp(1f32, f32::MAX)?;
+    ((per_row * has_positive)?.sum_all()? / rows)?.neg()
+}
+
 /// Max pooling with a `k x k` window, `stride` and `padding`, differentiable for every
 /// window/stride combination: the fast kernel ([`crate::ops::max_pool2d`]) on CPU f32 tensors,
 /// and otherwise plain tensor ops (candle's own max pool has no gradient when windows overlap),
@@ -485,6 +518,42 @@ pub fn load_prefixed(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn supcon_matches_a_direct_computation() {
+        let rng = TrainRng::seeded(3);
+        let x = rng.randn(0f32, 1f32, (6, 4), &Device::Cpu).unwrap();
+        // Label 7 has no positive: it only appears in the others' denominators.
+        let labels = [1u32, 2, 1, 2, 2, 7];
+        let t = Tensor::new(&labels[..], &Device::Cpu).unwrap();
+        let ours = supcon_loss(&x, &t, 0.5)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let z = l2_normalize(&x).unwrap().to_vec2::<f32>().unwrap();
+        let dot = |i: usize, j: usize| -> f64 { (0..4).map(|k| (z[i][k] * z[j][k]) as f64).sum() };
+        let (mut total, mut rows) = (0f64, 0f64);
+        for i in 0..6 {
+            let denom: f64 = (0..6)
+                .filter(|j| *j != i)
+                .map(|j| (dot(i, j) / 0.5).exp())
+                .sum();
+            let pos: Vec<usize> = (0..6)
+                .filter(|j| *j != i && labels[*j] == labels[i])
+                .collect();
+            if pos.is_empty() {
+                continue;
+            }
+            let l: f64 = pos
+                .iter()
+                .map(|j| -((dot(i, *j) / 0.5).exp() / denom).ln())
+                .sum();
+            total += l / pos.len() as f64;
+            rows += 1.0;
+        }
+        let direct = total / rows;
+        assert!((ours as f64 - direct).abs() < 1e-5, "{ours} vs {direct}");
+    }
 
     #[test]
     fn max_pool_matches_candle_forward_and_has_a_gradient() {

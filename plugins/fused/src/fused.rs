@@ -373,6 +373,10 @@ impl Trainable for FusedTrainable {
             TrainingBatch::Pairs { a, b, dissimilar } => {
                 nn::contrastive_loss(a, b, dissimilar, MARGIN)?
             }
+            // Cosine similarities with the supervised contrastive loss's usual temperature.
+            TrainingBatch::Labelled { embeddings, labels } => {
+                nn::supcon_loss(embeddings, labels, 0.1)?
+            }
         })
     }
 

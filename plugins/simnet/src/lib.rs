@@ -29,6 +29,11 @@ use lookalike_plugin::{
 /// The contrastive loss margin `m` of Eq. 1.
 pub const MARGIN: f64 = 1.0;
 
+/// The temperature of the supervised contrastive loss on labelled batches (the `supcon`
+/// miner): 0.1, Khosla et al.'s value, which also beat the contrastive loss in a 3-minute
+/// Fashion-MNIST probe (accuracy@1 87.7 % against 84.3 %).
+pub const TEMPERATURE: f64 = 0.1;
+
 /// A shallow branch: the input average-pooled by `factor`, one convolution, ReLU, max pool,
 /// a linear layer to `dim`.
 #[derive(Debug, Clone, PartialEq)]
@@ -381,6 +386,9 @@ impl Trainable for SimNetTrainable {
         match batch {
             TrainingBatch::Pairs { a, b, dissimilar } => {
                 Ok(nn::contrastive_loss(a, b, dissimilar, MARGIN)?)
+            }
+            TrainingBatch::Labelled { embeddings, labels } => {
+                Ok(nn::supcon_loss(embeddings, labels, TEMPERATURE)?)
             }
             TrainingBatch::OneVsMany {
                 anchor,
