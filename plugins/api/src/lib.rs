@@ -229,7 +229,10 @@ pub trait ExtractorPlugin: Send + Sync + Debug + 'static {
 }
 
 /// The embeddings a training objective compares, computed by [`Trainable::forward_train`].
+/// New kinds may be added: a plugin's `loss` answers kinds it has no objective for with
+/// [`PluginError::UnsupportedBatch`].
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum TrainingBatch<'a> {
     /// Pairs of rows: `a[i]` against `b[i]`; `dissimilar[i]` is 1 for a negative pair, 0 for
     /// a positive one (the SimNet paper's `Y`).
@@ -258,6 +261,17 @@ pub enum TrainingBatch<'a> {
         /// N x K x D.
         negatives: &'a Tensor,
     },
+}
+
+impl TrainingBatch<'_> {
+    /// The kind's name: `pairs`, `labelled` or `one-vs-many`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            TrainingBatch::Pairs { .. } => "pairs",
+            TrainingBatch::Labelled { .. } => "labelled",
+            TrainingBatch::OneVsMany { .. } => "one-vs-many",
+        }
+    }
 }
 
 /// A model being trained: forward with gradients, its objective, its parameters.
@@ -375,6 +389,14 @@ pub enum PluginError {
     /// The extractor's declaration is unusable.
     #[error("invalid extractor declaration: {0}")]
     InvalidSpec(String),
+    /// The plugin's loss does not take this kind of training batch (choose another miner).
+    #[error("this plugin's loss does not take {got} batches; it takes {takes}")]
+    UnsupportedBatch {
+        /// The kind passed ([`TrainingBatch::kind`]).
+        got: &'static str,
+        /// The kinds the plugin takes, comma-separated.
+        takes: String,
+    },
 }
 
 /// Checks that `batch` is `N x C x H x W` as `spec` declares; a helper for implementers.

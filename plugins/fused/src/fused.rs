@@ -377,6 +377,12 @@ impl Trainable for FusedTrainable {
             TrainingBatch::Labelled { embeddings, labels } => {
                 nn::supcon_loss(embeddings, labels, 0.1)?
             }
+            other => {
+                return Err(PluginError::UnsupportedBatch {
+                    got: other.kind(),
+                    takes: "one-vs-many, pairs, labelled".into(),
+                })
+            }
         })
     }
 

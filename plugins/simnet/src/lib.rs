@@ -412,6 +412,10 @@ impl Trainable for SimNetTrainable {
                 )?;
                 Ok(nn::contrastive_loss(&a, &b, &y, MARGIN)?)
             }
+            other => Err(PluginError::UnsupportedBatch {
+                got: other.kind(),
+                takes: "pairs, labelled, one-vs-many".into(),
+            }),
         }
     }
 
