@@ -2,11 +2,12 @@
 //! the labelled images the database holds, evaluates it on a held-out split, re-embeds every
 //! image with it, builds its index and switches to it in one step.
 //!
-//! The life cycle of a job ([`job`]): snapshot the labelled images and split them (stratified,
+//! The life cycle of a job (`job.rs`): snapshot the labelled images and split them (stratified,
 //! seeded) -> evaluate the active model on the held-out split -> for each epoch, batches of
 //! P labels x K images plus random others are loaded, decoded and augmented on worker threads
-//! ([`loader`]), embedded with the current weights, mined for pairs ([`miners`]) and used
-//! for one optimiser step -> after each epoch: validation metrics, learning-rate decay,
+//! (`loader.rs`), embedded with the current weights, mined for pairs ([`miners`]; the default
+//! `supcon` passes the whole labelled batch to the loss) and used for one optimiser step
+//! (cosine-annealed rate) -> after each epoch: validation metrics, learning-rate decay,
 //! a checkpoint in the store -> at the end, a new model version, re-embedding, index, switch.
 //! See `docs/training.md`.
 
