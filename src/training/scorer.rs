@@ -165,14 +165,27 @@ fn balanced_pairs(groups: &[Vec<usize>], n: usize, rng: &mut StdRng) -> Vec<Pair
 }
 
 /// For each of `anchors` (rows of `table`), its `k` nearest rows among `pool` under `metric`
-/// (itself left out), nearest first. Blocks of anchors against the whole pool, one matrix
-/// product each.
+/// (itself left out), nearest first. Blocks of `POOL_BLOCK` pool rows against blocks of 256
+/// anchors, one matrix product each, so that memory stays at one block of the pool however
+/// large the database (the table itself is already in memory).
 fn nearest_rows(
     table: &[Vec<f32>],
     anchors: &[usize],
     pool: &[usize],
     k: usize,
     metric: Metric,
+) -> Result<Vec<Vec<usize>>> {
+    const POOL_BLOCK: usize = 8192;
+    nearest_rows_blocked(table, anchors, pool, k, metric, POOL_BLOCK)
+}
+
+fn nearest_rows_blocked(
+    table: &[Vec<f32>],
+    anchors: &[usize],
+    pool: &[usize],
+    k: usize,
+    metric: Metric,
+    pool_block: usize,
 ) -> Result<Vec<Vec<usize>>> {
     let to = |e: lookalike_plugin::candle_core::Error| Error::plugin("scorer training", e.into());
     let dim = table.first().map_or(0, Vec::len);
@@ -183,41 +196,52 @@ fn nearest_rows(
             .collect();
         Tensor::from_vec(v, (rows.len(), dim), &Device::Cpu).map_err(to)
     };
-    let norms: Vec<f32> = pool
-        .iter()
-        .map(|r| table[*r].iter().map(|x| x * x).sum())
-        .collect();
-    let pool_t = matrix(pool)?.t().map_err(to)?;
-    let mut out = Vec::with_capacity(anchors.len());
-    for block in anchors.chunks(256) {
-        let dots = matrix(block)?
-            .matmul(&pool_t)
-            .and_then(|m| m.to_vec2::<f32>())
-            .map_err(to)?;
-        for (a, row) in block.iter().zip(dots) {
-            // Smaller is nearer: -a.b for cosine (unit rows), |b|^2 - 2 a.b for L2 (|a|^2 is
-            // the same for every candidate).
-            let mut scored: Vec<(f32, usize)> = row
-                .iter()
-                .zip(pool.iter().zip(&norms))
-                .filter(|(_, (r, _))| **r != *a)
-                .map(|(d, (r, n))| match metric {
-                    Metric::Cosine => (-d, *r),
-                    Metric::L2 => (n - 2.0 * d, *r),
-                })
-                .collect();
-            let k = k.min(scored.len());
-            if k == 0 {
-                out.push(Vec::new());
-                continue;
+    // Keeps the `k` smallest (distance, row) candidates, sorted nearest first.
+    let keep_best = |c: &mut Vec<(f32, usize)>| {
+        if c.len() > k {
+            c.select_nth_unstable_by(k, |x, y| x.0.total_cmp(&y.0));
+            c.truncate(k);
+        }
+    };
+    if k == 0 {
+        return Ok(vec![Vec::new(); anchors.len()]);
+    }
+    let mut best: Vec<Vec<(f32, usize)>> = vec![Vec::new(); anchors.len()];
+    for rows in pool.chunks(pool_block.max(1)) {
+        let norms: Vec<f32> = rows
+            .iter()
+            .map(|r| table[*r].iter().map(|x| x * x).sum())
+            .collect();
+        let block_t = matrix(rows)?.t().map_err(to)?;
+        for (b, block) in anchors.chunks(256).enumerate() {
+            let dots = matrix(block)?
+                .matmul(&block_t)
+                .and_then(|m| m.to_vec2::<f32>())
+                .map_err(to)?;
+            for (i, (a, row)) in block.iter().zip(dots).enumerate() {
+                let c = &mut best[b * 256 + i];
+                // Smaller is nearer: -a.b for cosine (unit rows), |b|^2 - 2 a.b for L2 (|a|^2
+                // is the same for every candidate).
+                c.extend(
+                    row.iter()
+                        .zip(rows.iter().zip(&norms))
+                        .filter(|(_, (r, _))| **r != *a)
+                        .map(|(d, (r, n))| match metric {
+                            Metric::Cosine => (-d, *r),
+                            Metric::L2 => (n - 2.0 * d, *r),
+                        }),
+                );
+                keep_best(c);
             }
-            scored.select_nth_unstable_by(k - 1, |x, y| x.0.total_cmp(&y.0));
-            scored.truncate(k);
-            scored.sort_by(|x, y| x.0.total_cmp(&y.0));
-            out.push(scored.into_iter().map(|x| x.1).collect());
         }
     }
-    Ok(out)
+    Ok(best
+        .into_iter()
+        .map(|mut c| {
+            c.sort_by(|x, y| x.0.total_cmp(&y.0));
+            c.into_iter().map(|x| x.1).collect()
+        })
+        .collect())
 }
 
 /// Pairs between two pools of groups: one image from a group of `a`, one from a group of `b`.
@@ -516,5 +540,11 @@ mod tests {
             .collect();
         let near = nearest_rows(&unit, &[0], &[0, 1, 2, 3], 10, Metric::Cosine).expect("cos");
         assert_eq!(near, vec![vec![1, 2, 3]]);
+        // Pool blocks of two rows merge to the same answer as one block.
+        let blocked =
+            nearest_rows_blocked(&line, &[2, 0, 4], &pool, 3, Metric::L2, 2).expect("blocked");
+        let whole = nearest_rows(&line, &[2, 0, 4], &pool, 3, Metric::L2).expect("whole");
+        assert_eq!(blocked, whole);
+        assert_eq!(whole[2], vec![3, 2, 1]);
     }
 }
