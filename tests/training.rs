@@ -191,6 +191,24 @@ fn cancelling_leaves_the_database_as_it_was() {
 }
 
 #[test]
+fn every_miner_trains_through_the_job() {
+    // The default is `supcon`; the paper's miners go through the same job end to end, each
+    // with its own batch kind (pairs, one-vs-many) reaching the plugin's loss.
+    let dir = tempdir();
+    let db = filled(dir.path(), relaxed());
+    for miner in lookalike::training::miners::MINERS {
+        let r = db
+            .train_extractor_with("simnet", quick().epochs(1).miner(*miner).activate(false))
+            .unwrap_or_else(|e| panic!("{miner}: {e}"));
+        assert_eq!(r.miner, *miner);
+        assert!(r.pairs_seen > 0, "{miner} saw no pairs");
+        assert!(r.after.accuracy_at_1.is_finite(), "{miner}");
+    }
+    // Models were stored, never activated.
+    assert_eq!(db.active_model().version, 1);
+}
+
+#[test]
 fn bad_requests_are_typed_errors() {
     let dir = tempdir();
     let db = filled(dir.path(), relaxed());
