@@ -63,7 +63,7 @@ pub(crate) fn sample<T: Clone>(items: &[T], n: usize, seed: u64) -> Vec<T> {
 }
 
 /// Metrics of `queries` against `gallery` (embeddings with labels), exact search under
-/// `metric`, computed with matrix products in chunks of queries.
+/// `metric` ([`nearest`]).
 pub(crate) fn retrieval(
     queries: &[(Vec<f32>, u32)],
     gallery: &[(Vec<f32>, u32)],
@@ -74,53 +74,22 @@ pub(crate) fn retrieval(
             "no validation queries or no gallery images to evaluate with".into(),
         ));
     }
-    let dim = gallery[0].0.len();
-    let to_err = |e: lookalike_plugin::candle_core::Error| Error::plugin("evaluation", e.into());
-    let g_flat: Vec<f32> = gallery
-        .iter()
-        .flat_map(|(v, _)| v.iter().copied())
-        .collect();
-    let g = Tensor::from_vec(g_flat, (gallery.len(), dim), &Device::Cpu).map_err(to_err)?;
-    let gt = g.t().map_err(to_err)?;
-    let g_norm: Vec<f32> = gallery
-        .iter()
-        .map(|(v, _)| v.iter().map(|x| x * x).sum())
-        .collect();
+    let q: Vec<&[f32]> = queries.iter().map(|(v, _)| v.as_slice()).collect();
+    let g: Vec<&[f32]> = gallery.iter().map(|(v, _)| v.as_slice()).collect();
+    let found = nearest(&q, &g, 10, metric, |_, _| false)?;
     let (mut top1, mut ap_sum) = (0usize, 0f64);
-    for chunk in queries.chunks(256) {
-        let q_flat: Vec<f32> = chunk.iter().flat_map(|(v, _)| v.iter().copied()).collect();
-        let q = Tensor::from_vec(q_flat, (chunk.len(), dim), &Device::Cpu).map_err(to_err)?;
-        let dots = q
-            .matmul(&gt)
-            .and_then(|d| d.to_vec2::<f32>())
-            .map_err(to_err)?;
-        for ((_, label), row) in chunk.iter().zip(dots) {
-            // Smaller is nearer: 1 - cos for unit vectors, |g|^2 - 2 q.g for L2 (|q|^2 is
-            // the same for every gallery item).
-            let mut scored: Vec<(f32, usize)> = row
-                .iter()
-                .enumerate()
-                .map(|(i, d)| match metric {
-                    Metric::Cosine => (1.0 - d, i),
-                    Metric::L2 => (g_norm[i] - 2.0 * d, i),
-                })
-                .collect();
-            let k = 10.min(scored.len());
-            scored.select_nth_unstable_by(k - 1, |a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
-            scored.truncate(k);
-            scored.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
-            if gallery[scored[0].1].1 == *label {
-                top1 += 1;
-            }
-            let (mut rel, mut ap) = (0usize, 0f64);
-            for (rank, (_, i)) in scored.iter().enumerate() {
-                if gallery[*i].1 == *label {
-                    rel += 1;
-                    ap += rel as f64 / (rank + 1) as f64;
-                }
-            }
-            ap_sum += ap / 10.0;
+    for ((_, label), near) in queries.iter().zip(found) {
+        if near.first().is_some_and(|i| gallery[*i].1 == *label) {
+            top1 += 1;
         }
+        let (mut rel, mut ap) = (0usize, 0f64);
+        for (rank, i) in near.iter().enumerate() {
+            if gallery[*i].1 == *label {
+                rel += 1;
+                ap += rel as f64 / (rank + 1) as f64;
+            }
+        }
+        ap_sum += ap / 10.0;
     }
     let n = queries.len() as f64;
     Ok(Metrics {
@@ -128,6 +97,80 @@ pub(crate) fn retrieval(
         map_at_10: ap_sum / n,
         queries: queries.len(),
     })
+}
+
+/// The `k` nearest `gallery` rows of each query under `metric`, by exact search: indices into
+/// `gallery`, nearest first, ties broken by index, leaving out the pairs for which
+/// `skip(query, gallery_row)` holds. Blocks of 256 queries against blocks of 8,192 gallery
+/// rows, one matrix product each, so memory beyond the inputs stays at one gallery block.
+pub(crate) fn nearest(
+    queries: &[&[f32]],
+    gallery: &[&[f32]],
+    k: usize,
+    metric: Metric,
+    skip: impl Fn(usize, usize) -> bool,
+) -> Result<Vec<Vec<usize>>> {
+    nearest_blocked(queries, gallery, k, metric, skip, 8192)
+}
+
+fn nearest_blocked(
+    queries: &[&[f32]],
+    gallery: &[&[f32]],
+    k: usize,
+    metric: Metric,
+    skip: impl Fn(usize, usize) -> bool,
+    gallery_block: usize,
+) -> Result<Vec<Vec<usize>>> {
+    if k == 0 || gallery.is_empty() {
+        return Ok(vec![Vec::new(); queries.len()]);
+    }
+    let to_err = |e: lookalike_plugin::candle_core::Error| Error::plugin("exact search", e.into());
+    let dim = gallery[0].len();
+    let matrix = |rows: &[&[f32]]| -> Result<Tensor> {
+        let flat: Vec<f32> = rows.iter().flat_map(|v| v.iter().copied()).collect();
+        Tensor::from_vec(flat, (rows.len(), dim), &Device::Cpu).map_err(to_err)
+    };
+    let order = |a: &(f32, usize), b: &(f32, usize)| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1));
+    let mut best: Vec<Vec<(f32, usize)>> = vec![Vec::new(); queries.len()];
+    for (gb, rows) in gallery.chunks(gallery_block.max(1)).enumerate() {
+        let first = gb * gallery_block.max(1);
+        let norms: Vec<f32> = rows.iter().map(|v| v.iter().map(|x| x * x).sum()).collect();
+        let gt = matrix(rows)?.t().map_err(to_err)?;
+        for (qb, chunk) in queries.chunks(256).enumerate() {
+            let dots = matrix(chunk)?
+                .matmul(&gt)
+                .and_then(|d| d.to_vec2::<f32>())
+                .map_err(to_err)?;
+            for (i, row) in dots.into_iter().enumerate() {
+                let q = qb * 256 + i;
+                let candidates = &mut best[q];
+                // Smaller is nearer: -q.g for unit vectors (cosine), |g|^2 - 2 q.g for L2
+                // (|q|^2 is the same for every gallery row).
+                candidates.extend(
+                    row.iter()
+                        .zip(&norms)
+                        .enumerate()
+                        .map(|(j, (d, n))| (first + j, d, n))
+                        .filter(|(g, _, _)| !skip(q, *g))
+                        .map(|(g, d, n)| match metric {
+                            Metric::Cosine => (-d, g),
+                            Metric::L2 => (n - 2.0 * d, g),
+                        }),
+                );
+                if candidates.len() > k {
+                    candidates.select_nth_unstable_by(k - 1, order);
+                    candidates.truncate(k);
+                }
+            }
+        }
+    }
+    Ok(best
+        .into_iter()
+        .map(|mut c| {
+            c.sort_by(order);
+            c.into_iter().map(|x| x.1).collect()
+        })
+        .collect())
 }
 
 /// Area under the ROC curve of scores for positives (`label` true) against negatives, and the
@@ -192,6 +235,31 @@ mod tests {
         // Swapped labels: nothing right.
         let q = vec![(vec![0.0, 0.05], 1)];
         assert_eq!(retrieval(&q, &g, Metric::L2).unwrap().accuracy_at_1, 0.0);
+    }
+
+    #[test]
+    fn nearest_orders_by_the_metric_skips_and_merges_blocks() {
+        // Points on a line (L2) and unit vectors at growing angles (cosine).
+        let line: Vec<Vec<f32>> = [0.0f32, 1.0, 3.0, 3.5, 10.0]
+            .iter()
+            .map(|x| vec![*x, 0.0])
+            .collect();
+        let rows: Vec<&[f32]> = line.iter().map(Vec::as_slice).collect();
+        let queries = [rows[2], rows[0], rows[4]];
+        let own = [2, 0, 4];
+        let skip_self = |q: usize, g: usize| own[q] == g;
+        let whole = nearest(&queries, &rows, 3, Metric::L2, skip_self).unwrap();
+        assert_eq!(whole, vec![vec![3, 1, 0], vec![1, 2, 3], vec![3, 2, 1]]);
+        // Gallery blocks of two rows merge to the same answer as one block.
+        let blocked = nearest_blocked(&queries, &rows, 3, Metric::L2, skip_self, 2).unwrap();
+        assert_eq!(blocked, whole);
+        let unit: Vec<Vec<f32>> = [0.0f32, 0.3, 1.0, 2.0]
+            .iter()
+            .map(|a| vec![a.cos(), a.sin()])
+            .collect();
+        let rows: Vec<&[f32]> = unit.iter().map(Vec::as_slice).collect();
+        let near = nearest(&rows[..1], &rows, 10, Metric::Cosine, |_, g| g == 0).unwrap();
+        assert_eq!(near, vec![vec![1, 2, 3]]);
     }
 
     #[test]

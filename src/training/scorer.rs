@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use lookalike_plugin::candle_core::{Device, Tensor};
 use lookalike_plugin::nn::{Optimiser, SgdNesterov};
-use lookalike_plugin::{Metric, PairScorer, TrainableScorer};
+use lookalike_plugin::{PairScorer, TrainableScorer};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -162,86 +162,6 @@ fn balanced_pairs(groups: &[Vec<usize>], n: usize, rng: &mut StdRng) -> Vec<Pair
     }
     out.shuffle(rng);
     out
-}
-
-/// For each of `anchors` (rows of `table`), its `k` nearest rows among `pool` under `metric`
-/// (itself left out), nearest first. Blocks of `POOL_BLOCK` pool rows against blocks of 256
-/// anchors, one matrix product each, so that memory stays at one block of the pool however
-/// large the database (the table itself is already in memory).
-fn nearest_rows(
-    table: &[Vec<f32>],
-    anchors: &[usize],
-    pool: &[usize],
-    k: usize,
-    metric: Metric,
-) -> Result<Vec<Vec<usize>>> {
-    const POOL_BLOCK: usize = 8192;
-    nearest_rows_blocked(table, anchors, pool, k, metric, POOL_BLOCK)
-}
-
-fn nearest_rows_blocked(
-    table: &[Vec<f32>],
-    anchors: &[usize],
-    pool: &[usize],
-    k: usize,
-    metric: Metric,
-    pool_block: usize,
-) -> Result<Vec<Vec<usize>>> {
-    let to = |e: lookalike_plugin::candle_core::Error| Error::plugin("scorer training", e.into());
-    let dim = table.first().map_or(0, Vec::len);
-    let matrix = |rows: &[usize]| -> Result<Tensor> {
-        let v: Vec<f32> = rows
-            .iter()
-            .flat_map(|r| table[*r].iter().copied())
-            .collect();
-        Tensor::from_vec(v, (rows.len(), dim), &Device::Cpu).map_err(to)
-    };
-    // Keeps the `k` smallest (distance, row) candidates, sorted nearest first.
-    let keep_best = |c: &mut Vec<(f32, usize)>| {
-        if c.len() > k {
-            c.select_nth_unstable_by(k, |x, y| x.0.total_cmp(&y.0));
-            c.truncate(k);
-        }
-    };
-    if k == 0 {
-        return Ok(vec![Vec::new(); anchors.len()]);
-    }
-    let mut best: Vec<Vec<(f32, usize)>> = vec![Vec::new(); anchors.len()];
-    for rows in pool.chunks(pool_block.max(1)) {
-        let norms: Vec<f32> = rows
-            .iter()
-            .map(|r| table[*r].iter().map(|x| x * x).sum())
-            .collect();
-        let block_t = matrix(rows)?.t().map_err(to)?;
-        for (b, block) in anchors.chunks(256).enumerate() {
-            let dots = matrix(block)?
-                .matmul(&block_t)
-                .and_then(|m| m.to_vec2::<f32>())
-                .map_err(to)?;
-            for (i, (a, row)) in block.iter().zip(dots).enumerate() {
-                let c = &mut best[b * 256 + i];
-                // Smaller is nearer: -a.b for cosine (unit rows), |b|^2 - 2 a.b for L2 (|a|^2
-                // is the same for every candidate).
-                c.extend(
-                    row.iter()
-                        .zip(rows.iter().zip(&norms))
-                        .filter(|(_, (r, _))| **r != *a)
-                        .map(|(d, (r, n))| match metric {
-                            Metric::Cosine => (-d, *r),
-                            Metric::L2 => (n - 2.0 * d, *r),
-                        }),
-                );
-                keep_best(c);
-            }
-        }
-    }
-    Ok(best
-        .into_iter()
-        .map(|mut c| {
-            c.sort_by(|x, y| x.0.total_cmp(&y.0));
-            c.into_iter().map(|x| x.1).collect()
-        })
-        .collect())
 }
 
 /// Pairs between two pools of groups: one image from a group of `a`, one from a group of `b`.
@@ -412,35 +332,38 @@ pub(crate) fn train_scorer(db: &Db, name: &str, opts: ScorerTrainOptions) -> Res
         }
     }
     let pool: Vec<usize> = train.iter().flatten().copied().collect();
-    let neighbour_pairs = ((opts.pairs_per_epoch as f64 * opts.neighbour_share.clamp(0.0, 1.0))
+    let mut neighbour_pairs = ((opts.pairs_per_epoch as f64 * opts.neighbour_share.clamp(0.0, 1.0))
         .round() as usize)
         .min(opts.pairs_per_epoch);
     let neighbourhoods: Vec<(usize, Vec<usize>)> = if neighbour_pairs > 0 && opts.neighbours > 0 {
         let mut anchors = pool.clone();
         anchors.shuffle(&mut rng);
         anchors.truncate(opts.neighbour_anchors.max(1));
-        let near = nearest_rows(&table, &anchors, &pool, opts.neighbours, model.metric)?;
+        let queries: Vec<&[f32]> = anchors.iter().map(|a| table[*a].as_slice()).collect();
+        let gallery: Vec<&[f32]> = pool.iter().map(|r| table[*r].as_slice()).collect();
+        let near = eval::nearest(&queries, &gallery, opts.neighbours, model.metric, |q, g| {
+            pool[g] == anchors[q]
+        })?;
         anchors
-            .into_iter()
+            .iter()
             .zip(near)
             .filter(|(_, n)| !n.is_empty())
+            .map(|(a, n)| (*a, n.into_iter().map(|g| pool[g]).collect()))
             .collect()
     } else {
         Vec::new()
     };
+    if neighbourhoods.is_empty() {
+        neighbour_pairs = 0;
+    }
     let c_err = |e: lookalike_plugin::candle_core::Error| Error::plugin(name, e.into());
     let mut history = Vec::new();
     let mut since_decay = 0;
     let mut pairs_seen = 0u64;
     for epoch in 0..opts.epochs {
         let mut rng = StdRng::seed_from_u64(derive_seed(opts.seed, epoch, 0, 8));
-        let near = if neighbourhoods.is_empty() {
-            0
-        } else {
-            neighbour_pairs
-        };
-        let mut pairs = balanced_pairs(&train, opts.pairs_per_epoch - near, &mut rng);
-        for _ in 0..near {
+        let mut pairs = balanced_pairs(&train, opts.pairs_per_epoch - neighbour_pairs, &mut rng);
+        for _ in 0..neighbour_pairs {
             let (a, n) = &neighbourhoods[rng.random_range(0..neighbourhoods.len())];
             let b = n[rng.random_range(0..n.len())];
             pairs.push((*a, b, group_of[*a] == group_of[b]));
@@ -518,33 +441,4 @@ pub(crate) fn train_scorer(db: &Db, name: &str, opts: ScorerTrainOptions) -> Res
         pairs_seen,
         seconds: started.elapsed().as_secs_f64(),
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn nearest_rows_orders_by_the_metric_and_leaves_the_anchor_out() {
-        // Points on a line (L2) and unit vectors at growing angles (cosine).
-        let line: Vec<Vec<f32>> = [0.0f32, 1.0, 3.0, 3.5, 10.0]
-            .iter()
-            .map(|x| vec![*x, 0.0])
-            .collect();
-        let pool: Vec<usize> = (0..5).collect();
-        let near = nearest_rows(&line, &[2, 0], &pool, 3, Metric::L2).expect("nearest");
-        assert_eq!(near, vec![vec![3, 1, 0], vec![1, 2, 3]]);
-        let unit: Vec<Vec<f32>> = [0.0f32, 0.3, 1.0, 2.0]
-            .iter()
-            .map(|a| vec![a.cos(), a.sin()])
-            .collect();
-        let near = nearest_rows(&unit, &[0], &[0, 1, 2, 3], 10, Metric::Cosine).expect("cos");
-        assert_eq!(near, vec![vec![1, 2, 3]]);
-        // Pool blocks of two rows merge to the same answer as one block.
-        let blocked =
-            nearest_rows_blocked(&line, &[2, 0, 4], &pool, 3, Metric::L2, 2).expect("blocked");
-        let whole = nearest_rows(&line, &[2, 0, 4], &pool, 3, Metric::L2).expect("whole");
-        assert_eq!(blocked, whole);
-        assert_eq!(whole[2], vec![3, 2, 1]);
-    }
 }

@@ -284,11 +284,7 @@ impl TrainRng {
         shape: impl Into<candle_core::Shape>,
         device: &candle_core::Device,
     ) -> candle_core::Result<Tensor> {
-        let shape = shape.into();
-        let v: Vec<f32> = (0..shape.elem_count())
-            .map(|_| lo + (hi - lo) * self.unit() as f32)
-            .collect();
-        Tensor::from_vec(v, shape, device)
+        self.tensor(shape.into(), device, || lo + (hi - lo) * self.unit() as f32)
     }
 
     /// A tensor of normal values with `mean` and `std` (Box-Muller), drawn from this source.
@@ -299,14 +295,23 @@ impl TrainRng {
         shape: impl Into<candle_core::Shape>,
         device: &candle_core::Device,
     ) -> candle_core::Result<Tensor> {
-        let shape = shape.into();
-        let v: Vec<f32> = (0..shape.elem_count())
-            .map(|_| {
-                let u1 = self.unit().max(f64::MIN_POSITIVE);
-                let u2 = self.unit();
-                let z = (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos();
-                mean + std * z as f32
-            })
+        self.tensor(shape.into(), device, || {
+            let u1 = self.unit().max(f64::MIN_POSITIVE);
+            let u2 = self.unit();
+            let z = (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos();
+            mean + std * z as f32
+        })
+    }
+
+    /// A tensor of `shape` filled by `draw`, element by element.
+    fn tensor(
+        &self,
+        shape: candle_core::Shape,
+        device: &candle_core::Device,
+        draw: impl FnMut() -> f32,
+    ) -> candle_core::Result<Tensor> {
+        let v: Vec<f32> = std::iter::repeat_with(draw)
+            .take(shape.elem_count())
             .collect();
         Tensor::from_vec(v, shape, device)
     }
@@ -394,6 +399,9 @@ pub fn contrastive_loss(
     let neg = (&y * hinge)?;
     ((pos + neg)? * 0.5)?.mean_all()
 }
+
+/// The temperature of [`supcon_loss`] in the built-in plugins: Khosla et al.'s 0.1.
+pub const SUPCON_TEMPERATURE: f64 = 0.1;
 
 /// The supervised contrastive loss of Khosla et al. (2020, Eq. 2, "L_out"), over every pair of
 /// a labelled batch: each row's cosine similarities to the other rows, divided by

@@ -373,9 +373,8 @@ impl Trainable for FusedTrainable {
             TrainingBatch::Pairs { a, b, dissimilar } => {
                 nn::contrastive_loss(a, b, dissimilar, MARGIN)?
             }
-            // Cosine similarities with the supervised contrastive loss's usual temperature.
             TrainingBatch::Labelled { embeddings, labels } => {
-                nn::supcon_loss(embeddings, labels, 0.1)?
+                nn::supcon_loss(embeddings, labels, nn::SUPCON_TEMPERATURE)?
             }
             other => {
                 return Err(PluginError::UnsupportedBatch {

@@ -32,7 +32,7 @@ pub const MARGIN: f64 = 1.0;
 /// The temperature of the supervised contrastive loss on labelled batches (the `supcon`
 /// miner): 0.1, Khosla et al.'s value, which also beat the contrastive loss in a 3-minute
 /// Fashion-MNIST probe (`benches/objectives.rs`: accuracy@1 88.4 % against 84.7 %).
-pub const TEMPERATURE: f64 = 0.1;
+pub const TEMPERATURE: f64 = nn::SUPCON_TEMPERATURE;
 
 /// A shallow branch: the input average-pooled by `factor`, one convolution, ReLU, max pool,
 /// a linear layer to `dim`.
