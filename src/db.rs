@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use lookalike_plugin::candle_core::{Device, Tensor};
 use lookalike_plugin::{Extractor, ExtractorSpec, Metric, PairScorer};
@@ -20,6 +20,14 @@ use crate::ImageId;
 
 /// Images embedded per extractor call.
 const EMBED_BATCH: usize = 64;
+
+/// How long [`Db::open_with`] waits for the directory's `LOCK` before [`Error::Locked`]. The
+/// lock is an `flock` on the open file, and a process that spawns a child while a handle is
+/// dropped can keep it held for a moment after the drop: the child holds a copy of the file
+/// descriptor from its fork until its exec closes it. A reopen racing that window (seen in
+/// the test suite, whose CLI tests spawn processes while other tests reopen) would fail
+/// spuriously; a handle that is really open elsewhere still fails, 0.2 s later.
+pub const LOCK_WAIT: Duration = Duration::from_millis(200);
 /// An HNSW index is rebuilt when more than this share of its ids were removed.
 const MAX_DEAD_SHARE: f64 = 0.2;
 /// HNSW search breadth under `IndexKind::Auto`.
@@ -239,8 +247,8 @@ impl Db {
 
     /// Opens the database in directory `path` with `options`.
     ///
-    /// Fails with [`Error::Locked`] at once if another handle, in this process or another,
-    /// has it open.
+    /// Fails with [`Error::Locked`] if another handle, in this process or another, has it
+    /// open (after a wait of at most [`LOCK_WAIT`], see there).
     pub fn open_with(path: impl AsRef<Path>, options: Options) -> Result<Db> {
         let dir = path.as_ref().to_path_buf();
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
@@ -251,10 +259,16 @@ impl Db {
             .write(true)
             .open(&lock_path)
             .map_err(|e| Error::io(&lock_path, e))?;
-        match lock.try_lock() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => return Err(Error::Locked { path: dir }),
-            Err(std::fs::TryLockError::Error(e)) => return Err(Error::io(lock_path, e)),
+        let asked = Instant::now();
+        loop {
+            match lock.try_lock() {
+                Ok(()) => break,
+                Err(std::fs::TryLockError::WouldBlock) if asked.elapsed() < LOCK_WAIT => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(std::fs::TryLockError::WouldBlock) => return Err(Error::Locked { path: dir }),
+                Err(std::fs::TryLockError::Error(e)) => return Err(Error::io(lock_path, e)),
+            }
         }
         let registry = Registry::new(&options.plugins);
         let store = Store::open(

@@ -47,8 +47,8 @@
 //! [`Durability::Relaxed`] flushes in the background for bulk loads.
 //!
 //! Only one handle may have a database open at a time: a second `Db::open` of the same
-//! directory, in this process or another, fails at once with [`Error::Locked`]. Share one
-//! handle instead: [`Db`] is `Clone + Send + Sync`.
+//! directory, in this process or another, fails with [`Error::Locked`] (after [`LOCK_WAIT`]).
+//! Share one handle instead: [`Db`] is `Clone + Send + Sync`.
 //!
 //! ## Untrusted input
 //!
@@ -109,7 +109,7 @@ mod registry;
 mod store;
 pub mod training;
 
-pub use db::{Db, Hit, IndexInfo, IndexSource, ModelInfo, Query, Rerank};
+pub use db::{Db, Hit, IndexInfo, IndexSource, ModelInfo, Query, Rerank, LOCK_WAIT};
 pub use error::{Error, Result};
 pub use lookalike_plugin;
 pub use options::{Durability, IndexKind, Options};
