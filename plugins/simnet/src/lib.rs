@@ -6,12 +6,13 @@
 //! layer (with dropout) and the result is L2-normalised. Trained Siamese-style (shared weights)
 //! with the contrastive loss of Eq. 1 (margin 1, Euclidean distance).
 //!
-//! Two presets, one code path ([`SimNetConfig`]):
+//! Three presets, one code path ([`SimNetConfig`]):
 //!
 //! | preset | input | deep branch | shallow branches | joint |
 //! |---|---|---|---|---|
 //! | `paper` | 3 x 224 x 224, ImageNet mean/std | VGG16 conv stack + fc6/fc7, 4096-d | 4x and 8x down-sampled, conv 96 8x8/4, 512-d and 1024-d | 4096-d |
 //! | `cpu` (default) | 3 x 32 x 32, [-1, 1] | VGG-BN `32,32,M,64,64,M,128,M` + fc, 256-d | 2x and 4x down-sampled, conv 32 3x3, 64-d each | 128-d |
+//! | `cpu-gray` | 1 x 28 x 28, [-1, 1] | as `cpu` | as `cpu` | 128-d |
 //!
 //! The deep branch of `paper` uses torchvision's VGG16 names under `deep.` (`deep.features.0.weight`,
 //! `deep.classifier.0.weight`, ...): [`load_torchvision_vgg16`] loads ImageNet weights into it.
@@ -59,10 +60,12 @@ pub struct ShallowConfig {
 pub struct SimNetConfig {
     /// Input side (square).
     pub side: usize,
-    /// Per-channel mean and std of the input normalisation.
-    pub mean: [f32; 3],
+    /// Input channels: 3 (RGB) or 1 (grey).
+    pub channels: usize,
+    /// Per-channel mean and std of the input normalisation (`channels` values each).
+    pub mean: Vec<f32>,
     /// See `mean`.
-    pub std: [f32; 3],
+    pub std: Vec<f32>,
     /// VGG configuration of the deep branch's convolutions (0 = max pool).
     pub deep_cfg: Vec<usize>,
     /// Batch norm after each deep convolution.
@@ -82,8 +85,9 @@ impl SimNetConfig {
     pub fn paper() -> Self {
         SimNetConfig {
             side: 224,
-            mean: [0.485, 0.456, 0.406],
-            std: [0.229, 0.224, 0.225],
+            channels: 3,
+            mean: vec![0.485, 0.456, 0.406],
+            std: vec![0.229, 0.224, 0.225],
             deep_cfg: nn::VGG16.to_vec(),
             deep_batch_norm: false,
             deep_fc: vec![4096, 4096],
@@ -116,8 +120,9 @@ impl SimNetConfig {
     pub fn cpu() -> Self {
         SimNetConfig {
             side: 32,
-            mean: [0.5; 3],
-            std: [0.5; 3],
+            channels: 3,
+            mean: vec![0.5; 3],
+            std: vec![0.5; 3],
             deep_cfg: vec![32, 32, 0, 64, 64, 0, 128, 0],
             deep_batch_norm: true,
             deep_fc: vec![256],
@@ -149,14 +154,29 @@ impl SimNetConfig {
         }
     }
 
+    /// The `cpu` network for greyscale images at 28 px (Fashion-MNIST, MNIST): 1 x 28 x 28
+    /// input, so no resize to 32 px and a third of the first convolution's work. It trains
+    /// 1.4x as many images per second as `cpu` on Fashion-MNIST with the same accuracy in the
+    /// same steps (docs/benchmarks.md). Colour images are turned grey on the way in.
+    pub fn cpu_gray() -> Self {
+        SimNetConfig {
+            side: 28,
+            channels: 1,
+            mean: vec![0.5],
+            std: vec![0.5],
+            ..Self::cpu()
+        }
+    }
+
     /// The preset named `config` (`""` is `cpu`).
     pub fn preset(config: &str) -> Result<Self, PluginError> {
         match config {
             "" | "cpu" => Ok(Self::cpu()),
+            "cpu-gray" => Ok(Self::cpu_gray()),
             "paper" => Ok(Self::paper()),
             other => Err(PluginError::UnknownConfig {
                 config: other.into(),
-                known: "cpu, paper".into(),
+                known: "cpu, cpu-gray, paper".into(),
             }),
         }
     }
@@ -166,9 +186,9 @@ impl SimNetConfig {
         InputSpec {
             width: self.side as u32,
             height: self.side as u32,
-            channels: 3,
-            mean: self.mean.to_vec(),
-            std: self.std.to_vec(),
+            channels: self.channels as u32,
+            mean: self.mean.clone(),
+            std: self.std.clone(),
         }
     }
 }
@@ -181,13 +201,13 @@ struct Shallow {
 }
 
 impl Shallow {
-    fn new(cfg: &ShallowConfig, side: usize, vb: VarBuilder) -> CResult<Self> {
+    fn new(cfg: &ShallowConfig, channels: usize, side: usize, vb: VarBuilder) -> CResult<Self> {
         let conv_cfg = candle_nn::Conv2dConfig {
             padding: cfg.padding,
             stride: cfg.stride,
             ..Default::default()
         };
-        let conv = nn::conv2d(3, cfg.channels, cfg.kernel, conv_cfg, vb.pp("conv"))?;
+        let conv = nn::conv2d(channels, cfg.channels, cfg.kernel, conv_cfg, vb.pp("conv"))?;
         let s = side / cfg.factor;
         let c = (s + 2 * cfg.padding - cfg.kernel) / cfg.stride + 1;
         let p = (c - cfg.pool) / 2 + 1;
@@ -229,7 +249,7 @@ impl SimNet {
     pub fn new(cfg: &SimNetConfig, vb: VarBuilder) -> CResult<Self> {
         let deep = Vgg::new(
             &cfg.deep_cfg,
-            3,
+            cfg.channels,
             cfg.deep_batch_norm,
             vb.pp("deep").pp("features"),
         )?;
@@ -247,8 +267,8 @@ impl SimNet {
             width = w;
         }
         let shallow = [
-            Shallow::new(&cfg.shallow[0], cfg.side, vb.pp("shallow1"))?,
-            Shallow::new(&cfg.shallow[1], cfg.side, vb.pp("shallow2"))?,
+            Shallow::new(&cfg.shallow[0], cfg.channels, cfg.side, vb.pp("shallow1"))?,
+            Shallow::new(&cfg.shallow[1], cfg.channels, cfg.side, vb.pp("shallow2"))?,
         ];
         let joint_in = width + cfg.shallow[0].dim + cfg.shallow[1].dim;
         let joint = candle_nn::linear(joint_in, cfg.embed_dim, vb.pp("joint"))?;
@@ -262,7 +282,7 @@ impl SimNet {
         })
     }
 
-    /// Embeds `x` (N x 3 x side x side): N x embed_dim, L2-normalised.
+    /// Embeds `x` (N x channels x side x side): N x embed_dim, L2-normalised.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> CResult<Tensor> {
         let mut d = self.deep.forward_t(x, train)?.flatten_from(1)?;
         for (i, fc) in self.deep_fc.iter().enumerate() {
@@ -442,7 +462,7 @@ impl Trainable for SimNetTrainable {
     }
 }
 
-/// Registered as `"simnet"`; configurations `cpu` (default) and `paper`.
+/// Registered as `"simnet"`; configurations `cpu` (default), `cpu-gray` and `paper`.
 #[derive(Debug, Default)]
 pub struct SimNetPlugin;
 

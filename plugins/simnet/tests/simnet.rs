@@ -15,9 +15,21 @@ fn conformance_cpu_preset() {
 }
 
 #[test]
+fn conformance_cpu_gray_preset() {
+    lookalike_plugin::conformance::check_extractor(&SimNetPlugin, "cpu-gray").expect("conformance");
+    let e = SimNetPlugin.build("cpu-gray", None).expect("cpu-gray");
+    let input = e.spec().input;
+    assert_eq!((input.channels, input.width, input.height), (1, 28, 28));
+    assert_eq!(e.spec().dim, 128);
+    // A colour-sized batch is refused with a typed error, not a shape panic.
+    let rgb = Tensor::zeros((2, 3, 28, 28), DType::F32, &Device::Cpu).expect("zeros");
+    assert!(e.embed(&rgb).is_err());
+}
+
+#[test]
 fn unknown_preset_is_a_typed_error() {
     let err = SimNetPlugin.build("huge", None).expect_err("unknown");
-    assert!(err.to_string().contains("cpu, paper"), "{err}");
+    assert!(err.to_string().contains("cpu, cpu-gray, paper"), "{err}");
 }
 
 /// torchvision's VGG16 parameter names and shapes (`torchvision.models.vgg16().state_dict()`).
