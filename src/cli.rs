@@ -86,6 +86,10 @@ enum Command {
         /// balanced, one-vs-many.
         #[arg(long, default_value = "supcon")]
         miner: String,
+        /// Weight of the proxy loss (one learned vector per label) added to the miner's
+        /// objective; 0 turns it off.
+        #[arg(long, default_value_t = 1.0)]
+        proxy_weight: f64,
         /// Learning rate (Adam; with --sgd, SGD with Nesterov momentum 0.9).
         #[arg(long, default_value_t = 0.001)]
         lr: f64,
@@ -260,6 +264,7 @@ fn run(cli: Cli) -> lookalike::Result<()> {
             epochs,
             minutes,
             miner,
+            proxy_weight,
             lr,
             sgd,
             constant_lr,
@@ -278,6 +283,7 @@ fn run(cli: Cli) -> lookalike::Result<()> {
                 .config(config)
                 .epochs(epochs)
                 .miner(miner)
+                .proxy_weight(proxy_weight)
                 .optimiser(optimiser)
                 .cosine(!constant_lr)
                 .seed(seed)

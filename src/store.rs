@@ -96,6 +96,8 @@ pub(crate) struct CheckpointRecord {
     /// Metrics of the active model before the job.
     pub before: (f64, f64),
     pub created_unix: u64,
+    /// The job's label proxies (labels x dim, row-major; empty without the proxy loss).
+    pub proxies: Vec<f32>,
 }
 
 /// A record ready to insert: the image, its entry and its embedding under `model`.

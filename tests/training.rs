@@ -204,8 +204,50 @@ fn every_miner_trains_through_the_job() {
         assert!(r.pairs_seen > 0, "{miner} saw no pairs");
         assert!(r.after.accuracy_at_1.is_finite(), "{miner}");
     }
+    // Without the proxy loss (the papers' objectives alone) too.
+    let r = db
+        .train_extractor_with(
+            "simnet",
+            quick().epochs(1).proxy_weight(0.0).activate(false),
+        )
+        .unwrap();
+    assert!(r.after.accuracy_at_1.is_finite());
     // Models were stored, never activated.
     assert_eq!(db.active_model().version, 1);
+}
+
+#[test]
+fn a_resume_after_the_labels_changed_is_refused_and_keeps_the_checkpoint() {
+    let dir = tempdir();
+    let db = filled(dir.path(), relaxed());
+    let interrupted = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        db.train_extractor_with(
+            "simnet",
+            quick().on_progress(|p| {
+                if p.phase == Phase::Training && p.epoch == 1 {
+                    panic!("simulated crash");
+                }
+            }),
+        )
+    }));
+    assert!(interrupted.is_err());
+    // A new label with enough images: the job's label proxies no longer fit.
+    let data = sample();
+    for (bytes, _) in data.iter().take(4) {
+        db.insert_image(bytes, Some("new-label")).unwrap();
+    }
+    let e = db
+        .train_extractor_with("simnet", quick().resume(true))
+        .unwrap_err();
+    assert!(
+        matches!(e, Error::InvalidArgument(_)) && e.to_string().contains("labels"),
+        "{e}"
+    );
+    assert_eq!(
+        db.pending_job().unwrap(),
+        Some(("simnet".into(), String::new(), 1)),
+        "the refused resume left the checkpoint"
+    );
 }
 
 #[test]
@@ -235,6 +277,12 @@ fn bad_requests_are_typed_errors() {
         db.train_extractor_with("simnet", quick().resume(true)),
         Err(Error::InvalidArgument(_))
     ));
+    for w in [-1.0, f64::NAN, f64::INFINITY] {
+        assert!(matches!(
+            db.train_extractor_with("simnet", quick().proxy_weight(w)),
+            Err(Error::InvalidArgument(_))
+        ));
+    }
     // A second job while one runs.
     let second = Arc::new(Mutex::new(None));
     let (db2, slot) = (db.clone(), second.clone());
@@ -346,4 +394,98 @@ fn activate_if_better_keeps_a_worse_model_inactive() {
         2,
         "stored and listed all the same"
     );
+}
+
+mod pairs_only {
+    //! SimNet under another name whose loss takes pairs only, as a third-party plugin written
+    //! before the `labelled` batch kind might.
+    use lookalike::lookalike_plugin::candle_core::{Tensor, Var};
+    use lookalike::lookalike_plugin::{
+        Extractor, ExtractorPlugin, PluginError, Trainable, TrainingBatch,
+    };
+    use lookalike::simnet::SimNetPlugin;
+
+    #[derive(Debug)]
+    pub struct PairsOnly;
+
+    #[derive(Debug)]
+    struct PairsOnlyTrainable(Box<dyn Trainable>);
+
+    impl Trainable for PairsOnlyTrainable {
+        fn forward_train(&self, batch: &Tensor) -> Result<Tensor, PluginError> {
+            self.0.forward_train(batch)
+        }
+        fn loss(&self, batch: TrainingBatch<'_>) -> Result<Tensor, PluginError> {
+            match batch {
+                TrainingBatch::Pairs { .. } => self.0.loss(batch),
+                other => Err(PluginError::UnsupportedBatch {
+                    got: other.kind(),
+                    takes: "pairs".into(),
+                }),
+            }
+        }
+        fn vars(&self) -> Vec<Var> {
+            self.0.vars()
+        }
+        fn save_weights(&self) -> Result<Vec<u8>, PluginError> {
+            self.0.save_weights()
+        }
+        fn freeze(&self) -> Result<Box<dyn Extractor>, PluginError> {
+            self.0.freeze()
+        }
+    }
+
+    impl ExtractorPlugin for PairsOnly {
+        fn name(&self) -> &str {
+            "pairs-only"
+        }
+        fn build(
+            &self,
+            config: &str,
+            weights: Option<&[u8]>,
+        ) -> Result<Box<dyn Extractor>, PluginError> {
+            SimNetPlugin.build(config, weights)
+        }
+        fn trainable(
+            &self,
+            config: &str,
+            weights: Option<&[u8]>,
+        ) -> Option<Result<Box<dyn Trainable>, PluginError>> {
+            SimNetPlugin
+                .trainable(config, weights)
+                .map(|r| r.map(|t| Box::new(PairsOnlyTrainable(t)) as Box<dyn Trainable>))
+        }
+    }
+}
+
+#[test]
+fn a_plugin_without_a_loss_for_the_miners_batches_stops_the_job_and_changes_nothing() {
+    let dir = tempdir();
+    let db = open(
+        dir.path(),
+        relaxed().register(Arc::new(pairs_only::PairsOnly)),
+    );
+    let data = sample();
+    db.insert_images(data.iter().map(|(b, l)| (b.as_slice(), Some(l.as_str()))))
+        .unwrap();
+    let e = db.train_extractor_with("pairs-only", quick()).unwrap_err();
+    let text = e.to_string();
+    assert!(
+        matches!(
+            &e,
+            Error::Plugin {
+                source: lookalike::lookalike_plugin::PluginError::UnsupportedBatch { .. },
+                ..
+            }
+        ) && text.contains("pairs-only"),
+        "{text}"
+    );
+    assert_eq!(db.models().unwrap().len(), 1);
+    assert_eq!(db.active_model().version, 1);
+    assert_eq!(db.pending_job().unwrap(), None);
+    // The same plugin trains with a miner whose batches it takes.
+    let r = db
+        .train_extractor_with("pairs-only", quick().epochs(1).miner("opms"))
+        .unwrap();
+    assert!(r.pairs_seen > 0);
 }

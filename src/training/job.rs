@@ -4,8 +4,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use lookalike_plugin::candle_core::{Device, Tensor};
-use lookalike_plugin::nn::{Adam, Optimiser, SgdNesterov};
+use lookalike_plugin::candle_core::{Device, Tensor, Var};
+use lookalike_plugin::nn::{self, Adam, Optimiser, SgdNesterov, TrainRng};
 use lookalike_plugin::{Extractor, ExtractorSpec, Trainable, TrainingBatch};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -90,6 +90,12 @@ fn check_options(o: &TrainOptions) -> Result<()> {
         return bad(format!(
             "validation_share must be in (0, 1), got {}",
             o.validation_share
+        ));
+    }
+    if !(o.proxy_weight >= 0.0 && o.proxy_weight.is_finite()) {
+        return bad(format!(
+            "proxy_weight must be 0 (off) or positive, got {}",
+            o.proxy_weight
         ));
     }
     if o.eval_queries == 0 || o.eval_gallery == 0 {
@@ -179,27 +185,22 @@ pub(crate) fn train_extractor(db: &Db, name: &str, opts: TrainOptions) -> Result
 
     // The model, fresh or from the checkpoint.
     let fingerprint = opts.fingerprint();
-    let checkpoint = match db.store().checkpoint()? {
-        Some(c) if opts.resume => {
-            if c.plugin != name || c.config != opts.config || c.fingerprint != fingerprint {
-                return Err(Error::InvalidArgument(format!(
-                    "the stored checkpoint is of another job ({} {:?}, {}); resume with the same \
-                     extractor, configuration and options, or start afresh without resume",
-                    c.plugin, c.config, c.fingerprint
-                )));
-            }
-            Some(c)
+    // A new job discards any old checkpoint unread (it may be of an older layout).
+    let checkpoint = if opts.resume {
+        let c = db.store().checkpoint()?.ok_or_else(|| {
+            Error::InvalidArgument("resume asked for, but no checkpoint is stored".into())
+        })?;
+        if c.plugin != name || c.config != opts.config || c.fingerprint != fingerprint {
+            return Err(Error::InvalidArgument(format!(
+                "the stored checkpoint is of another job ({} {:?}, {}); resume with the same \
+                 extractor, configuration and options, or start afresh without resume",
+                c.plugin, c.config, c.fingerprint
+            )));
         }
-        None if opts.resume => {
-            return Err(Error::InvalidArgument(
-                "resume asked for, but no checkpoint is stored".into(),
-            ))
-        }
-        Some(_) => {
-            db.store().clear_checkpoint()?;
-            None
-        }
-        None => None,
+        Some(c)
+    } else {
+        db.store().clear_checkpoint()?;
+        None
     };
     let weights = checkpoint.as_ref().map(|c| c.weights.as_slice());
     // Built under the job's seed, so that one seed gives one initial model.
@@ -208,11 +209,36 @@ pub(crate) fn train_extractor(db: &Db, name: &str, opts: TrainOptions) -> Result
             .ok_or_else(|| Error::NotTrainable(name.to_string()))?
             .map_err(plugin_err(name))?;
     let spec = trainable.freeze().map_err(plugin_err(name))?.spec();
+    // The proxy loss's label proxies: trained with the network, after its parameters in the
+    // optimiser's order, and checkpointed with it.
+    let proxies = if opts.proxy_weight > 0.0 {
+        let shape = (label_index.len(), spec.dim);
+        let p = match &checkpoint {
+            Some(c) if c.proxies.len() != shape.0 * shape.1 => {
+                return Err(Error::InvalidArgument(format!(
+                    "the checkpoint holds proxies for {} values, this job needs {} labels x {}; \
+                     the labelled images changed since it was written: start afresh without resume",
+                    c.proxies.len(),
+                    shape.0,
+                    shape.1
+                )))
+            }
+            Some(c) => Var::from_vec(c.proxies.clone(), shape, &Device::Cpu),
+            None => TrainRng::seeded(derive_seed(opts.seed, 0, 0, 5))
+                .randn(0f32, 1f32, shape, &Device::Cpu)
+                .and_then(|t| Var::from_tensor(&t)),
+        };
+        Some(p.map_err(|e| Error::plugin(name, e.into()))?)
+    } else {
+        None
+    };
+    let mut vars = trainable.vars();
+    vars.extend(proxies.iter().cloned());
     let mut optimiser: Box<dyn Optimiser> = match opts.optimiser {
         OptimiserKind::SgdNesterov { lr, momentum } => {
-            Box::new(SgdNesterov::new(trainable.vars(), lr, momentum, 0.0))
+            Box::new(SgdNesterov::new(vars, lr, momentum, 0.0))
         }
-        OptimiserKind::Adam { lr } => Box::new(Adam::new(trainable.vars(), lr)),
+        OptimiserKind::Adam { lr } => Box::new(Adam::new(vars, lr)),
     };
 
     // Counters, restored from the checkpoint. `base_lr` is the rate before the cosine
@@ -328,8 +354,33 @@ pub(crate) fn train_extractor(db: &Db, name: &str, opts: TrainOptions) -> Result
                 let mined = miner.mine(&batch.labels, &dist, &mut rng);
                 let pairs = mined.pairs();
                 let mut loss_value = 0.0;
-                if pairs > 0 {
-                    let loss = loss_of(name, trainable.as_ref(), &emb, &batch.labels, &mined, dim)?;
+                let mined_loss = if pairs > 0 {
+                    Some(loss_of(
+                        name,
+                        trainable.as_ref(),
+                        &emb,
+                        &batch.labels,
+                        &mined,
+                        dim,
+                    )?)
+                } else {
+                    None
+                };
+                let proxy_loss = match &proxies {
+                    Some(p) => {
+                        let labels = Tensor::new(batch.labels.as_slice(), &Device::Cpu);
+                        let l = labels.and_then(|l| {
+                            nn::proxy_loss(&emb, &l, p.as_tensor(), nn::PROXY_TEMPERATURE)
+                        });
+                        Some((l.map_err(&c_err)? * opts.proxy_weight).map_err(&c_err)?)
+                    }
+                    None => None,
+                };
+                let loss = match (mined_loss, proxy_loss) {
+                    (Some(a), Some(b)) => Some((a + b).map_err(&c_err)?),
+                    (a, b) => a.or(b),
+                };
+                if let Some(loss) = loss {
                     loss_value = loss.to_scalar::<f32>().map_err(&c_err)?;
                     if !loss_value.is_finite() {
                         return Err(Error::Diverged {
@@ -422,6 +473,14 @@ pub(crate) fn train_extractor(db: &Db, name: &str, opts: TrainOptions) -> Result
                 loader_wait_seconds: wait_seconds,
                 before: (before.accuracy_at_1, before.map_at_10),
                 created_unix: now_unix(),
+                proxies: match &proxies {
+                    Some(p) => p
+                        .as_tensor()
+                        .flatten_all()
+                        .and_then(|t| t.to_vec1())
+                        .map_err(&c_err)?,
+                    None => Vec::new(),
+                },
             })?;
         }
         Ok(())

@@ -184,6 +184,13 @@ pub struct TrainOptions {
     /// Pair mining: `supcon` (default: the whole labelled batch to the plugin's supervised
     /// contrastive loss), `opms`, `naive`, `balanced`, `one-vs-many`.
     pub miner: String,
+    /// Weight of the proxy loss added to the miner's objective (0 turns it off): the job keeps
+    /// one learned proxy vector per label and adds `nn::proxy_loss` (normalised softmax over
+    /// the proxies, temperature `nn::PROXY_TEMPERATURE`) on the whole batch to the plugin's
+    /// loss. The proxies live in the job (and its checkpoints) only; the stored model is the
+    /// plugin's network alone. Default 1.0 (measured on Fashion-MNIST, docs/benchmarks.md);
+    /// 0.0 gives the papers' objectives unchanged.
+    pub proxy_weight: f64,
     /// The optimiser.
     pub optimiser: OptimiserKind,
     /// The MLP paper's learning-rate decay (§4.5) with this alpha: halve the rate when the
@@ -245,6 +252,7 @@ impl Default for TrainOptions {
             // over the whole batch learned far more in the same minutes than OPMS pairs with
             // the contrastive loss.
             miner: "supcon".into(),
+            proxy_weight: 1.0,
             // Measured on Fashion-MNIST (docs/benchmarks.md): Adam 1e-3 learned where SGD
             // 0.02-0.1 with momentum 0.9 did not move in the same minutes.
             optimiser: OptimiserKind::Adam { lr: 1e-3 },
@@ -302,6 +310,12 @@ impl TrainOptions {
     /// Sets the miner by name.
     pub fn miner(mut self, name: impl Into<String>) -> Self {
         self.miner = name.into();
+        self
+    }
+
+    /// Sets the weight of the proxy loss (0 turns it off).
+    pub fn proxy_weight(mut self, weight: f64) -> Self {
+        self.proxy_weight = weight;
         self
     }
 
@@ -382,7 +396,7 @@ impl TrainOptions {
     /// same fingerprint.
     pub(crate) fn fingerprint(&self) -> String {
         format!(
-            "config={:?} epochs={} batch={}/{}/{} steps={:?} miner={} optimiser={:?} decay={:?} \
+            "config={:?} epochs={} batch={}/{}/{} steps={:?} miner={} proxy={} optimiser={:?} decay={:?} \
              cosine={} validation={} eval={}/{}/{} augment={:?} seed={}",
             self.config,
             self.epochs,
@@ -391,6 +405,7 @@ impl TrainOptions {
             self.random,
             self.steps_per_epoch,
             self.miner,
+            self.proxy_weight,
             self.optimiser,
             self.lr_decay,
             self.cosine,
