@@ -1,17 +1,23 @@
-//! Objective probe: which training objective teaches SimNet `cpu` most in a few minutes on
-//! Fashion-MNIST. Trains the plugin directly (no database: the same network, P x K batches of
-//! 10 labels x 12 images + 8 random, random horizontal flips, Adam) for a fixed wall-clock
-//! budget per objective, one objective after another in one process, and prints nearest-
-//! neighbour accuracy@1 of the first 2,000 test images against the first 20,000 train images at
-//! half time and at the end. Used to choose the training jobs' default (docs/benchmarks.md,
-//! "Objectives").
+//! Objective probe: which training objective teaches SimNet `cpu` (or another preset) most in
+//! a few minutes on Fashion-MNIST. Trains the plugin directly (no database: the same network,
+//! P x K batches of 10 labels x 12 images + 8 random, random horizontal flips, Adam) for a fixed
+//! wall-clock budget per objective, one objective after another in one process, and prints
+//! nearest-neighbour accuracy@1 of the first 2,000 test images against the first 20,000 train
+//! images at half time and at the end, and the same for 2,000 further train images (trained on,
+//! not in the gallery), which says how far the network fits what it has seen. Used to choose
+//! the training jobs' default (docs/benchmarks.md, "Objectives").
 //!
 //! ```text
 //! cargo bench --bench objectives -- --minutes 3 --objectives contrastive,supcon,binomial
+//! cargo bench --bench objectives -- --minutes 3 --objectives supcon,supcon+proxy --net cpu-gray
 //! options: --minutes M (per objective) --lr LR --cosine --seed S --data DIR
+//!          --net PRESET (SimNet preset: cpu, cpu-gray) --deep 32,32,0,64,64,0,128,0 (the deep
+//!          branch's VGG configuration instead of the preset's; 0 = max pool)
 //!          objectives: contrastive (Eq. 1 on all positives and as many random negatives),
 //!          supcon (nn::supcon_loss, temperature 0.1), binomial (binomial deviance on all
-//!          pairs, alpha 10, beta 0.5, positives and negatives weighted equally)
+//!          pairs, alpha 10, beta 0.5, positives and negatives weighted equally), proxy
+//!          (nn::proxy_loss: normalised softmax over one learned proxy per class, temperature
+//!          0.05), supcon+proxy (their sum, the training jobs' default)
 //! ```
 //!
 //! Prints figures only; nothing here asserts a quality.
@@ -20,7 +26,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use lookalike::datasets::{fashion_mnist, LabelledImages, Split};
-use lookalike::lookalike_plugin::candle_core::{Device, Tensor, D};
+use lookalike::lookalike_plugin::candle_core::{Device, Tensor, Var, D};
 use lookalike::lookalike_plugin::nn::{self, Optimiser};
 use lookalike::lookalike_plugin::{Trainable, TrainingBatch};
 use lookalike::simnet::{SimNetConfig, SimNetTrainable, TEMPERATURE};
@@ -36,6 +42,9 @@ struct Args {
     cosine: bool,
     seed: u64,
     objectives: Vec<String>,
+    net: String,
+    /// Replaces the preset's deep-branch VGG configuration (0 = max pool).
+    deep: Option<Vec<usize>>,
 }
 
 fn args() -> Args {
@@ -46,6 +55,8 @@ fn args() -> Args {
         cosine: false,
         seed: 7,
         objectives: vec!["contrastive".into(), "supcon".into(), "binomial".into()],
+        net: "cpu".into(),
+        deep: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -57,55 +68,86 @@ fn args() -> Args {
             "--cosine" => a.cosine = true,
             "--seed" => a.seed = val().parse().unwrap_or(a.seed),
             "--objectives" => a.objectives = val().split(',').map(String::from).collect(),
+            "--net" => a.net = val(),
+            "--deep" => a.deep = Some(val().split(',').filter_map(|x| x.parse().ok()).collect()),
             _ => {} // cargo bench passes --bench
         }
     }
     a
 }
 
-/// Images `idx` as a batch of 3 x 32 x 32 in [-1, 1] (28 px centred on a -1 border, the
-/// preset's normalisation), mirrored where `flip` says.
-fn batch(set: &LabelledImages, idx: &[usize], flip: &[bool]) -> Res<Tensor> {
-    let mut v = Vec::with_capacity(idx.len() * 3 * 32 * 32);
+/// Images `idx` as a batch for `cfg`'s input (`channels` x `side` x `side` in [-1, 1]: 28 px
+/// centred on a -1 border when `side` is larger), mirrored where `flip` says.
+fn batch(cfg: &SimNetConfig, set: &LabelledImages, idx: &[usize], flip: &[bool]) -> Res<Tensor> {
+    let (c, side) = (cfg.channels, cfg.side);
+    let border = side.saturating_sub(28) / 2;
+    let mut v = Vec::with_capacity(idx.len() * c * side * side);
     for (k, &i) in idx.iter().enumerate() {
         let px = &set.pixels[i];
         let mirror = flip.get(k).copied().unwrap_or(false);
-        let mut plane = vec![-1f32; 32 * 32];
-        for y in 0..28 {
-            for x in 0..28 {
+        let mut plane = vec![-1f32; side * side];
+        for y in 0..28.min(side) {
+            for x in 0..28.min(side) {
                 let sx = if mirror { 27 - x } else { x };
-                plane[(y + 2) * 32 + x + 2] = f32::from(px[y * 28 + sx]) / 127.5 - 1.0;
+                plane[(y + border) * side + x + border] = f32::from(px[y * 28 + sx]) / 127.5 - 1.0;
             }
         }
-        for _ in 0..3 {
+        for _ in 0..c {
             v.extend_from_slice(&plane);
         }
     }
-    Ok(Tensor::from_vec(v, (idx.len(), 3, 32, 32), &Device::Cpu)?)
+    Ok(Tensor::from_vec(
+        v,
+        (idx.len(), c, side, side),
+        &Device::Cpu,
+    )?)
 }
 
-/// Nearest-neighbour accuracy@1: 2,000 test images against 20,000 train images.
-fn accuracy(t: &SimNetTrainable, train: &LabelledImages, test: &LabelledImages) -> Res<f64> {
+/// Nearest-neighbour accuracy@1 against the first 20,000 train images: of the first 2,000
+/// test images, and of 2,000 other train images (trained on, not in the gallery: how well the
+/// network fits what it has seen, against the test figure: under- or over-fitting).
+fn accuracy(
+    cfg: &SimNetConfig,
+    t: &SimNetTrainable,
+    train: &LabelledImages,
+    test: &LabelledImages,
+) -> Res<(f64, f64)> {
     let e = t.freeze()?;
-    let embed = |set: &LabelledImages, n: usize| -> Res<Tensor> {
-        let idx: Vec<usize> = (0..n.min(set.len())).collect();
+    let embed = |set: &LabelledImages, from: usize, n: usize| -> Res<Tensor> {
+        let idx: Vec<usize> = (from..(from + n).min(set.len())).collect();
         let mut parts = Vec::new();
         for c in idx.chunks(250) {
-            parts.push(e.embed(&batch(set, c, &[])?)?);
+            parts.push(e.embed(&batch(cfg, set, c, &[])?)?);
         }
         Ok(nn::l2_normalize(&Tensor::cat(&parts, 0)?)?)
     };
-    let (gallery, queries) = (embed(train, 20_000)?, embed(test, 2_000)?);
-    let best = queries
-        .matmul(&gallery.t()?)?
-        .argmax(D::Minus1)?
-        .to_vec1::<u32>()?;
-    let hits = best
-        .iter()
-        .enumerate()
-        .filter(|(q, g)| train.labels[**g as usize] == test.labels[*q])
-        .count();
-    Ok(hits as f64 / best.len().max(1) as f64)
+    let gallery = embed(train, 0, 20_000)?;
+    let score = |queries: &Tensor, set: &LabelledImages, from: usize| -> Res<f64> {
+        let best = queries
+            .matmul(&gallery.t()?)?
+            .argmax(D::Minus1)?
+            .to_vec1::<u32>()?;
+        let hits = best
+            .iter()
+            .enumerate()
+            .filter(|(q, g)| train.labels[**g as usize] == set.labels[from + *q])
+            .count();
+        Ok(hits as f64 / best.len().max(1) as f64)
+    };
+    Ok((
+        score(&embed(test, 0, 2_000)?, test, 0)?,
+        score(&embed(train, 20_000, 2_000)?, train, 20_000)?,
+    ))
+}
+
+/// The training jobs' proxy loss: normalised softmax over one learned proxy per class.
+fn proxy(e: &Tensor, labels: &Tensor, proxies: &Var) -> Res<Tensor> {
+    Ok(nn::proxy_loss(
+        e,
+        labels,
+        proxies.as_tensor(),
+        nn::PROXY_TEMPERATURE,
+    )?)
 }
 
 /// Binomial deviance (Yi et al. 2014) on the cosine similarities of every pair of the batch.
@@ -170,8 +212,19 @@ fn contrastive(t: &SimNetTrainable, e: &Tensor, labels: &[u8], rng: &mut StdRng)
 }
 
 fn run(a: &Args, objective: &str, train: &LabelledImages, test: &LabelledImages) -> Res<()> {
-    let t = nn::with_init_seed(a.seed, || SimNetTrainable::new(&SimNetConfig::cpu(), None))?;
-    let mut opt = nn::Adam::new(t.vars(), a.lr);
+    let mut cfg = SimNetConfig::preset(&a.net)?;
+    if let Some(deep) = &a.deep {
+        cfg.deep_cfg = deep.clone();
+    }
+    let t = nn::with_init_seed(a.seed, || SimNetTrainable::new(&cfg, None))?;
+    let proxies = nn::with_init_seed(a.seed + 1, || {
+        Var::randn(0f32, 1f32, (10, cfg.embed_dim), &Device::Cpu)
+    })?;
+    let mut vars = t.vars();
+    if objective.contains("proxy") {
+        vars.push(proxies.clone());
+    }
+    let mut opt = nn::Adam::new(vars, a.lr);
     let mut by_label: Vec<Vec<usize>> = vec![Vec::new(); 10];
     for (i, l) in train.labels.iter().enumerate() {
         by_label[usize::from(*l) % 10].push(i);
@@ -198,13 +251,13 @@ fn run(a: &Args, objective: &str, train: &LabelledImages, test: &LabelledImages)
         }
         let flip: Vec<bool> = idx.iter().map(|_| rng.random_bool(0.5)).collect();
         let labels: Vec<u8> = idx.iter().map(|i| train.labels[*i]).collect();
-        let e = t.forward_train(&batch(train, &idx, &flip)?)?;
+        let e = t.forward_train(&batch(&cfg, train, &idx, &flip)?)?;
+        let l: Vec<u32> = labels.iter().map(|l| u32::from(*l)).collect();
+        let l = Tensor::new(l.as_slice(), &Device::Cpu)?;
         let loss = match objective {
-            "supcon" => {
-                let l: Vec<u32> = labels.iter().map(|l| u32::from(*l)).collect();
-                let l = Tensor::new(l.as_slice(), &Device::Cpu)?;
-                nn::supcon_loss(&e, &l, TEMPERATURE)?
-            }
+            "supcon" => nn::supcon_loss(&e, &l, TEMPERATURE)?,
+            "proxy" => proxy(&e, &l, &proxies)?,
+            "supcon+proxy" => (nn::supcon_loss(&e, &l, TEMPERATURE)? + proxy(&e, &l, &proxies)?)?,
             "binomial" => binomial(&e, &labels)?,
             "contrastive" => contrastive(&t, &e, &labels, &mut rng)?,
             other => return Err(format!("unknown objective {other:?}").into()),
@@ -214,18 +267,24 @@ fn run(a: &Args, objective: &str, train: &LabelledImages, test: &LabelledImages)
         seconds += started.elapsed().as_secs_f64();
         if !half_reported && seconds >= budget / 2.0 {
             half_reported = true;
+            let (acc, fit) = accuracy(&cfg, &t, train, test)?;
             println!(
-                "  {objective}: {:.2} min, {steps} steps: accuracy@1 {:.2} %",
+                "  {objective}: {:.2} min, {steps} steps: accuracy@1 {:.2} % (train images \
+                 {:.2} %)",
                 seconds / 60.0,
-                100.0 * accuracy(&t, train, test)?
+                100.0 * acc,
+                100.0 * fit
             );
         }
     }
+    let (acc, fit) = accuracy(&cfg, &t, train, test)?;
     println!(
-        "{objective}: {:.2} min, {steps} steps ({:.0} images/s): accuracy@1 {:.2} %",
+        "{objective}: {:.2} min, {steps} steps ({:.0} images/s): accuracy@1 {:.2} % (train \
+         images {:.2} %)",
         seconds / 60.0,
         steps as f64 * 128.0 / seconds.max(1e-9),
-        100.0 * accuracy(&t, train, test)?
+        100.0 * acc,
+        100.0 * fit
     );
     Ok(())
 }
@@ -239,8 +298,9 @@ fn main() -> Res<()> {
     let train = fashion_mnist(&a.data, Split::Train)?;
     let test = fashion_mnist(&a.data, Split::Test)?;
     println!(
-        "SimNet cpu, {} min per objective, Adam {}{}, seed {}; 2,000 test queries against \
+        "SimNet {}, {} min per objective, Adam {}{}, seed {}; 2,000 test queries against \
          20,000 train images",
+        a.net,
         a.minutes,
         a.lr,
         if a.cosine {

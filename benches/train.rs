@@ -9,7 +9,8 @@
 //! ```text
 //! cargo bench --bench train -- --minutes 15 --epochs 4 --plot docs/figures/simnet-fashion-mnist.svg
 //! cargo bench --bench train -- --train 6000 --test 1000 --minutes 2 --miner naive   # smaller
-//! options: --epochs N --miner supcon|opms|naive|balanced|one-vs-many --extractor NAME
+//! options: --epochs N --miner supcon|opms|naive|balanced|one-vs-many --proxy-weight W
+//!          --extractor NAME
 //!          --config C --lr SGD_LR | --adam LR --constant-lr --batch SIZE,PER_LABEL,RANDOM
 //!          --seed S --workers W
 //!          --scorer [--roc-plot FILE]: then train the MLP scorer (Table 2 with two held-out
@@ -36,6 +37,7 @@ struct Args {
     minutes: f64,
     epochs: usize,
     miner: String,
+    proxy_weight: f64,
     extractor: String,
     config: String,
     lr: Option<f64>,
@@ -60,6 +62,7 @@ fn args() -> Args {
         minutes: 15.0,
         epochs: 4,
         miner: "supcon".into(),
+        proxy_weight: TrainOptions::default().proxy_weight,
         extractor: "simnet".into(),
         config: String::new(),
         lr: None,
@@ -83,6 +86,7 @@ fn args() -> Args {
             "--minutes" => a.minutes = val().parse().unwrap_or(a.minutes),
             "--epochs" => a.epochs = val().parse().unwrap_or(a.epochs),
             "--miner" => a.miner = val(),
+            "--proxy-weight" => a.proxy_weight = val().parse().unwrap_or(a.proxy_weight),
             "--extractor" => a.extractor = val(),
             "--config" => a.config = val(),
             "--lr" => a.lr = val().parse().ok(),
@@ -147,6 +151,7 @@ fn main() -> Res<()> {
         .epochs(a.epochs)
         .max_minutes(a.minutes)
         .miner(a.miner.clone())
+        .proxy_weight(a.proxy_weight)
         .batch(a.batch.0, a.batch.1, a.batch.2)
         .seed(a.seed)
         .cosine(!a.constant_lr)
@@ -195,8 +200,8 @@ fn main() -> Res<()> {
         return Ok(());
     }
     println!(
-        "training {} {:?} with {}: {} epochs, at most {} minutes of training",
-        a.extractor, a.config, a.miner, a.epochs, a.minutes
+        "training {} {:?} with {} (proxy weight {}): {} epochs, at most {} minutes of training",
+        a.extractor, a.config, a.miner, a.proxy_weight, a.epochs, a.minutes
     );
     let r = db.train_extractor_with(&a.extractor, opts)?;
     println!(
@@ -385,14 +390,19 @@ fn plot(path: &std::path::Path, r: &lookalike::TrainReport, a: &Args) -> Res<()>
     let mut chart = ChartBuilder::on(&root)
         .caption(
             format!(
-                "{} {} on Fashion-MNIST ({}): validation accuracy@1",
+                "{} {} on Fashion-MNIST ({}{}): validation accuracy@1",
                 a.extractor,
                 if a.config.is_empty() {
                     "cpu"
                 } else {
                     &a.config
                 },
-                a.miner
+                a.miner,
+                if a.proxy_weight > 0.0 {
+                    " + proxies"
+                } else {
+                    ""
+                }
             ),
             ("sans-serif", 16),
         )
