@@ -120,16 +120,11 @@ fn trains_switches_and_keeps_old_versions() {
     assert_eq!(db.len(), 300);
 }
 
-#[test]
-fn a_resumed_job_ends_where_an_uninterrupted_one_does() {
-    let (d1, d2) = (tempdir(), tempdir());
-    let whole = filled(d1.path(), relaxed());
-    let cut = filled(d2.path(), relaxed());
-    let full = whole.train_extractor_with("simnet", quick()).unwrap();
-    // Interrupt the second job at the start of its second epoch (a panic stands in for a
-    // crash: the job's thread unwinds, the epoch-1 checkpoint stays in the store).
+/// Runs a `quick()` job on `db` and interrupts it at the start of its second epoch (a panic
+/// stands in for a crash: the job's thread unwinds, the epoch-1 checkpoint stays in the store).
+fn interrupt_in_epoch_1(db: &Db) {
     let interrupted = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        cut.train_extractor_with(
+        db.train_extractor_with(
             "simnet",
             quick().on_progress(|p| {
                 if p.phase == Phase::Training && p.epoch == 1 {
@@ -138,7 +133,16 @@ fn a_resumed_job_ends_where_an_uninterrupted_one_does() {
             }),
         )
     }));
-    assert!(interrupted.is_err());
+    assert!(interrupted.is_err(), "the job was not interrupted");
+}
+
+#[test]
+fn a_resumed_job_ends_where_an_uninterrupted_one_does() {
+    let (d1, d2) = (tempdir(), tempdir());
+    let whole = filled(d1.path(), relaxed());
+    let cut = filled(d2.path(), relaxed());
+    let full = whole.train_extractor_with("simnet", quick()).unwrap();
+    interrupt_in_epoch_1(&cut);
     assert_eq!(cut.active_model().version, 1, "nothing switched");
     assert_eq!(
         cut.pending_job().unwrap(),
@@ -220,17 +224,7 @@ fn every_miner_trains_through_the_job() {
 fn a_resume_after_the_labels_changed_is_refused_and_keeps_the_checkpoint() {
     let dir = tempdir();
     let db = filled(dir.path(), relaxed());
-    let interrupted = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        db.train_extractor_with(
-            "simnet",
-            quick().on_progress(|p| {
-                if p.phase == Phase::Training && p.epoch == 1 {
-                    panic!("simulated crash");
-                }
-            }),
-        )
-    }));
-    assert!(interrupted.is_err());
+    interrupt_in_epoch_1(&db);
     // A new label with enough images: the job's label proxies no longer fit.
     let data = sample();
     for (bytes, _) in data.iter().take(4) {
