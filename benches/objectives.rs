@@ -12,7 +12,8 @@
 //! cargo bench --bench objectives -- --minutes 3 --objectives supcon,supcon+proxy --net cpu-gray
 //! options: --minutes M (per objective) --lr LR --cosine --seed S --data DIR
 //!          --net PRESET (SimNet preset: cpu, cpu-gray) --deep 32,32,0,64,64,0,128,0 (the deep
-//!          branch's VGG configuration instead of the preset's; 0 = max pool)
+//!          branch's VGG configuration instead of the preset's; 0 = max pool) --fc 256 (its
+//!          fully connected widths instead of the preset's)
 //!          objectives: contrastive (Eq. 1 on all positives and as many random negatives),
 //!          supcon (nn::supcon_loss, temperature 0.1), binomial (binomial deviance on all
 //!          pairs, alpha 10, beta 0.5, positives and negatives weighted equally), proxy
@@ -45,6 +46,8 @@ struct Args {
     net: String,
     /// Replaces the preset's deep-branch VGG configuration (0 = max pool).
     deep: Option<Vec<usize>>,
+    /// Replaces the preset's deep-branch fully connected widths.
+    fc: Option<Vec<usize>>,
 }
 
 fn args() -> Args {
@@ -57,6 +60,7 @@ fn args() -> Args {
         objectives: vec!["contrastive".into(), "supcon".into(), "binomial".into()],
         net: "cpu".into(),
         deep: None,
+        fc: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -70,6 +74,7 @@ fn args() -> Args {
             "--objectives" => a.objectives = val().split(',').map(String::from).collect(),
             "--net" => a.net = val(),
             "--deep" => a.deep = Some(val().split(',').filter_map(|x| x.parse().ok()).collect()),
+            "--fc" => a.fc = Some(val().split(',').filter_map(|x| x.parse().ok()).collect()),
             _ => {} // cargo bench passes --bench
         }
     }
@@ -215,6 +220,9 @@ fn run(a: &Args, objective: &str, train: &LabelledImages, test: &LabelledImages)
     let mut cfg = SimNetConfig::preset(&a.net)?;
     if let Some(deep) = &a.deep {
         cfg.deep_cfg = deep.clone();
+    }
+    if let Some(fc) = &a.fc {
+        cfg.deep_fc = fc.clone();
     }
     let t = nn::with_init_seed(a.seed, || SimNetTrainable::new(&cfg, None))?;
     let proxies = nn::with_init_seed(a.seed + 1, || {
