@@ -84,7 +84,7 @@ fn args() -> Args {
 /// Images `idx` as a batch for `cfg`'s input (`channels` x `side` x `side` in [-1, 1]: 28 px
 /// centred on a -1 border when `side` is larger), mirrored where `flip` says.
 fn batch(cfg: &SimNetConfig, set: &LabelledImages, idx: &[usize], flip: &[bool]) -> Res<Tensor> {
-    let (c, side) = (cfg.channels, cfg.side);
+    let (c, side) = (cfg.channels(), cfg.side);
     let border = side.saturating_sub(28) / 2;
     let mut v = Vec::with_capacity(idx.len() * c * side * side);
     for (k, &i) in idx.iter().enumerate() {

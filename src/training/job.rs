@@ -228,7 +228,7 @@ pub(crate) fn train_extractor(db: &Db, name: &str, opts: TrainOptions) -> Result
                 .randn(0f32, 1f32, shape, &Device::Cpu)
                 .and_then(|t| Var::from_tensor(&t)),
         };
-        Some(p.map_err(|e| Error::plugin(name, e.into()))?)
+        Some(p.map_err(candle_err(name))?)
     } else {
         None
     };
@@ -354,12 +354,13 @@ pub(crate) fn train_extractor(db: &Db, name: &str, opts: TrainOptions) -> Result
                 let mined = miner.mine(&batch.labels, &dist, &mut rng);
                 let pairs = mined.pairs();
                 let mut loss_value = 0.0;
+                let labels = Tensor::new(batch.labels.as_slice(), &Device::Cpu).map_err(&c_err)?;
                 let mined_loss = if pairs > 0 {
                     Some(loss_of(
                         name,
                         trainable.as_ref(),
                         &emb,
-                        &batch.labels,
+                        &labels,
                         &mined,
                         dim,
                     )?)
@@ -367,13 +368,11 @@ pub(crate) fn train_extractor(db: &Db, name: &str, opts: TrainOptions) -> Result
                     None
                 };
                 let proxy_loss = match &proxies {
-                    Some(p) => {
-                        let labels = Tensor::new(batch.labels.as_slice(), &Device::Cpu);
-                        let l = labels.and_then(|l| {
-                            nn::proxy_loss(&emb, &l, p.as_tensor(), nn::PROXY_TEMPERATURE)
-                        });
-                        Some((l.map_err(&c_err)? * opts.proxy_weight).map_err(&c_err)?)
-                    }
+                    Some(p) => Some(
+                        nn::proxy_loss(&emb, &labels, p.as_tensor(), nn::PROXY_TEMPERATURE)
+                            .and_then(|l| l * opts.proxy_weight)
+                            .map_err(&c_err)?,
+                    ),
                     None => None,
                 };
                 let loss = match (mined_loss, proxy_loss) {
@@ -591,12 +590,13 @@ fn cosine_annealed(base: f64, done: f64) -> f64 {
     base * 0.5 * (1.0 + (std::f64::consts::PI * done.clamp(0.0, 1.0)).cos())
 }
 
-/// The plugin's loss over the mined pairs or groups, on rows of `emb` (N x dim).
+/// The plugin's loss over the mined pairs or groups, on rows of `emb` (N x dim) whose labels
+/// are `labels` (N, u32).
 fn loss_of(
     name: &str,
     t: &dyn Trainable,
     emb: &Tensor,
-    labels: &[u32],
+    labels: &Tensor,
     mined: &Mined,
     dim: usize,
 ) -> Result<Tensor> {
@@ -637,14 +637,12 @@ fn loss_of(
             })
             .map_err(|e| Error::plugin(name, e))
         }
-        Mined::Labelled { .. } => {
-            let labels = Tensor::new(labels, &Device::Cpu).map_err(c_err)?;
-            t.loss(TrainingBatch::Labelled {
+        Mined::Labelled { .. } => t
+            .loss(TrainingBatch::Labelled {
                 embeddings: emb,
-                labels: &labels,
+                labels,
             })
-            .map_err(|e| Error::plugin(name, e))
-        }
+            .map_err(|e| Error::plugin(name, e)),
     }
 }
 

@@ -60,9 +60,8 @@ pub struct ShallowConfig {
 pub struct SimNetConfig {
     /// Input side (square).
     pub side: usize,
-    /// Input channels: 3 (RGB) or 1 (grey).
-    pub channels: usize,
-    /// Per-channel mean and std of the input normalisation (`channels` values each).
+    /// Per-channel mean and std of the input normalisation: one value per input channel (three
+    /// for RGB, one for grey), so their length is the input's channel count.
     pub mean: Vec<f32>,
     /// See `mean`.
     pub std: Vec<f32>,
@@ -85,7 +84,6 @@ impl SimNetConfig {
     pub fn paper() -> Self {
         SimNetConfig {
             side: 224,
-            channels: 3,
             mean: vec![0.485, 0.456, 0.406],
             std: vec![0.229, 0.224, 0.225],
             deep_cfg: nn::VGG16.to_vec(),
@@ -120,7 +118,6 @@ impl SimNetConfig {
     pub fn cpu() -> Self {
         SimNetConfig {
             side: 32,
-            channels: 3,
             mean: vec![0.5; 3],
             std: vec![0.5; 3],
             deep_cfg: vec![32, 32, 0, 64, 64, 0, 128, 0],
@@ -163,7 +160,6 @@ impl SimNetConfig {
     pub fn cpu_gray() -> Self {
         SimNetConfig {
             side: 28,
-            channels: 1,
             mean: vec![0.5],
             std: vec![0.5],
             deep_cfg: vec![32, 32, 0, 64, 64, 0, 192, 0],
@@ -185,12 +181,17 @@ impl SimNetConfig {
         }
     }
 
+    /// Input channels: the length of `mean` (3 for RGB, 1 for grey).
+    pub fn channels(&self) -> usize {
+        self.mean.len()
+    }
+
     /// The input declaration.
     pub fn input(&self) -> InputSpec {
         InputSpec {
             width: self.side as u32,
             height: self.side as u32,
-            channels: self.channels as u32,
+            channels: self.channels() as u32,
             mean: self.mean.clone(),
             std: self.std.clone(),
         }
@@ -253,7 +254,7 @@ impl SimNet {
     pub fn new(cfg: &SimNetConfig, vb: VarBuilder) -> CResult<Self> {
         let deep = Vgg::new(
             &cfg.deep_cfg,
-            cfg.channels,
+            cfg.channels(),
             cfg.deep_batch_norm,
             vb.pp("deep").pp("features"),
         )?;
@@ -271,8 +272,8 @@ impl SimNet {
             width = w;
         }
         let shallow = [
-            Shallow::new(&cfg.shallow[0], cfg.channels, cfg.side, vb.pp("shallow1"))?,
-            Shallow::new(&cfg.shallow[1], cfg.channels, cfg.side, vb.pp("shallow2"))?,
+            Shallow::new(&cfg.shallow[0], cfg.channels(), cfg.side, vb.pp("shallow1"))?,
+            Shallow::new(&cfg.shallow[1], cfg.channels(), cfg.side, vb.pp("shallow2"))?,
         ];
         let joint_in = width + cfg.shallow[0].dim + cfg.shallow[1].dim;
         let joint = candle_nn::linear(joint_in, cfg.embed_dim, vb.pp("joint"))?;
