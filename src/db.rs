@@ -275,7 +275,8 @@ impl Db {
             &dir.join("store"),
             options.durability == Durability::Relaxed,
         )?;
-        let model = Arc::new(load_or_create_model(&store, &registry, &options)?);
+        let (model, recoded) = load_or_create_model(&store, &registry, &options)?;
+        let model = Arc::new(model);
 
         // The catalogue: every entry's label, from the small `entries` tree.
         let mut labels = HashMap::new();
@@ -289,7 +290,7 @@ impl Db {
         }
 
         let started = Instant::now();
-        let (index, source) = open_index(&dir, &store, &model, &options, &labels)?;
+        let (index, source) = open_index(&dir, &store, &model, &options, &labels, recoded)?;
         let index_info = IndexInfo {
             kind: kind_name(index.shape()),
             len: index.len(),
@@ -888,7 +889,9 @@ impl Db {
             .store
             .model(version)?
             .ok_or(Error::UnknownModel(version))?;
-        let model = Arc::new(model_from_record(&self.inner.registry, version, record)?);
+        let (model, _) =
+            model_from_record(&self.inner.store, &self.inner.registry, version, record)?;
+        let model = Arc::new(model);
         // Embed and index outside the state lock: queries keep running on the old model.
         let live: HashMap<u64, Option<String>> = self.read_state()?.labels.clone();
         let mut index = build_index(&self.inner.store, &model, &self.inner.options, &live)?;
@@ -1310,7 +1313,13 @@ fn embed(model: &Model, images: &[&image::DynamicImage]) -> Result<Vec<Vec<f32>>
     )
 }
 
-fn load_or_create_model(store: &Store, registry: &Registry, options: &Options) -> Result<Model> {
+/// The active model (created on first open), and what [`model_from_record`] says about its
+/// stored embeddings.
+fn load_or_create_model(
+    store: &Store,
+    registry: &Registry,
+    options: &Options,
+) -> Result<(Model, Option<Recoded>)> {
     let version = match store.active_model()? {
         Some(v) => v,
         None => {
@@ -1339,12 +1348,13 @@ fn load_or_create_model(store: &Store, registry: &Registry, options: &Options) -
             store.put_model(1, &record)?;
             store.set_active_model(1)?;
             store.flush()?;
-            return Ok(Model {
+            let model = Model {
                 version: 1,
                 record,
                 extractor,
                 spec,
-            });
+            };
+            return Ok((model, None));
         }
     };
     let record = store.model(version)?.ok_or_else(|| {
@@ -1354,14 +1364,35 @@ fn load_or_create_model(store: &Store, registry: &Registry, options: &Options) -
             format!("model {version} is not stored"),
         )
     })?;
-    model_from_record(registry, version, record)
+    model_from_record(store, registry, version, record)
 }
 
-/// Builds a stored model version's extractor and checks it against the record.
-fn model_from_record(registry: &Registry, version: u32, record: ModelRecord) -> Result<Model> {
+/// A stored model whose extractor's code version ([`Extractor::version`]) differs from the
+/// one its embeddings were made with: they were dropped, to be made again from the images.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Recoded {
+    was: u32,
+    now: u32,
+}
+
+/// Builds a stored model version's extractor and checks it against the record. When the
+/// extractor's code version differs from the recorded one, the same weights no longer embed to
+/// the stored vectors: they are derived data, so they are dropped (the index build embeds the
+/// images again) and the record takes the new version. The drop comes first, so a crash in
+/// between repeats it on the next open.
+fn model_from_record(
+    store: &Store,
+    registry: &Registry,
+    version: u32,
+    mut record: ModelRecord,
+) -> Result<(Model, Option<Recoded>)> {
     let weights = (!record.weights.is_empty()).then_some(record.weights.as_slice());
     let extractor = registry.build(&record.plugin, &record.config, weights)?;
     let spec = extractor.spec();
+    let recoded = (record.plugin_version != extractor.version()).then(|| Recoded {
+        was: record.plugin_version,
+        now: extractor.version(),
+    });
     if spec.dim != record.dim as usize {
         return Err(Error::DimensionMismatch {
             what: format!("extractor {} against stored model {version}", record.plugin),
@@ -1380,12 +1411,19 @@ fn model_from_record(registry: &Registry, version: u32, record: ModelRecord) -> 
             ),
         ));
     }
-    Ok(Model {
+    if let Some(r) = recoded {
+        store.delete_embeddings(version)?;
+        record.plugin_version = r.now;
+        store.put_model(version, &record)?;
+        store.flush()?;
+    }
+    let model = Model {
         version,
         record,
         extractor,
         spec,
-    })
+    };
+    Ok((model, recoded))
 }
 
 /// Loads the snapshot and catches it up, or rebuilds.
@@ -1395,8 +1433,14 @@ fn open_index(
     model: &Model,
     options: &Options,
     live: &HashMap<u64, Option<String>>,
+    recoded: Option<Recoded>,
 ) -> Result<(VectorIndex, IndexSource)> {
-    let reason = if options.snapshot {
+    let reason = if let Some(r) = recoded {
+        format!(
+            "the extractor's code changed (version {} to {}): images embedded again",
+            r.was, r.now
+        )
+    } else if options.snapshot {
         match snapshot::load(dir, model.version, model.spec.dim, model.spec.metric)? {
             Ok(mut index) => {
                 if index.shape() != desired_shape(options, live.len()) {

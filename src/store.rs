@@ -441,6 +441,11 @@ impl Store {
     /// Deletes a model version's record and every embedding under it.
     pub fn delete_model(&self, version: u32) -> Result<()> {
         self.models.remove(version.to_be_bytes())?;
+        self.delete_embeddings(version)
+    }
+
+    /// Deletes every embedding stored under a model version (the record stays).
+    pub fn delete_embeddings(&self, version: u32) -> Result<()> {
         for key in self.embeddings.scan_prefix(version.to_be_bytes()).keys() {
             self.embeddings.remove(key?)?;
         }

@@ -182,3 +182,85 @@ fn auto_index_turns_approximate_past_the_limit() {
     assert_eq!(db.index_info().kind, "hnsw");
     assert_eq!(db.nearest(&class_png(0, 1), 101).unwrap().len(), 101);
 }
+
+/// An extractor whose code version is chosen per open: version 1 embeds an image as its mean
+/// colour, version 2 as the mean colour reversed (the same "weights", other embeddings).
+mod versioned {
+    use lookalike::lookalike_plugin::candle_core::{Tensor, D};
+    use lookalike::lookalike_plugin::{
+        Extractor, ExtractorPlugin, ExtractorSpec, InputSpec, Metric, PluginError,
+    };
+
+    #[derive(Debug)]
+    pub struct Versioned(pub u32);
+
+    impl Extractor for Versioned {
+        fn name(&self) -> &str {
+            "versioned"
+        }
+        fn version(&self) -> u32 {
+            self.0
+        }
+        fn spec(&self) -> ExtractorSpec {
+            ExtractorSpec {
+                input: InputSpec::rgb(8, 8),
+                dim: 3,
+                metric: Metric::L2,
+            }
+        }
+        fn embed(&self, batch: &Tensor) -> Result<Tensor, PluginError> {
+            let mean = batch.mean(D::Minus1)?.mean(D::Minus1)?;
+            Ok(if self.0 == 1 {
+                mean
+            } else {
+                mean.index_select(&Tensor::new(&[2u32, 1, 0], batch.device())?, 1)?
+            })
+        }
+        fn save_weights(&self) -> Result<Vec<u8>, PluginError> {
+            Ok(Vec::new())
+        }
+    }
+
+    impl ExtractorPlugin for Versioned {
+        fn name(&self) -> &str {
+            "versioned"
+        }
+        fn build(&self, _: &str, _: Option<&[u8]>) -> Result<Box<dyn Extractor>, PluginError> {
+            Ok(Box::new(Versioned(self.0)))
+        }
+    }
+}
+
+#[test]
+fn a_changed_extractor_version_embeds_the_images_again_on_open() {
+    let dir = tempdir();
+    let opts = |version: u32| {
+        relaxed()
+            .register(std::sync::Arc::new(versioned::Versioned(version)))
+            .extractor("versioned", "")
+    };
+    let db = open(dir.path(), opts(1));
+    let ids = fill(&db, 12, 0);
+    let old = db.embedding(ids[3]).unwrap();
+    drop(db);
+
+    let db = open(dir.path(), opts(2));
+    match db.index_info().source {
+        IndexSource::Rebuilt { reason } => assert!(reason.contains("version 1 to 2"), "{reason}"),
+        other => panic!("the stale snapshot was used: {other:?}"),
+    }
+    // Stored embeddings and queries now come from the same code.
+    let new = db.embedding(ids[3]).unwrap();
+    assert_ne!(new, old);
+    let image = db.image(ids[3]).unwrap();
+    let fresh = db.embed(&[image.as_slice()]).unwrap();
+    assert_eq!(new, fresh[0]);
+    assert_eq!(db.nearest(&image, 1).unwrap()[0].distance, 0.0);
+    assert_eq!(db.len(), 12);
+    drop(db);
+
+    // The record took the new version: the next open uses the snapshot again.
+    let db = open(dir.path(), opts(2));
+    assert_eq!(db.index_info().source, IndexSource::Snapshot);
+    assert_eq!(db.embedding(ids[3]).unwrap(), new);
+}
