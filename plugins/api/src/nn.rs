@@ -382,6 +382,13 @@ pub fn l2_normalize(x: &Tensor) -> candle_core::Result<Tensor> {
     x.broadcast_div(&norm)
 }
 
+/// `x` (`N x C x H x W`) mirrored left to right: each row of each plane reversed.
+pub fn flip_horizontal(x: &Tensor) -> candle_core::Result<Tensor> {
+    let w = x.dim(3)?;
+    let reversed: Vec<u32> = (0..w as u32).rev().collect();
+    x.index_select(&Tensor::new(reversed.as_slice(), x.device())?, 3)
+}
+
 /// The contrastive loss of Hadsell, Chopra and LeCun (2006), the SimNet paper's Eq. 1, averaged
 /// over pairs: `(1 - y) / 2 * D^2 + y / 2 * max(0, m - D)^2`, with `D` the Euclidean distance
 /// between rows of `a` and `b` and `y = 1` for a dissimilar pair (as in the paper).
@@ -546,6 +553,24 @@ pub fn load_prefixed(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn flip_horizontal_reverses_rows_only() {
+        let x = Tensor::arange(0f32, 12.0, &Device::Cpu)
+            .unwrap()
+            .reshape((1, 2, 2, 3))
+            .unwrap();
+        let f = flip_horizontal(&x).unwrap();
+        assert_eq!(
+            f.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            [2., 1., 0., 5., 4., 3., 8., 7., 6., 11., 10., 9.]
+        );
+        let back = flip_horizontal(&f).unwrap();
+        assert_eq!(
+            back.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            x.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        );
+    }
 
     #[test]
     fn supcon_matches_a_direct_computation() {

@@ -24,6 +24,24 @@ fn conformance_cpu_gray_preset() {
     // A colour-sized batch is refused with a typed error, not a shape panic.
     let rgb = Tensor::zeros((2, 3, 28, 28), DType::F32, &Device::Cpu).expect("zeros");
     assert!(e.embed(&rgb).is_err());
+    // Flip averaging: an image and its mirror image embed alike, and the code version says
+    // that the same weights embed differently from the plain network's.
+    assert_eq!(e.version(), 2);
+    let x = nn::TrainRng::seeded(4)
+        .randn(0f32, 1f32, (3, 1, 28, 28), &Device::Cpu)
+        .expect("randn");
+    let a = e.embed(&x).expect("embed");
+    let b = e
+        .embed(&nn::flip_horizontal(&x).expect("flip"))
+        .expect("embed");
+    let diff = (a - b)
+        .expect("sub")
+        .abs()
+        .expect("abs")
+        .max_all()
+        .expect("max");
+    assert!(diff.to_scalar::<f32>().expect("scalar") < 1e-5);
+    assert_eq!(SimNetPlugin.build("cpu", None).expect("cpu").version(), 1);
 }
 
 #[test]
