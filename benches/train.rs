@@ -11,7 +11,8 @@
 //! cargo bench --bench train -- --train 6000 --test 1000 --minutes 2 --miner naive   # smaller
 //! options: --epochs N --miner supcon|opms|naive|balanced|one-vs-many --proxy-weight W
 //!          --extractor NAME
-//!          --config C --lr SGD_LR | --adam LR --constant-lr --batch SIZE,PER_LABEL,RANDOM
+//!          --config C --lr SGD_LR [--weight-decay WD] | --adam LR --constant-lr --warmup SHARE
+//!          --batch SIZE,PER_LABEL,RANDOM
 //!          --seed S --workers W
 //!          --scorer [--roc-plot FILE]: then train the MLP scorer (Table 2 with two held-out
 //!          labels, ROC) and re-rank the test queries with it
@@ -42,6 +43,8 @@ struct Args {
     config: String,
     lr: Option<f64>,
     adam: Option<f64>,
+    weight_decay: f64,
+    warmup: f64,
     batch: (usize, usize, usize),
     seed: u64,
     plot: Option<PathBuf>,
@@ -67,6 +70,8 @@ fn args() -> Args {
         config: String::new(),
         lr: None,
         adam: None,
+        weight_decay: 0.0,
+        warmup: 0.0,
         batch: (128, 8, 8),
         seed: 0,
         plot: None,
@@ -91,6 +96,8 @@ fn args() -> Args {
             "--config" => a.config = val(),
             "--lr" => a.lr = val().parse().ok(),
             "--adam" => a.adam = val().parse().ok(),
+            "--weight-decay" => a.weight_decay = val().parse().unwrap_or(a.weight_decay),
+            "--warmup" => a.warmup = val().parse().unwrap_or(a.warmup),
             "--batch" => {
                 let v: Vec<usize> = val().split(',').filter_map(|x| x.parse().ok()).collect();
                 if let [b, k, r] = v[..] {
@@ -155,9 +162,14 @@ fn main() -> Res<()> {
         .batch(a.batch.0, a.batch.1, a.batch.2)
         .seed(a.seed)
         .cosine(!a.constant_lr)
+        .warmup(a.warmup)
         .workers(a.workers);
     if let Some(lr) = a.lr {
-        opts = opts.optimiser(OptimiserKind::SgdNesterov { lr, momentum: 0.9 });
+        opts = opts.optimiser(OptimiserKind::SgdNesterov {
+            lr,
+            momentum: 0.9,
+            weight_decay: a.weight_decay,
+        });
     }
     if let Some(lr) = a.adam {
         opts = opts.optimiser(OptimiserKind::Adam { lr });

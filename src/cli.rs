@@ -90,12 +90,18 @@ enum Command {
         /// objective; 0 turns it off.
         #[arg(long, default_value_t = 1.0)]
         proxy_weight: f64,
-        /// Learning rate (Adam; with --sgd, SGD with Nesterov momentum 0.9).
-        #[arg(long, default_value_t = 0.001)]
-        lr: f64,
-        /// Use SGD with Nesterov momentum 0.9 instead of Adam.
+        /// Learning rate (default 0.05 for SGD, 0.001 with --adam).
         #[arg(long)]
-        sgd: bool,
+        lr: Option<f64>,
+        /// Use Adam instead of SGD with Nesterov momentum 0.9.
+        #[arg(long)]
+        adam: bool,
+        /// SGD's L2 weight decay (default 5e-4; 0 for none).
+        #[arg(long, conflicts_with = "adam")]
+        weight_decay: Option<f64>,
+        /// Share of the run over which the rate warms up from 0 (default 0.05).
+        #[arg(long)]
+        warmup: Option<f64>,
         /// Keep the learning rate constant (no cosine annealing).
         #[arg(long)]
         constant_lr: bool,
@@ -266,7 +272,9 @@ fn run(cli: Cli) -> lookalike::Result<()> {
             miner,
             proxy_weight,
             lr,
-            sgd,
+            adam,
+            weight_decay,
+            warmup,
             constant_lr,
             seed,
             resume,
@@ -274,12 +282,23 @@ fn run(cli: Cli) -> lookalike::Result<()> {
             if_better,
         } => {
             let db = existing(&db)?;
-            let optimiser = if sgd {
-                lookalike::OptimiserKind::SgdNesterov { lr, momentum: 0.9 }
+            let mut optimiser = if adam {
+                lookalike::OptimiserKind::DEFAULT_ADAM
             } else {
-                lookalike::OptimiserKind::Adam { lr }
+                lookalike::OptimiserKind::DEFAULT_SGD
             };
-            let mut opts = lookalike::TrainOptions::default()
+            if let Some(lr) = lr {
+                optimiser = optimiser.with_lr(lr);
+            }
+            if let (Some(wd), lookalike::OptimiserKind::SgdNesterov { weight_decay, .. }) =
+                (weight_decay, &mut optimiser)
+            {
+                *weight_decay = wd;
+            }
+            let defaults = lookalike::TrainOptions::default();
+            let warmup = warmup.unwrap_or(defaults.warmup);
+            let mut opts = defaults
+                .warmup(warmup)
                 .config(config)
                 .epochs(epochs)
                 .miner(miner)

@@ -101,11 +101,22 @@ fn check_options(o: &TrainOptions) -> Result<()> {
     if o.eval_queries == 0 || o.eval_gallery == 0 {
         return bad("eval_queries and eval_gallery must be at least 1".into());
     }
-    let lr = match o.optimiser {
-        OptimiserKind::SgdNesterov { lr, .. } | OptimiserKind::Adam { lr } => lr,
-    };
+    if let OptimiserKind::SgdNesterov { weight_decay, .. } = o.optimiser {
+        if !(weight_decay >= 0.0 && weight_decay.is_finite()) {
+            return bad(format!(
+                "weight_decay must be 0 (off) or positive, got {weight_decay}"
+            ));
+        }
+    }
+    let lr = o.optimiser.lr();
     if !(lr > 0.0 && lr.is_finite()) {
         return bad(format!("the learning rate must be positive, got {lr}"));
+    }
+    if !(0.0..1.0).contains(&o.warmup) {
+        return bad(format!(
+            "warmup is a share of the run, from 0 up to (not including) 1, got {}",
+            o.warmup
+        ));
     }
     Ok(())
 }
@@ -235,9 +246,11 @@ pub(crate) fn train_extractor(db: &Db, name: &str, opts: TrainOptions) -> Result
     let mut vars = trainable.vars();
     vars.extend(proxies.iter().cloned());
     let mut optimiser: Box<dyn Optimiser> = match opts.optimiser {
-        OptimiserKind::SgdNesterov { lr, momentum } => {
-            Box::new(SgdNesterov::new(vars, lr, momentum, 0.0))
-        }
+        OptimiserKind::SgdNesterov {
+            lr,
+            momentum,
+            weight_decay,
+        } => Box::new(SgdNesterov::new(vars, lr, momentum, weight_decay)),
         OptimiserKind::Adam { lr } => Box::new(Adam::new(vars, lr)),
     };
 
@@ -326,13 +339,14 @@ pub(crate) fn train_extractor(db: &Db, name: &str, opts: TrainOptions) -> Result
                     break;
                 }
                 let t = Instant::now();
-                optimiser.set_learning_rate(if opts.cosine {
-                    let by_steps = steps_done as f64 / (opts.epochs * steps).max(1) as f64;
-                    let by_time = budget.map_or(0.0, |b| train_seconds / b);
-                    cosine_annealed(base_lr, by_steps.max(by_time))
-                } else {
-                    base_lr
-                });
+                let by_steps = steps_done as f64 / (opts.epochs * steps).max(1) as f64;
+                let by_time = budget.map_or(0.0, |b| train_seconds / b);
+                optimiser.set_learning_rate(scheduled(
+                    base_lr,
+                    by_steps.max(by_time),
+                    opts.warmup,
+                    opts.cosine,
+                ));
                 let batch = loader
                     .next_batch()
                     .ok_or_else(|| Error::Index("the loader stopped early".into()))??;
@@ -584,10 +598,19 @@ pub(crate) fn train_extractor(db: &Db, name: &str, opts: TrainOptions) -> Result
     })
 }
 
-/// The learning rate `done` (0 to 1) of the way through a run annealed along a half cosine
-/// from `base` to 0.
-fn cosine_annealed(base: f64, done: f64) -> f64 {
-    base * 0.5 * (1.0 + (std::f64::consts::PI * done.clamp(0.0, 1.0)).cos())
+/// The learning rate `done` (0 to 1) of the way through a run: rising linearly from 0 over
+/// the first `warmup` share, then `base`, annealed along a half cosine to 0 over the rest when
+/// `cosine` says so.
+fn scheduled(base: f64, done: f64, warmup: f64, cosine: bool) -> f64 {
+    let done = done.clamp(0.0, 1.0);
+    if done < warmup {
+        return base * done / warmup;
+    }
+    if !cosine {
+        return base;
+    }
+    let rest = (done - warmup) / (1.0 - warmup);
+    base * 0.5 * (1.0 + (std::f64::consts::PI * rest).cos())
 }
 
 /// The plugin's loss over the mined pairs or groups, on rows of `emb` (N x dim) whose labels
@@ -648,18 +671,30 @@ fn loss_of(
 
 #[cfg(test)]
 mod tests {
-    use super::cosine_annealed;
+    use super::scheduled;
 
     #[test]
     fn cosine_annealing_starts_at_the_rate_and_ends_at_zero() {
-        assert_eq!(cosine_annealed(0.1, 0.0), 0.1);
-        assert!((cosine_annealed(0.1, 0.5) - 0.05).abs() < 1e-12);
-        assert!(cosine_annealed(0.1, 1.0).abs() < 1e-12);
+        let cosine = |base, done| scheduled(base, done, 0.0, true);
+        assert_eq!(cosine(0.1, 0.0), 0.1);
+        assert!((cosine(0.1, 0.5) - 0.05).abs() < 1e-12);
+        assert!(cosine(0.1, 1.0).abs() < 1e-12);
         // Past the end (a clock-limited run's last step) it stays at 0, never turns back up.
-        assert!(cosine_annealed(0.1, 1.3).abs() < 1e-12);
-        let rates: Vec<f64> = (0..=10)
-            .map(|i| cosine_annealed(1.0, i as f64 / 10.0))
-            .collect();
+        assert!(cosine(0.1, 1.3).abs() < 1e-12);
+        let rates: Vec<f64> = (0..=10).map(|i| cosine(1.0, i as f64 / 10.0)).collect();
         assert!(rates.windows(2).all(|w| w[1] < w[0]));
+        assert_eq!(scheduled(0.1, 0.7, 0.0, false), 0.1);
+    }
+
+    #[test]
+    fn warmup_rises_linearly_then_anneals_from_the_rate() {
+        assert_eq!(scheduled(0.1, 0.0, 0.2, true), 0.0);
+        assert!((scheduled(0.1, 0.1, 0.2, true) - 0.05).abs() < 1e-12);
+        assert!((scheduled(0.1, 0.2, 0.2, true) - 0.1).abs() < 1e-12);
+        // Halfway through what follows the warm-up: half the rate.
+        assert!((scheduled(0.1, 0.6, 0.2, true) - 0.05).abs() < 1e-12);
+        assert!(scheduled(0.1, 1.0, 0.2, true).abs() < 1e-12);
+        // Without annealing the rate holds after the warm-up.
+        assert_eq!(scheduled(0.1, 0.9, 0.2, false), 0.1);
     }
 }
