@@ -275,7 +275,7 @@ impl Db {
             &dir.join("store"),
             options.durability == Durability::Relaxed,
         )?;
-        let (model, recoded) = load_or_create_model(&store, &registry, &options)?;
+        let (model, recoded) = load_or_create_model(&dir, &store, &registry, &options)?;
         let model = Arc::new(model);
 
         // The catalogue: every entry's label, from the small `entries` tree.
@@ -889,8 +889,14 @@ impl Db {
             .store
             .model(version)?
             .ok_or(Error::UnknownModel(version))?;
-        let (model, _) =
-            model_from_record(&self.inner.store, &self.inner.registry, version, record)?;
+        // The snapshot on disk is the active model's, not this one's: it stays.
+        let (model, _) = model_from_record(
+            &self.inner.store,
+            &self.inner.registry,
+            version,
+            record,
+            None,
+        )?;
         let model = Arc::new(model);
         // Embed and index outside the state lock: queries keep running on the old model.
         let live: HashMap<u64, Option<String>> = self.read_state()?.labels.clone();
@@ -1316,6 +1322,7 @@ fn embed(model: &Model, images: &[&image::DynamicImage]) -> Result<Vec<Vec<f32>>
 /// The active model (created on first open), and what [`model_from_record`] says about its
 /// stored embeddings.
 fn load_or_create_model(
+    dir: &Path,
     store: &Store,
     registry: &Registry,
     options: &Options,
@@ -1364,7 +1371,7 @@ fn load_or_create_model(
             format!("model {version} is not stored"),
         )
     })?;
-    model_from_record(store, registry, version, record)
+    model_from_record(store, registry, version, record, Some(dir))
 }
 
 /// A stored model whose extractor's code version ([`Extractor::version`]) differs from the
@@ -1378,13 +1385,13 @@ struct Recoded {
 /// Builds a stored model version's extractor and checks it against the record. When the
 /// extractor's code version differs from the recorded one, the same weights no longer embed to
 /// the stored vectors: they are derived data, so they are dropped (the index build embeds the
-/// images again) and the record takes the new version. The drop comes first, so a crash in
-/// between repeats it on the next open.
+/// images again) and the record takes the new version (see [`forget_embeddings`]).
 fn model_from_record(
     store: &Store,
     registry: &Registry,
     version: u32,
-    mut record: ModelRecord,
+    record: ModelRecord,
+    snapshot_dir: Option<&Path>,
 ) -> Result<(Model, Option<Recoded>)> {
     let weights = (!record.weights.is_empty()).then_some(record.weights.as_slice());
     let extractor = registry.build(&record.plugin, &record.config, weights)?;
@@ -1411,19 +1418,35 @@ fn model_from_record(
             ),
         ));
     }
-    if let Some(r) = recoded {
-        store.delete_embeddings(version)?;
-        record.plugin_version = r.now;
-        store.put_model(version, &record)?;
-        store.flush()?;
-    }
-    let model = Model {
+    let mut model = Model {
         version,
         record,
         extractor,
         spec,
     };
+    if let Some(r) = recoded {
+        forget_embeddings(store, snapshot_dir, &mut model, r)?;
+    }
     Ok((model, recoded))
+}
+
+/// Drops the stored embeddings of a model whose extractor's code changed, and the index
+/// snapshot in `snapshot_dir` that may hold them, then records the new code version. In this
+/// order, so that a crash part way leaves the old version recorded and the next open repeats
+/// it; a snapshot left behind would be trusted once the new version is recorded.
+fn forget_embeddings(
+    store: &Store,
+    snapshot_dir: Option<&Path>,
+    model: &mut Model,
+    r: Recoded,
+) -> Result<()> {
+    if let Some(dir) = snapshot_dir {
+        snapshot::remove(dir)?;
+    }
+    store.delete_embeddings(model.version)?;
+    model.record.plugin_version = r.now;
+    store.put_model(model.version, &model.record)?;
+    store.flush()
 }
 
 /// Loads the snapshot and catches it up, or rebuilds.

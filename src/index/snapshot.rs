@@ -85,6 +85,20 @@ pub(crate) fn save(dir: &Path, index: &VectorIndex, model: u32) -> Result<()> {
     sync_dir(dir)
 }
 
+/// Removes the snapshot in `dir`, if any: the stamp first, so that what a crash leaves is
+/// read as no snapshot.
+pub(crate) fn remove(dir: &Path) -> Result<()> {
+    let (index_path, stamp_path) = paths(dir);
+    for path in [stamp_path, index_path] {
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io(path, e)),
+        }
+    }
+    sync_dir(dir)
+}
+
 /// The paths of the index file and the stamp in `dir`.
 pub(crate) fn paths(dir: &Path) -> (PathBuf, PathBuf) {
     (dir.join(INDEX_FILE), dir.join(STAMP_FILE))
