@@ -12,7 +12,7 @@
 //! options: --epochs N --miner supcon|opms|naive|balanced|one-vs-many --proxy-weight W
 //!          --extractor NAME
 //!          --config C --lr SGD_LR [--weight-decay WD] | --adam LR --constant-lr --warmup SHARE
-//!          --batch SIZE,PER_LABEL,RANDOM
+//!          --batch SIZE,PER_LABEL,RANDOM --shift PIXELS (random shifts; default 0)
 //!          --seed S --workers W
 //!          --scorer [--roc-plot FILE]: then train the MLP scorer (Table 2 with two held-out
 //!          labels, ROC) and re-rank the test queries with it
@@ -27,7 +27,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use lookalike::datasets::{fashion_mnist, LabelledImages, Split, FASHION_MNIST_CLASSES};
-use lookalike::{Db, Durability, IndexKind, OptimiserKind, Options, Phase, Query, TrainOptions};
+use lookalike::{
+    Augment, Db, Durability, IndexKind, OptimiserKind, Options, Phase, Query, TrainOptions,
+};
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
@@ -49,6 +51,8 @@ struct Args {
     seed: u64,
     plot: Option<PathBuf>,
     workers: usize,
+    /// Random shifts of up to this many pixels (the jobs' default augmentation: none).
+    shift: u32,
     constant_lr: bool,
     /// Skip the extractor training (the default extractor stays active).
     no_train: bool,
@@ -76,6 +80,7 @@ fn args() -> Args {
         seed: 0,
         plot: None,
         workers: 1,
+        shift: 0,
         constant_lr: false,
         no_train: false,
         scorer: false,
@@ -107,6 +112,7 @@ fn args() -> Args {
             "--seed" => a.seed = val().parse().unwrap_or(0),
             "--plot" => a.plot = Some(PathBuf::from(val())),
             "--workers" => a.workers = val().parse().unwrap_or(1),
+            "--shift" => a.shift = val().parse().unwrap_or(a.shift),
             "--scorer" => a.scorer = true,
             "--constant-lr" => a.constant_lr = true,
             "--no-train" => a.no_train = true,
@@ -163,6 +169,10 @@ fn main() -> Res<()> {
         .seed(a.seed)
         .cosine(!a.constant_lr)
         .warmup(a.warmup)
+        .augment(Augment {
+            shift: a.shift,
+            ..Augment::flips()
+        })
         .workers(a.workers);
     if let Some(lr) = a.lr {
         opts = opts.optimiser(OptimiserKind::SgdNesterov {

@@ -124,7 +124,18 @@ impl Augment {
         }
     }
 
-    /// The default: shifts of up to 2 pixels and horizontal flips.
+    /// The default: horizontal flips only. Measured on Fashion-MNIST (docs/benchmarks.md): the
+    /// 15-minute job scored 92.66 % accuracy@1 with flips alone against 91.64 % with
+    /// [`Augment::light`]'s shifts added; a network trained for minutes under-fits, and
+    /// shifts made it fit less.
+    pub fn flips() -> Self {
+        Augment {
+            flip: true,
+            ..Augment::none()
+        }
+    }
+
+    /// Shifts of up to 2 pixels and horizontal flips (the default until session 5).
     pub fn light() -> Self {
         Augment {
             shift: 2,
@@ -147,7 +158,7 @@ impl Augment {
 
 impl Default for Augment {
     fn default() -> Self {
-        Augment::light()
+        Augment::flips()
     }
 }
 
@@ -298,7 +309,7 @@ impl Default for TrainOptions {
             eval_queries: 1000,
             eval_gallery: 10_000,
             eval_every_epoch: true,
-            augment: Augment::light(),
+            augment: Augment::flips(),
             seed: 0,
             workers: 1,
             resume: false,
