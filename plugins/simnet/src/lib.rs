@@ -12,7 +12,7 @@
 //! |---|---|---|---|---|
 //! | `paper` | 3 x 224 x 224, ImageNet mean/std | VGG16 conv stack + fc6/fc7, 4096-d | 4x and 8x down-sampled, conv 96 8x8/4, 512-d and 1024-d | 4096-d |
 //! | `cpu` (default) | 3 x 32 x 32, [-1, 1] | VGG-BN `32,32,M,64,64,M,128,M` + fc, 256-d | 2x and 4x down-sampled, conv 32 3x3, 64-d each | 128-d |
-//! | `cpu-gray` | 1 x 28 x 28, [-1, 1] | VGG-BN `32,32,M,64,64,M,192,M` + fc, 512-d | as `cpu` | 128-d |
+//! | `cpu-gray` | 1 x 28 x 28, [-1, 1] | VGG-BN `32,32,M,64,64,M,192,M` + fc, 512-d | as `cpu` | 128-d, flip-averaged |
 //!
 //! The deep branch of `paper` uses torchvision's VGG16 names under `deep.` (`deep.features.0.weight`,
 //! `deep.classifier.0.weight`, ...): [`load_torchvision_vgg16`] loads ImageNet weights into it.
@@ -158,10 +158,10 @@ impl SimNetConfig {
 
     /// A network for greyscale images at 28 px (Fashion-MNIST, MNIST): 1 x 28 x 28 input, so
     /// no resize to 32 px and a third of the first convolution's work, spent instead on a
-    /// wider last convolution (192 filters) and fully connected layer (512). On Fashion-MNIST
-    /// it trains 1.2x as many images per second as `cpu` and reached 90.61 % accuracy@1 in
-    /// the 15-minute job against `cpu`'s 90.21 % (docs/benchmarks.md). Colour images are
-    /// turned grey on the way in.
+    /// wider last convolution (192 filters) and fully connected layer (512), and embeddings
+    /// averaged over the image and its mirror image (`flip_average`). On Fashion-MNIST it
+    /// trains 1.2x as many images per second as `cpu` and reached 92.66 % accuracy@1 in the
+    /// 15-minute job (docs/benchmarks.md). Colour images are turned grey on the way in.
     pub fn cpu_gray() -> Self {
         SimNetConfig {
             side: 28,
