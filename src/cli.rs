@@ -90,7 +90,7 @@ enum Command {
         /// objective; 0 turns it off.
         #[arg(long, default_value_t = 1.0)]
         proxy_weight: f64,
-        /// Learning rate (default 0.05 for SGD, 0.001 with --adam).
+        /// Learning rate (default 0.1 for SGD, 0.001 with --adam).
         #[arg(long)]
         lr: Option<f64>,
         /// Use Adam instead of SGD with Nesterov momentum 0.9.
