@@ -5,7 +5,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use lookalike::{CancelToken, Db, Error, Options, Phase, TrainOptions};
+use lookalike::{CancelToken, Db, Error, OptimiserKind, Options, Phase, TrainOptions};
 
 use crate::common::{open, relaxed, tempdir};
 
@@ -276,7 +276,30 @@ fn bad_requests_are_typed_errors() {
             db.train_extractor_with("simnet", quick().proxy_weight(w)),
             Err(Error::InvalidArgument(_))
         ));
+        let sgd = OptimiserKind::SgdNesterov {
+            lr: 0.1,
+            momentum: 0.9,
+            weight_decay: w,
+        };
+        let e = db
+            .train_extractor_with("simnet", quick().optimiser(sgd))
+            .unwrap_err();
+        assert!(
+            matches!(&e, Error::InvalidArgument(m) if m.contains("weight_decay")),
+            "{e}"
+        );
     }
+    for share in [-0.1, 1.0, f64::NAN] {
+        let e = db
+            .train_extractor_with("simnet", quick().warmup(share))
+            .unwrap_err();
+        assert!(
+            matches!(&e, Error::InvalidArgument(m) if m.contains("warmup")),
+            "{e}"
+        );
+    }
+    // Nothing was trained by the refused jobs.
+    assert_eq!(db.models().unwrap().len(), 1);
     // A second job while one runs.
     let second = Arc::new(Mutex::new(None));
     let (db2, slot) = (db.clone(), second.clone());
