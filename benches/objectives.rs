@@ -152,9 +152,10 @@ fn accuracy(
         let idx: Vec<usize> = (from..(from + n).min(set.len())).collect();
         let mut parts = Vec::new();
         for c in idx.chunks(250) {
-            let mut x = nn::l2_normalize(&e.embed(&batch(cfg, set, c, &[], &[])?)?)?;
+            let images = batch(cfg, set, c, &[], &[])?;
+            let mut x = nn::l2_normalize(&e.embed(&images)?)?;
             if mirrored {
-                let m = e.embed(&batch(cfg, set, c, &vec![true; c.len()], &[])?)?;
+                let m = e.embed(&nn::flip_horizontal(&images)?)?;
                 x = (x + nn::l2_normalize(&m)?)?;
             }
             parts.push(x);

@@ -271,6 +271,14 @@ fn bad_requests_are_typed_errors() {
         db.train_extractor_with("simnet", quick().resume(true)),
         Err(Error::InvalidArgument(_))
     ));
+    // A job refused as InvalidArgument whose message names the option.
+    let refused_naming = |opts: TrainOptions, option: &str| {
+        let e = db.train_extractor_with("simnet", opts).unwrap_err();
+        assert!(
+            matches!(&e, Error::InvalidArgument(m) if m.contains(option)),
+            "{e}"
+        );
+    };
     for w in [-1.0, f64::NAN, f64::INFINITY] {
         assert!(matches!(
             db.train_extractor_with("simnet", quick().proxy_weight(w)),
@@ -281,22 +289,10 @@ fn bad_requests_are_typed_errors() {
             momentum: 0.9,
             weight_decay: w,
         };
-        let e = db
-            .train_extractor_with("simnet", quick().optimiser(sgd))
-            .unwrap_err();
-        assert!(
-            matches!(&e, Error::InvalidArgument(m) if m.contains("weight_decay")),
-            "{e}"
-        );
+        refused_naming(quick().optimiser(sgd), "weight_decay");
     }
     for share in [-0.1, 1.0, f64::NAN] {
-        let e = db
-            .train_extractor_with("simnet", quick().warmup(share))
-            .unwrap_err();
-        assert!(
-            matches!(&e, Error::InvalidArgument(m) if m.contains("warmup")),
-            "{e}"
-        );
+        refused_naming(quick().warmup(share), "warmup");
     }
     // Nothing was trained by the refused jobs.
     assert_eq!(db.models().unwrap().len(), 1);

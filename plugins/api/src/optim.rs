@@ -32,14 +32,6 @@ pub trait Optimiser: Send + std::fmt::Debug {
     fn load_state(&mut self, bytes: &[u8]) -> Result<(), PluginError>;
 }
 
-/// A gradient without its backprop graph. A leaf variable's gradient can still carry the ops
-/// that computed it; a buffer derived from it would then keep that graph, and each step's
-/// buffer the last one's, alive: memory grew by gigabytes within minutes (SGD with weight
-/// decay in a Fashion-MNIST probe).
-fn detached(g: &Tensor) -> Tensor {
-    g.detach()
-}
-
 fn save(buffers: Vec<(String, Tensor)>) -> Result<Vec<u8>, PluginError> {
     safetensors::serialize(buffers.iter().map(|(k, t)| (k.as_str(), t)), None)
         .map_err(|e| PluginError::Weights(format!("cannot write optimiser state: {e}")))
@@ -94,8 +86,11 @@ impl Optimiser for SgdNesterov {
             let Some(g) = grads.get(var.as_tensor()) else {
                 continue;
             };
-            // Detached (see `detached`), and so is the decay term computed from the variable.
-            let g = detached(g);
+            // Detached: a leaf variable's gradient can still carry the ops that computed it, and
+            // a buffer derived from it would keep that graph, and each step's buffer the last
+            // one's, alive (memory grew by gigabytes within minutes with weight decay). So is
+            // the decay term computed from the variable. Adam's step does the same.
+            let g = g.detach();
             let g = if self.weight_decay != 0.0 {
                 (g + (var.as_tensor().detach() * self.weight_decay)?)?
             } else {
@@ -178,7 +173,7 @@ impl Optimiser for Adam {
             let Some(g) = grads.get(var.as_tensor()) else {
                 continue;
             };
-            let g = &detached(g);
+            let g = &g.detach(); // See SgdNesterov::step.
             let (m, v) = match moments.take() {
                 Some((m, v)) => (
                     ((m * self.beta1)? + (g * (1.0 - self.beta1))?)?,
