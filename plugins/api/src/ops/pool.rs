@@ -21,18 +21,26 @@ impl Pool {
     /// Calls `f(output index, input index of the window's first maximum)` for one plane.
     fn argmax(&self, plane: &[f32], mut f: impl FnMut(usize, usize)) {
         if self.k == 2 && self.stride == 2 && self.padding == 0 {
-            // The common 2 x 2 pool, without window bounds.
-            let w = self.w;
+            // The common 2 x 2 pool: two rows at a time, no window bounds or index checks
+            // inside the row (a profile of SimNet training put the general loop at 6 %).
+            let (w, ow) = (self.w, self.ow);
             for oy in 0..self.oh {
-                let (r0, r1) = (2 * oy * w, (2 * oy + 1) * w);
-                for ox in 0..self.ow {
-                    let mut at = r0 + 2 * ox;
-                    for cand in [r0 + 2 * ox + 1, r1 + 2 * ox, r1 + 2 * ox + 1] {
-                        if plane[cand] > plane[at] {
-                            at = cand;
-                        }
+                let r0 = 2 * oy * w;
+                let (top, bottom) = (&plane[r0..r0 + 2 * ow], &plane[r0 + w..r0 + w + 2 * ow]);
+                for (ox, (t, b)) in top.chunks_exact(2).zip(bottom.chunks_exact(2)).enumerate() {
+                    // The first maximum in the order top-left, top-right, bottom-left,
+                    // bottom-right, as the general loop below finds it.
+                    let (mut best, mut at) = (t[0], 0);
+                    if t[1] > best {
+                        (best, at) = (t[1], 1);
                     }
-                    f(oy * self.ow + ox, at);
+                    if b[0] > best {
+                        (best, at) = (b[0], w);
+                    }
+                    if b[1] > best {
+                        at = w + 1;
+                    }
+                    f(oy * ow + ox, r0 + 2 * ox + at);
                 }
             }
             return;
