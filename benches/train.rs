@@ -461,3 +461,8 @@ fn plot(path: &std::path::Path, r: &lookalike::TrainReport, a: &Args) -> Res<()>
     root.present()?;
     Ok(())
 }
+
+// The command-line tool's allocator (src/main.rs), so the figures are the ones `lookalike
+// train` gets.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
