@@ -27,8 +27,10 @@ pub struct Metrics {
 pub(crate) type Split = (BTreeMap<u32, Vec<ImageId>>, Vec<(ImageId, u32)>);
 
 /// A stratified split: per label, `share` of its images (at least one when it has two or
-/// more) go to validation, the rest to training. Seeded.
-pub(crate) fn split(labelled: &[(ImageId, u32)], share: f64, seed: u64) -> Split {
+/// more) go to validation, the rest to training; but the share shrinks so that about `most`
+/// images in all are held out when `share` would hold out more (rounded per label). Seeded.
+pub(crate) fn split(labelled: &[(ImageId, u32)], share: f64, most: usize, seed: u64) -> Split {
+    let share = share.min(most as f64 / labelled.len().max(1) as f64);
     let mut by_label: BTreeMap<u32, Vec<ImageId>> = BTreeMap::new();
     for (id, l) in labelled {
         by_label.entry(*l).or_default().push(*id);
@@ -213,14 +215,23 @@ mod tests {
     fn split_is_stratified_and_seeded() {
         let labelled: Vec<(ImageId, u32)> =
             (0..100).map(|i| (ImageId(i), (i % 4) as u32)).collect();
-        let (train, val) = split(&labelled, 0.2, 9);
+        let (train, val) = split(&labelled, 0.2, 1000, 9);
         assert_eq!(val.len(), 20);
         for l in 0..4 {
             assert_eq!(val.iter().filter(|v| v.1 == l).count(), 5);
             assert_eq!(train[&l].len(), 20);
         }
-        assert_eq!(split(&labelled, 0.2, 9).1, val);
-        assert_ne!(split(&labelled, 0.2, 10).1, val);
+        assert_eq!(split(&labelled, 0.2, 1000, 9).1, val);
+        assert_ne!(split(&labelled, 0.2, 1000, 10).1, val);
+        // At most 8 held out (for 8 queries): 2 per label, the other 92 train.
+        let (train, val) = split(&labelled, 0.2, 8, 9);
+        assert_eq!(val.len(), 8);
+        for l in 0..4 {
+            assert_eq!(val.iter().filter(|v| v.1 == l).count(), 2);
+            assert_eq!(train[&l].len(), 23);
+        }
+        // Never fewer than one per label.
+        assert_eq!(split(&labelled, 0.2, 0, 9).1.len(), 4);
     }
 
     #[test]
