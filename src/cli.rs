@@ -96,7 +96,7 @@ enum Command {
         /// Use Adam instead of SGD with Nesterov momentum 0.9.
         #[arg(long)]
         adam: bool,
-        /// SGD's L2 weight decay (default 5e-4; 0 for none).
+        /// SGD's L2 weight decay (default 1e-4; 0 for none).
         #[arg(long, conflicts_with = "adam")]
         weight_decay: Option<f64>,
         /// Share of the run over which the rate warms up from 0 (default 0.05).

@@ -160,7 +160,7 @@ impl SimNetConfig {
     /// no resize to 32 px and a third of the first convolution's work, spent instead on a
     /// wider last convolution (192 filters) and fully connected layer (512), and embeddings
     /// averaged over the image and its mirror image (`flip_average`). On Fashion-MNIST it
-    /// trains 1.2x as many images per second as `cpu` and reached 92.90 % accuracy@1 in the
+    /// trains 1.2x as many images per second as `cpu` and reached 93.24 % accuracy@1 in the
     /// 15-minute job (docs/benchmarks.md). Colour images are turned grey on the way in.
     pub fn cpu_gray() -> Self {
         SimNetConfig {
