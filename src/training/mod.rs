@@ -71,7 +71,7 @@ impl OptimiserKind {
     /// The jobs' default: SGD with Nesterov momentum 0.9, rate 0.1 and weight decay 1e-4
     /// (with a 5 % warm-up and cosine annealing, SGD beat Adam 1e-3 on Fashion-MNIST by about
     /// a point of accuracy@1; in the 15-minute job 0.1 scored 92.90 % against 0.05's 92.66 %,
-    /// and weight decay 1e-4 93.24 % and 92.87 % over two seeds against 5e-4's 92.96 %,
+    /// and weight decay 1e-4 93.07 % on average over three seeds against 5e-4's 92.96 %,
     /// docs/benchmarks.md).
     pub const DEFAULT_SGD: OptimiserKind = OptimiserKind::SgdNesterov {
         lr: 0.1,
