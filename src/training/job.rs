@@ -179,8 +179,7 @@ pub(crate) fn train_extractor(db: &Db, name: &str, opts: TrainOptions) -> Result
         .iter()
         .filter_map(|(id, l)| label_index.get(l).map(|i| (*id, *i)))
         .collect();
-    // Hold out no more images than the evaluation queries: a held-out image no query uses
-    // would be a training image lost (10 % of 60,000 is 6,000 images for 1,000 queries).
+    // At most `eval_queries` held out: more would be training images no query uses.
     let (train, val) = eval::split(
         &indexed,
         opts.validation_share,

@@ -453,6 +453,8 @@ impl TrainOptions {
     /// The options that decide a job's course, as text: a checkpoint resumes only under the
     /// same fingerprint.
     pub(crate) fn fingerprint(&self) -> String {
+        // "/capped": the split rule changed (at most `eval_queries` held out), so checkpoints
+        // of the old rule, whose split differs under the same options, do not resume.
         format!(
             "config={:?} epochs={} batch={}/{}/{} steps={:?} miner={} proxy={} optimiser={:?} decay={:?} \
              cosine={} warmup={} validation={}/capped eval={}/{}/{} augment={:?} seed={}",

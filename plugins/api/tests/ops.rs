@@ -30,11 +30,16 @@ fn rel(a: &Tensor, b: &Tensor) -> f32 {
     diff / scale
 }
 
+/// The generator of every test's data. Seeded: with candle's unseeded one, a case whose
+/// gradient sums cancel to near 0 failed the relative bound by chance (a bias gradient of one
+/// output channel differed by 1.4e-4 relative once).
+fn data() -> lnn::TrainRng {
+    lnn::TrainRng::seeded(11)
+}
+
 #[test]
 fn matches_candle_forward_and_backward() {
-    // Seeded data: a case whose gradient sums cancel to near 0 fails the relative bound by
-    // chance (a bias gradient of one output channel differed by 1.4e-4 relative once).
-    let rng = lnn::TrainRng::seeded(11);
+    let rng = data();
     // A small linear congruential generator: shapes are reproducible without a rand crate.
     let mut state = 12345u64;
     let mut next = |m: usize| {
@@ -106,9 +111,7 @@ fn matches_candle_forward_and_backward() {
 
 #[test]
 fn depthwise_inference_matches_candle_grouped_conv() {
-    // Seeded data: a case whose gradient sums cancel to near 0 fails the relative bound by
-    // chance (a bias gradient of one output channel differed by 1.4e-4 relative once).
-    let rng = lnn::TrainRng::seeded(11);
+    let rng = data();
     use lookalike_plugin::ops::depthwise_conv2d_inference;
     for (c, k, stride, h) in [(4, 3, 1, 9), (6, 5, 2, 12), (3, 3, 2, 7), (8, 5, 1, 5)] {
         let x = rng
@@ -128,9 +131,7 @@ fn depthwise_inference_matches_candle_grouped_conv() {
 
 #[test]
 fn batch_norm_matches_candle_in_training_and_evaluation() {
-    // Seeded data: a case whose gradient sums cancel to near 0 fails the relative bound by
-    // chance (a bias gradient of one output channel differed by 1.4e-4 relative once).
-    let rng = lnn::TrainRng::seeded(11);
+    let rng = data();
     for (case, (n, c, h, act)) in [
         (4, 3, 5, Activation::Identity),
         (2, 8, 7, Activation::Relu),
@@ -265,9 +266,7 @@ fn naive_pool_grad(x: &Tensor, g: &Tensor, k: usize, s: usize, p: usize) -> Tens
 
 #[test]
 fn max_pool_matches_candle_and_a_naive_gradient() {
-    // Seeded data: a case whose gradient sums cancel to near 0 fails the relative bound by
-    // chance (a bias gradient of one output channel differed by 1.4e-4 relative once).
-    let rng = lnn::TrainRng::seeded(11);
+    let rng = data();
     for (k, s, p, h) in [
         (2, 2, 0, 8),
         (3, 2, 1, 9),
