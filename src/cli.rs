@@ -478,6 +478,42 @@ fn has_image_extension(p: &Path) -> bool {
         .unwrap_or(false)
 }
 
+/// Encoded bytes read ahead per batch of `add`: with the batch being inserted, at most about
+/// twice this is held at once, whatever `--batch` says (12 MP phone photos are 2-5 MB each).
+const BATCH_BYTES: usize = 64 << 20;
+
+/// One file read for `add`: its path, its bytes (or why they could not be read) and label.
+type ReadFile = (PathBuf, lookalike::Result<Vec<u8>>, Option<String>);
+
+/// Reads `path` whole, refusing (without reading further) a file over `limit` bytes.
+fn read_bounded(path: &Path, limit: u64) -> lookalike::Result<Vec<u8>> {
+    use std::io::Read;
+    let io = |e| lookalike::Error::Io {
+        path: path.to_path_buf(),
+        source: e,
+    };
+    let file = std::fs::File::open(path).map_err(io)?;
+    // Sized from the file's length (one allocation, no regrowth), never past the limit.
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut bytes = Vec::with_capacity(usize::try_from(len.min(limit) + 1).unwrap_or(0));
+    file.take(limit.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .map_err(io)?;
+    if bytes.len() as u64 > limit {
+        return Err(lookalike::Error::ImageTooLarge {
+            what: "encoded size in bytes",
+            got: std::fs::metadata(path)
+                .map(|m| m.len())
+                .unwrap_or(bytes.len() as u64),
+            limit,
+        });
+    }
+    Ok(bytes)
+}
+
+/// Streams `files` in batches of at most `batch` files and [`BATCH_BYTES`] bytes from a reader
+/// thread (reading overlaps decoding), each batch decoded on every core and stored in one
+/// durable write. Bad files are reported and skipped.
 fn add(
     db: &Path,
     options: Options,
@@ -487,43 +523,63 @@ fn add(
     batch: usize,
 ) -> lookalike::Result<()> {
     let files = collect(paths)?;
+    let limit = options.image_byte_limit();
     let db = Db::open_with(db, options)?;
     let bar = ProgressBar::new(files.len() as u64);
     bar.set_style(
         ProgressStyle::with_template("{bar:40} {pos}/{len} images, {per_sec}, eta {eta}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    let (mut added, mut skipped) = (0usize, 0usize);
-    for chunk in files.chunks(batch) {
-        let mut items = Vec::with_capacity(chunk.len());
-        for f in chunk {
+    let label = label.map(str::to_string);
+    let (tx, rx) = crossbeam_channel::bounded::<Vec<ReadFile>>(1);
+    let reader = std::thread::spawn(move || {
+        let mut items = Vec::new();
+        let mut bytes = 0;
+        for f in files {
             let l = if folder_labels {
                 f.parent()
                     .and_then(|p| p.file_name())
                     .map(|n| n.to_string_lossy().into_owned())
             } else {
-                label.map(str::to_string)
+                label.clone()
             };
-            items.push((f, read(f)?, l));
-        }
-        let result = db.insert_images(items.iter().map(|(_, b, l)| (b.as_slice(), l.as_deref())));
-        match result {
-            Ok(ids) => added += ids.len(),
-            Err(_) => {
-                // Insert one by one to report the bad files and keep the good ones.
-                for (f, b, l) in &items {
-                    match db.insert_image(b, l.as_deref()) {
-                        Ok(_) => added += 1,
-                        Err(e) => {
-                            skipped += 1;
-                            bar.suspend(|| eprintln!("skipped {}: {e}", f.display()));
-                        }
-                    }
+            let read = read_bounded(&f, limit);
+            bytes += read.as_ref().map(Vec::len).unwrap_or(0);
+            items.push((f, read, l));
+            if items.len() >= batch || bytes >= BATCH_BYTES {
+                if tx.send(std::mem::take(&mut items)).is_err() {
+                    return;
                 }
+                bytes = 0;
             }
         }
-        bar.inc(chunk.len() as u64);
+        if !items.is_empty() {
+            let _ = tx.send(items);
+        }
+    });
+    let (mut added, mut skipped) = (0usize, 0usize);
+    for items in rx {
+        let mut skip = |f: &Path, e: &lookalike::Error| {
+            skipped += 1;
+            bar.suspend(|| eprintln!("skipped {}: {e}", f.display()));
+        };
+        let mut good = Vec::with_capacity(items.len());
+        for (f, read, l) in &items {
+            match read {
+                Ok(b) => good.push((f, b.as_slice(), l.as_deref())),
+                Err(e) => skip(f, e),
+            }
+        }
+        let outcomes = db.insert_images_each(good.iter().map(|(_, b, l)| (*b, *l)))?;
+        for ((f, _, _), outcome) in good.iter().zip(outcomes) {
+            match outcome {
+                Ok(_) => added += 1,
+                Err(e) => skip(f, &e),
+            }
+        }
+        bar.inc(items.len() as u64);
     }
+    let _ = reader.join();
     db.flush()?;
     bar.finish_and_clear();
     println!(

@@ -20,6 +20,18 @@ use crate::ImageId;
 
 /// Images embedded per extractor call.
 const EMBED_BATCH: usize = 64;
+/// Decoded images held at once by an insert or an embedding, in bytes of input-sized pixels
+/// (the full-size decodes are dropped as each image is fitted): with the default extractor,
+/// 21,845 images of 32 x 32 x 3; with EfficientNet-Lite0, 445 of 224 x 224 x 3.
+const THUMB_BUDGET: usize = 64 << 20;
+
+/// An image decoded and embedded, not yet stored.
+struct Embedded {
+    /// Its upright size.
+    width: u32,
+    height: u32,
+    vector: Vec<f32>,
+}
 
 /// How long [`Db::open_with`] waits for the directory's `LOCK` before [`Error::Locked`]. The
 /// lock is an `flock` on the open file, and a process that spawns a child while a handle is
@@ -271,11 +283,8 @@ impl Db {
             }
         }
         let registry = Registry::new(&options.plugins);
-        let store = Store::open(
-            &dir.join("store"),
-            options.durability == Durability::Relaxed,
-        )?;
-        let (model, recoded) = load_or_create_model(&dir, &store, &registry, &options)?;
+        let store = Store::open(&dir, options.durability == Durability::Relaxed)?;
+        let (model, stale) = load_or_create_model(&dir, &store, &registry, &options)?;
         let model = Arc::new(model);
 
         // The catalogue: every entry's label, from the small `entries` tree.
@@ -290,7 +299,7 @@ impl Db {
         }
 
         let started = Instant::now();
-        let (index, source) = open_index(&dir, &store, &model, &options, &labels, recoded)?;
+        let (index, source) = open_index(&dir, &store, &model, &options, &labels, stale)?;
         let index_info = IndexInfo {
             kind: kind_name(index.shape()),
             len: index.len(),
@@ -329,9 +338,11 @@ impl Db {
         &self.inner.dir
     }
 
-    /// Inserts one encoded image (PNG, JPEG, WebP, GIF first frame, BMP) with an optional
+    /// Inserts one encoded image (JPEG, PNG, WebP, GIF first frame, BMP, TIFF) with an optional
     /// label, and returns its new id. Under [`Durability::Immediate`] the image is on disk
-    /// when this returns.
+    /// when this returns. The bytes are stored as given; what the extractor sees is decoded by
+    /// the model's decode policy (upright by EXIF orientation, transparency over the input's
+    /// background, JPEG decoded at a reduced DCT scale; see `docs/architecture.md`).
     pub fn insert_image(&self, bytes: &[u8], label: Option<&str>) -> Result<ImageId> {
         let ids = self.insert_images([(bytes, label)])?;
         Ok(ids[0])
@@ -339,43 +350,93 @@ impl Db {
 
     /// Inserts a batch atomically: every image or none (the first bad one fails the batch
     /// with [`Error::InBatch`]). One durable flush covers the whole batch, so this is much
-    /// faster than inserting one by one.
+    /// faster than inserting one by one. Images are decoded on every core; memory holds the
+    /// caller's bytes and a small decoded copy of at most a few images per core, whatever the
+    /// batch size.
     pub fn insert_images<'a, I>(&self, items: I) -> Result<Vec<ImageId>>
     where
         I: IntoIterator<Item = (&'a [u8], Option<&'a str>)>,
     {
+        self.insert_batch(items.into_iter().collect(), true)?
+            .into_iter()
+            .collect()
+    }
+
+    /// Inserts the images of a batch that decode and have a valid label, in one durable
+    /// write, and returns each item's outcome in order: its new id, or why it was refused
+    /// (nothing of a refused image is stored). The outer error is for failures that are not
+    /// the images' fault (storage, the extractor): then nothing of the batch is stored. For
+    /// loading folders where one bad file must not stop the rest; [`Db::insert_images`] is
+    /// the all-or-nothing form.
+    pub fn insert_images_each<'a, I>(&self, items: I) -> Result<Vec<Result<ImageId>>>
+    where
+        I: IntoIterator<Item = (&'a [u8], Option<&'a str>)>,
+    {
+        self.insert_batch(items.into_iter().collect(), false)
+    }
+
+    /// Decodes, embeds and stores a batch; `all_or_nothing` fails it (storing nothing) at its
+    /// first bad image, with [`Error::InBatch`].
+    fn insert_batch(
+        &self,
+        items: Vec<(&[u8], Option<&str>)>,
+        all_or_nothing: bool,
+    ) -> Result<Vec<Result<ImageId>>> {
         self.check_poisoned()?;
-        let items: Vec<(&[u8], Option<&str>)> = items.into_iter().collect();
         if items.is_empty() {
             return Ok(Vec::new());
         }
-        for (i, (_, label)) in items.iter().enumerate() {
-            if let Some(l) = label {
-                check_label(l).map_err(|e| in_batch(i, items.len(), e))?;
+        let model = self.model();
+        let bytes: Vec<&[u8]> = items.iter().map(|(b, _)| *b).collect();
+        let embedded = self.embed_encoded(&model, &bytes)?;
+        let n = items.len();
+        let checked: Vec<Result<Embedded>> = items
+            .iter()
+            .zip(embedded)
+            .map(|((_, label), e)| label.map(check_label).transpose().and(e))
+            .collect();
+        let checked: Vec<Result<Embedded>> = if all_or_nothing {
+            checked
+                .into_iter()
+                .enumerate()
+                .map(|(i, c)| c.map_err(|e| in_batch(i, n, e)))
+                .collect::<Result<Vec<_>>>()?
+                .into_iter()
+                .map(Ok)
+                .collect()
+        } else {
+            checked
+        };
+        let mut outcomes = Vec::with_capacity(n);
+        let mut new = Vec::with_capacity(n);
+        for ((bytes, label), checked) in items.iter().zip(checked) {
+            match checked {
+                Err(e) => outcomes.push(Err(e)),
+                Ok(e) => {
+                    let id = self.inner.store.next_id()?;
+                    outcomes.push(Ok(id));
+                    new.push(NewImage {
+                        id,
+                        bytes,
+                        entry: EntryRecord {
+                            format: 1,
+                            label: label.map(str::to_string),
+                            width: e.width,
+                            height: e.height,
+                        },
+                        vector: e.vector,
+                    });
+                }
             }
         }
-        let model = self.model();
-        let limits = self.limits();
-        let mut decoded = Vec::with_capacity(items.len());
-        for (i, (bytes, _)) in items.iter().enumerate() {
-            decoded
-                .push(preprocess::decode(bytes, limits).map_err(|e| in_batch(i, items.len(), e))?);
-        }
-        let refs: Vec<_> = decoded.iter().collect();
-        let vectors = embed(&model, &refs)?;
-        let mut new = Vec::with_capacity(items.len());
-        for (((bytes, label), img), vector) in items.iter().zip(&decoded).zip(vectors) {
-            new.push(NewImage {
-                id: self.inner.store.next_id()?,
-                bytes: bytes.to_vec(),
-                entry: EntryRecord {
-                    format: 1,
-                    label: label.map(str::to_string),
-                    width: img.width(),
-                    height: img.height(),
-                },
-                vector,
-            });
+        self.store_new(&model, new)?;
+        Ok(outcomes)
+    }
+
+    /// Stores embedded images durably and adds them to the index and the catalogue.
+    fn store_new(&self, model: &Model, new: Vec<NewImage<'_>>) -> Result<()> {
+        if new.is_empty() {
+            return Ok(());
         }
         self.inner.store.insert(model.version, &new)?;
         self.durable_write()?;
@@ -396,7 +457,7 @@ impl Db {
                 state.labels.insert(n.id.0, n.entry.label.clone());
             }
             state.dirty = true;
-            return Ok(new.iter().map(|n| n.id).collect());
+            return Ok(());
         }
         let ids: Vec<ImageId> = new.iter().map(|n| n.id).collect();
         let flat: Vec<f32> = new.iter().flat_map(|n| n.vector.iter().copied()).collect();
@@ -410,8 +471,42 @@ impl Db {
             state.labels.insert(n.id.0, n.entry.label);
         }
         state.dirty = true;
-        self.maybe_reshape(&mut state)?;
-        Ok(ids)
+        self.maybe_reshape(&mut state)
+    }
+
+    /// Decodes and embeds encoded images with `model`, on every core, a chunk at a time (the
+    /// chunk's decoded images fit in [`THUMB_BUDGET`]): one outcome per image, in order. The
+    /// outer error is the extractor's.
+    fn embed_encoded(&self, model: &Model, images: &[&[u8]]) -> Result<Vec<Result<Embedded>>> {
+        let limits = self.limits();
+        let input = &model.spec.input;
+        let per = (input.channels * input.width * input.height) as usize;
+        let chunk = (THUMB_BUDGET / per.max(1)).max(1);
+        let mut out = Vec::with_capacity(images.len());
+        for part in images.chunks(chunk) {
+            let thumbs = preprocess::prepare_many(part, limits, input);
+            let ok: Vec<&preprocess::Thumb> =
+                thumbs.iter().filter_map(|t| t.as_ref().ok()).collect();
+            let mut vectors = embed(model, &ok)?.into_iter();
+            for t in thumbs {
+                out.push(t.and_then(|t| {
+                    let vector = vectors.next().ok_or_else(|| {
+                        Error::plugin(
+                            &model.record.plugin,
+                            lookalike_plugin::PluginError::InvalidSpec(
+                                "fewer embeddings than images".into(),
+                            ),
+                        )
+                    })?;
+                    Ok(Embedded {
+                        width: t.width,
+                        height: t.height,
+                        vector,
+                    })
+                }));
+            }
+        }
+        Ok(out)
     }
 
     /// The `k` images nearest to the encoded image `bytes`, best first.
@@ -430,9 +525,9 @@ impl Db {
         if query.k == 0 {
             return Err(Error::ZeroK);
         }
-        let img = preprocess::decode(bytes, self.limits())?;
         self.with_model_retry(|model| {
-            let vector = embed(model, &[&img])?.pop().unwrap_or_default();
+            let thumb = preprocess::prepare(bytes, self.limits(), &model.spec.input)?;
+            let vector = embed(model, &[&thumb])?.pop().unwrap_or_default();
             self.search(model, &vector, query, None)
         })
     }
@@ -780,13 +875,12 @@ impl Db {
     /// Embeds encoded images with the active model, as stored (L2-normalised for cosine).
     pub fn embed(&self, images: &[&[u8]]) -> Result<Vec<Vec<f32>>> {
         let model = self.model();
-        let limits = self.limits();
-        let decoded = images
-            .iter()
-            .map(|b| preprocess::decode(b, limits))
-            .collect::<Result<Vec<_>>>()?;
-        let refs: Vec<_> = decoded.iter().collect();
-        embed(&model, &refs)
+        let n = images.len();
+        self.embed_encoded(&model, images)?
+            .into_iter()
+            .enumerate()
+            .map(|(i, e)| e.map(|e| e.vector).map_err(|e| in_batch(i, n, e)))
+            .collect()
     }
 
     /// The stored embedding of image `id` under the active model.
@@ -1038,6 +1132,9 @@ impl Db {
             spec,
         };
         self.inner.store.put_model(version, &record)?;
+        self.inner
+            .store
+            .set_policy(version, &preprocess::policy(&model.spec.input))?;
         let ids: Vec<ImageId> = self.live_ids()?.into_iter().map(ImageId).collect();
         let result = (|| {
             for (done, chunk) in ids.chunks(EMBED_BATCH * 4).enumerate() {
@@ -1064,8 +1161,8 @@ impl Db {
         Ok(version)
     }
 
-    /// Embeds stored images `ids` with `extractor` (declaring `spec`), in batches; images
-    /// removed meanwhile are skipped. `name` labels errors.
+    /// Embeds stored images `ids` with `extractor` (declaring `spec`), in batches, reading
+    /// and decoding on every core; images removed meanwhile are skipped. `name` labels errors.
     pub(crate) fn embed_stored(
         &self,
         name: &str,
@@ -1075,15 +1172,16 @@ impl Db {
     ) -> Result<Vec<(ImageId, Vec<f32>)>> {
         let mut out = Vec::with_capacity(ids.len());
         for chunk in ids.chunks(EMBED_BATCH * 4) {
+            let thumbs = prepare_stored(&self.inner.store, &spec.input, chunk);
             let mut got = Vec::with_capacity(chunk.len());
-            let mut imgs = Vec::with_capacity(chunk.len());
-            for id in chunk {
-                if let Some(bytes) = self.inner.store.image(*id)? {
-                    imgs.push(preprocess::decode(&bytes, ImageLimits::STORED)?);
+            let mut kept = Vec::with_capacity(chunk.len());
+            for (id, t) in chunk.iter().zip(thumbs) {
+                if let Some(t) = t? {
                     got.push(*id);
+                    kept.push(t);
                 }
             }
-            let refs: Vec<_> = imgs.iter().collect();
+            let refs: Vec<_> = kept.iter().collect();
             out.extend(
                 got.into_iter()
                     .zip(embed_with(name, extractor, spec, &refs)?),
@@ -1102,10 +1200,7 @@ impl Db {
     }
 
     fn limits(&self) -> ImageLimits {
-        ImageLimits {
-            max_bytes: self.inner.options.max_image_bytes,
-            max_pixels: self.inner.options.max_image_pixels,
-        }
+        self.inner.options.limits()
     }
 
     fn read_state(&self) -> Result<std::sync::RwLockReadGuard<'_, State>> {
@@ -1216,13 +1311,29 @@ impl Drop for JobGuard {
     }
 }
 
+/// Reads and decodes stored images `ids` for `input` on every core: `None` for an image
+/// removed meanwhile. The encoded bytes live only inside each task.
+fn prepare_stored(
+    store: &Store,
+    input: &lookalike_plugin::InputSpec,
+    ids: &[ImageId],
+) -> Vec<Result<Option<preprocess::Thumb>>> {
+    use rayon::prelude::*;
+    ids.par_iter()
+        .map(|id| match store.image(*id)? {
+            Some(bytes) => preprocess::prepare(&bytes, ImageLimits::STORED, input).map(Some),
+            None => Ok(None),
+        })
+        .collect()
+}
+
 /// Embeds decoded images with `extractor` (declaring `spec`) in batches, normalised as stored
 /// (L2 for cosine). `name` labels errors.
 pub(crate) fn embed_with(
     name: &str,
     extractor: &dyn Extractor,
     spec: &ExtractorSpec,
-    images: &[&image::DynamicImage],
+    images: &[&preprocess::Thumb],
 ) -> Result<Vec<Vec<f32>>> {
     let mut out = Vec::with_capacity(images.len());
     for chunk in images.chunks(EMBED_BATCH) {
@@ -1310,7 +1421,7 @@ fn ef_search(options: &Options) -> u32 {
 }
 
 /// Embeds decoded images in batches, normalised as stored.
-fn embed(model: &Model, images: &[&image::DynamicImage]) -> Result<Vec<Vec<f32>>> {
+fn embed(model: &Model, images: &[&preprocess::Thumb]) -> Result<Vec<Vec<f32>>> {
     embed_with(
         &model.record.plugin,
         model.extractor.as_ref(),
@@ -1326,7 +1437,7 @@ fn load_or_create_model(
     store: &Store,
     registry: &Registry,
     options: &Options,
-) -> Result<(Model, Option<Recoded>)> {
+) -> Result<(Model, Option<Stale>)> {
     let version = match store.active_model()? {
         Some(v) => v,
         None => {
@@ -1353,6 +1464,7 @@ fn load_or_create_model(
                 created_unix: now_unix(),
             };
             store.put_model(1, &record)?;
+            store.set_policy(1, &preprocess::policy(&spec.input))?;
             store.set_active_model(1)?;
             store.flush()?;
             let model = Model {
@@ -1374,32 +1486,49 @@ fn load_or_create_model(
     model_from_record(store, registry, version, record, Some(dir))
 }
 
-/// A stored model whose extractor's code version ([`Extractor::version`]) differs from the
-/// one its embeddings were made with: they were dropped, to be made again from the images.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Recoded {
-    was: u32,
-    now: u32,
+/// A stored model whose embeddings were made by other code than this build's: its extractor's
+/// code version ([`Extractor::version`]) or the decode policy ([`preprocess::policy`])
+/// changed. They were dropped, to be made again from the images.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Stale {
+    /// What changed, for [`IndexSource::Rebuilt`].
+    reason: String,
 }
 
 /// Builds a stored model version's extractor and checks it against the record. When the
-/// extractor's code version differs from the recorded one, the same weights no longer embed to
-/// the stored vectors: they are derived data, so they are dropped (the index build embeds the
-/// images again) and the record takes the new version (see [`forget_embeddings`]).
+/// extractor's code version or the decode policy differs from the recorded one, the same
+/// weights no longer embed to the stored vectors: they are derived data, so they are dropped
+/// (the index build embeds the images again) and the record takes the new version and policy
+/// (see [`forget_embeddings`]). A model stored before policies were recorded has none: its
+/// images are embedded again once, on the first open by a build that records them.
 fn model_from_record(
     store: &Store,
     registry: &Registry,
     version: u32,
     record: ModelRecord,
     snapshot_dir: Option<&Path>,
-) -> Result<(Model, Option<Recoded>)> {
+) -> Result<(Model, Option<Stale>)> {
     let weights = (!record.weights.is_empty()).then_some(record.weights.as_slice());
     let extractor = registry.build(&record.plugin, &record.config, weights)?;
     let spec = extractor.spec();
-    let recoded = (record.plugin_version != extractor.version()).then(|| Recoded {
-        was: record.plugin_version,
-        now: extractor.version(),
-    });
+    let policy = preprocess::policy(&spec.input);
+    let stale = if record.plugin_version != extractor.version() {
+        Some(Stale {
+            reason: format!(
+                "the extractor's code changed (version {} to {}): images embedded again",
+                record.plugin_version,
+                extractor.version()
+            ),
+        })
+    } else if store.policy(version)?.as_deref() != Some(policy.as_str()) {
+        Some(Stale {
+            reason: "the decode policy changed (orientation, transparency, scaled JPEG \
+                     decoding): images embedded again"
+                .to_string(),
+        })
+    } else {
+        None
+    };
     if spec.dim != record.dim as usize {
         return Err(Error::DimensionMismatch {
             what: format!("extractor {} against stored model {version}", record.plugin),
@@ -1424,28 +1553,29 @@ fn model_from_record(
         extractor,
         spec,
     };
-    if let Some(r) = recoded {
-        forget_embeddings(store, snapshot_dir, &mut model, r)?;
+    if stale.is_some() {
+        forget_embeddings(store, snapshot_dir, &mut model, &policy)?;
     }
-    Ok((model, recoded))
+    Ok((model, stale))
 }
 
-/// Drops the stored embeddings of a model whose extractor's code changed, and the index
-/// snapshot in `snapshot_dir` that may hold them, then records the new code version. In this
-/// order, so that a crash part way leaves the old version recorded and the next open repeats
-/// it; a snapshot left behind would be trusted once the new version is recorded.
+/// Drops the stored embeddings of a [`Stale`] model, and the index snapshot in `snapshot_dir`
+/// that may hold them, then records the extractor's code version and the decode `policy`. In
+/// this order, so that a crash part way leaves the old version or policy recorded and the next
+/// open repeats it; a snapshot left behind would be trusted once the new ones are recorded.
 fn forget_embeddings(
     store: &Store,
     snapshot_dir: Option<&Path>,
     model: &mut Model,
-    r: Recoded,
+    policy: &str,
 ) -> Result<()> {
     if let Some(dir) = snapshot_dir {
         snapshot::remove(dir)?;
     }
     store.delete_embeddings(model.version)?;
-    model.record.plugin_version = r.now;
+    model.record.plugin_version = model.extractor.version();
     store.put_model(model.version, &model.record)?;
+    store.set_policy(model.version, policy)?;
     store.flush()
 }
 
@@ -1456,13 +1586,10 @@ fn open_index(
     model: &Model,
     options: &Options,
     live: &HashMap<u64, Option<String>>,
-    recoded: Option<Recoded>,
+    stale: Option<Stale>,
 ) -> Result<(VectorIndex, IndexSource)> {
-    let reason = if let Some(r) = recoded {
-        format!(
-            "the extractor's code changed (version {} to {}): images embedded again",
-            r.was, r.now
-        )
+    let reason = if let Some(stale) = stale {
+        stale.reason
     } else if options.snapshot {
         match snapshot::load(dir, model.version, model.spec.dim, model.spec.metric)? {
             Ok(mut index) => {
@@ -1538,8 +1665,8 @@ fn add_from_store(
 /// Embeds a stored image whose embedding under `model` is missing, and stores it.
 fn reembed(store: &Store, model: &Model, id: ImageId) -> Result<Vec<f32>> {
     let bytes = store.image(id)?.ok_or(Error::UnknownImage(id))?;
-    let img = preprocess::decode(&bytes, ImageLimits::STORED)?;
-    let v = embed(model, &[&img])?.pop().unwrap_or_default();
+    let thumb = preprocess::prepare(&bytes, ImageLimits::STORED, &model.spec.input)?;
+    let v = embed(model, &[&thumb])?.pop().unwrap_or_default();
     store.put_embedding(model.version, id, &v)?;
     Ok(v)
 }

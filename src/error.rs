@@ -18,7 +18,9 @@ pub enum Error {
         path: PathBuf,
     },
     /// The bytes are not an image in a supported format.
-    #[error("could not decode the image ({reason}); supported formats: PNG, JPEG, WebP, GIF, BMP")]
+    #[error(
+        "could not decode the image ({reason}); supported formats: JPEG, PNG, WebP, GIF, BMP, TIFF"
+    )]
     Undecodable {
         /// What the decoder said.
         reason: String,

@@ -131,6 +131,34 @@ pub use lookalike_mlp_diff as mlp_diff;
 #[cfg(feature = "simnet")]
 pub use lookalike_simnet as simnet;
 
+/// What an extractor declaring `input` is fed for the encoded image `bytes`: the `C x H x W`
+/// values the database computes under its decode policy (EXIF orientation applied,
+/// transparency composited over `input.background`, JPEG decoded at a reduced DCT scale,
+/// resized with a bilinear filter, normalised by `input.mean` and `input.std`), with the
+/// default size limits of [`Options`]. For plugin authors who want to see their input, and for
+/// benchmarks of decoding alone.
+///
+/// ```
+/// # fn main() -> lookalike::Result<()> {
+/// use lookalike::lookalike_plugin::InputSpec;
+/// let img = image::RgbaImage::from_pixel(40, 30, image::Rgba([0, 255, 0, 0])); // transparent
+/// let mut png = std::io::Cursor::new(Vec::new());
+/// img.write_to(&mut png, image::ImageFormat::Png).map_err(|e| lookalike::Error::InvalidArgument(e.to_string()))?;
+/// let values = lookalike::decode_for(png.get_ref(), &InputSpec::rgb(4, 4))?;
+/// assert_eq!(values.len(), 3 * 4 * 4);
+/// assert!(values.iter().all(|v| *v == 1.0)); // white where it is transparent
+/// # Ok(()) }
+/// ```
+pub fn decode_for(bytes: &[u8], input: &lookalike_plugin::InputSpec) -> Result<Vec<f32>> {
+    input
+        .validate()
+        .map_err(|e| Error::plugin("decode_for", e))?;
+    let thumb = preprocess::prepare(bytes, Options::default().limits(), input)?;
+    let mut out = Vec::with_capacity((input.channels * input.width * input.height) as usize);
+    thumb.normalised_into(input, &mut out);
+    Ok(out)
+}
+
 /// The id of a stored image: assigned on insert, never reused.
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,

@@ -103,6 +103,20 @@ impl Options {
         self
     }
 
+    /// The size limits for untrusted images.
+    pub(crate) fn limits(&self) -> crate::preprocess::ImageLimits {
+        crate::preprocess::ImageLimits {
+            max_bytes: self.max_image_bytes,
+            max_pixels: self.max_image_pixels,
+        }
+    }
+
+    /// The largest encoded image accepted, in bytes (set by [`Options::max_image_bytes`]): a
+    /// caller reading files can stop reading past it.
+    pub fn image_byte_limit(&self) -> u64 {
+        self.max_image_bytes
+    }
+
     /// Largest decoded image accepted, in pixels (width x height): the guard against
     /// decompression bombs, checked from the header before any pixel is decoded.
     pub fn max_image_pixels(mut self, pixels: u64) -> Self {

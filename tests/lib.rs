@@ -11,6 +11,7 @@ mod errors;
 mod exact;
 mod model;
 mod persistence;
+mod photos;
 mod pretrained;
 mod robustness;
 mod scorer;

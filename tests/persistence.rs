@@ -264,3 +264,60 @@ fn a_changed_extractor_version_embeds_the_images_again_on_open() {
     assert_eq!(db.index_info().source, IndexSource::Snapshot);
     assert_eq!(db.embedding(ids[3]).unwrap(), new);
 }
+
+/// Copies the fixture database written by main at e74f980 (store format 1, no decode
+/// policies; see tests/fixtures/README.md) into `to`, unpacking its gzipped sled file.
+fn main_v1_fixture(to: &Path) {
+    use std::io::Read;
+    let from = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/main-v1.db");
+    fs::create_dir_all(to.join("store")).unwrap();
+    for f in ["index.faiss", "index.stamp", "store/conf"] {
+        fs::copy(from.join(f), to.join(f)).unwrap();
+    }
+    for entry in fs::read_dir(from.join("store")).unwrap() {
+        let name = entry.unwrap().file_name();
+        if name.to_string_lossy().starts_with("snap.") {
+            fs::copy(from.join("store").join(&name), to.join("store").join(&name)).unwrap();
+        }
+    }
+    let mut db = Vec::new();
+    flate2::read::GzDecoder::new(fs::File::open(from.join("store/db.gz")).unwrap())
+        .read_to_end(&mut db)
+        .unwrap();
+    fs::write(to.join("store/db"), db).unwrap();
+}
+
+#[test]
+fn a_database_written_by_format_1_is_upgraded_and_embedded_again() {
+    let dir = tempdir();
+    let path = dir.path().join("old.db");
+    main_v1_fixture(&path);
+    let sample = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data/fashion-mnist-sample");
+    let sandal = fs::read(sample.join("sandal/t10k-00008.png")).unwrap();
+    {
+        let db = Db::open(&path).unwrap();
+        // The images, ids and labels as main stored them (id 1 was removed).
+        assert_eq!(db.len(), 11);
+        let labels = db.labels();
+        assert_eq!((labels["bag"], labels["sandal"]), (5, 6));
+        assert_eq!(db.image(lookalike::ImageId(7)).unwrap(), sandal);
+        // Embedded again under the new decode policy, not trusted from the old snapshot.
+        match &db.index_info().source {
+            IndexSource::Rebuilt { reason } => {
+                assert!(reason.contains("decode policy"), "{reason}")
+            }
+            other => panic!("expected a rebuild, got {other:?}"),
+        }
+        let hits = db.nearest(&sandal, 3).unwrap();
+        assert_eq!(hits[0].id.0, 7);
+        assert!(hits[0].distance < 1e-4, "{}", hits[0].distance);
+        assert_eq!(hits[0].label.as_deref(), Some("sandal"));
+        // New inserts work beside the old records.
+        db.insert_image(&class_png(1, 5), Some("new")).unwrap();
+    }
+    // Once only: the next open trusts the new snapshot.
+    let db = Db::open(&path).unwrap();
+    assert_eq!(db.index_info().source, IndexSource::Snapshot);
+    assert_eq!(db.len(), 12);
+    assert_eq!(db.nearest(&sandal, 1).unwrap()[0].id.0, 7);
+}

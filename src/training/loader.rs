@@ -1,5 +1,5 @@
-//! Batch loading on worker threads: decode the stored bytes, resize and normalise to the
-//! extractor's input, augment, and hand finished batches to the trainer through bounded
+//! Batch loading on worker threads: decode the stored bytes by the decode policy (see
+//! `preprocess`), normalise to the extractor's input, augment, and hand finished batches to the trainer through bounded
 //! crossbeam channels (two batches in flight per worker at most, so memory stays flat).
 //!
 //! Which images form each batch is decided up front for the epoch ([`plan_epoch`]) from the
@@ -194,9 +194,10 @@ fn load(
     let mut labels = Vec::with_capacity(items.len());
     for (id, label) in items {
         let bytes = store.image(*id)?.ok_or(Error::UnknownImage(*id))?;
-        let img = preprocess::decode(&bytes, ImageLimits::STORED)?;
+        let thumb = preprocess::prepare(&bytes, ImageLimits::STORED, spec)?;
+        drop(bytes);
         let start = pixels.len();
-        preprocess::pixels_into(&img, spec, &mut pixels);
+        thumb.normalised_into(spec, &mut pixels);
         augment.apply(&mut pixels[start..], spec, &mut rng);
         labels.push(*label);
     }
@@ -318,13 +319,7 @@ mod tests {
 
     #[test]
     fn identity_augmentation_changes_nothing() {
-        let spec = InputSpec {
-            width: 4,
-            height: 3,
-            channels: 1,
-            mean: vec![0.5],
-            std: vec![0.25],
-        };
+        let spec = InputSpec::luma(4, 3).normalised(&[0.5], &[0.25]);
         let px: Vec<f32> = (0..12).map(|i| i as f32 / 10.0 - 0.5).collect();
         let mut out = px.clone();
         Augment::none().apply(&mut out, &spec, &mut StdRng::seed_from_u64(1));

@@ -99,9 +99,11 @@ impl Metric {
 /// What the database must feed an extractor: the size, the channels and the normalisation of
 /// every image in a batch.
 ///
-/// The database decodes an image, converts it to `channels` (1 = luma, 3 = RGB), resizes it to
-/// exactly `width x height` (aspect ratio not kept), scales pixel values to `[0, 1]`, then
-/// computes `(x - mean[c]) / std[c]` per channel.
+/// The database decodes an image (turned upright by its EXIF orientation), composites any
+/// transparency over [`InputSpec::background`], converts it to `channels` (1 = luma, 3 = RGB),
+/// resizes it to exactly `width x height` (aspect ratio not kept), scales pixel values to
+/// `[0, 1]`, then computes `(x - mean[c]) / std[c]` per channel. Training batches, stored
+/// images and queries all go through the same steps.
 #[derive(Debug, Clone, PartialEq)]
 pub struct InputSpec {
     /// Width in pixels of the tensor fed to [`Extractor::embed`].
@@ -114,10 +116,18 @@ pub struct InputSpec {
     pub mean: Vec<f32>,
     /// Per-channel standard deviation divided by; one value per channel.
     pub std: Vec<f32>,
+    /// The colour (8-bit RGB) that transparent pixels are composited over before conversion.
+    /// White ([`InputSpec::WHITE`]) in the constructors: icons, logos and product cut-outs are
+    /// drawn to be seen on white. It is part of the model's preprocessing, stored with it.
+    pub background: [u8; 3],
 }
 
 impl InputSpec {
-    /// RGB input of the given size with values in `[0, 1]` (mean 0, std 1).
+    /// The default [`InputSpec::background`]: white.
+    pub const WHITE: [u8; 3] = [255, 255, 255];
+
+    /// RGB input of the given size with values in `[0, 1]` (mean 0, std 1), transparency
+    /// composited over white.
     pub fn rgb(width: u32, height: u32) -> Self {
         InputSpec {
             width,
@@ -125,10 +135,12 @@ impl InputSpec {
             channels: 3,
             mean: vec![0.0; 3],
             std: vec![1.0; 3],
+            background: Self::WHITE,
         }
     }
 
-    /// Single-channel (luma) input of the given size with values in `[0, 1]`.
+    /// Single-channel (luma) input of the given size with values in `[0, 1]`, transparency
+    /// composited over white.
     pub fn luma(width: u32, height: u32) -> Self {
         InputSpec {
             width,
@@ -136,7 +148,21 @@ impl InputSpec {
             channels: 1,
             mean: vec![0.0],
             std: vec![1.0],
+            background: Self::WHITE,
         }
+    }
+
+    /// The same input with `mean` and `std` (one value per channel).
+    pub fn normalised(mut self, mean: &[f32], std: &[f32]) -> Self {
+        self.mean = mean.to_vec();
+        self.std = std.to_vec();
+        self
+    }
+
+    /// The same input composited over `background` (8-bit RGB) instead of white.
+    pub fn background(mut self, background: [u8; 3]) -> Self {
+        self.background = background;
+        self
     }
 
     /// Checks that the declaration is usable: non-zero size, 1 or 3 channels, one mean and

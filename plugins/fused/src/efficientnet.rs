@@ -301,13 +301,7 @@ impl EfficientNetLite0 {
 
 /// The input declaration: 224 x 224 RGB, `(pixel - 127) / 128`.
 pub fn input_spec() -> InputSpec {
-    InputSpec {
-        width: SIDE,
-        height: SIDE,
-        channels: 3,
-        mean: vec![127.0 / 255.0; 3],
-        std: vec![128.0 / 255.0; 3],
-    }
+    InputSpec::rgb(SIDE, SIDE).normalised(&[127.0 / 255.0; 3], &[128.0 / 255.0; 3])
 }
 
 /// Pretrained EfficientNet-Lite0 features as an extractor (`"efficientnet-lite0"`).

@@ -111,13 +111,7 @@ impl FusedConfig {
 
     /// The input declaration (ImageNet mean/std).
     pub fn input(&self) -> InputSpec {
-        InputSpec {
-            width: self.side as u32,
-            height: self.side as u32,
-            channels: 3,
-            mean: IMAGENET_MEAN.to_vec(),
-            std: IMAGENET_STD.to_vec(),
-        }
+        InputSpec::rgb(self.side as u32, self.side as u32).normalised(&IMAGENET_MEAN, &IMAGENET_STD)
     }
 
     /// Embedding width.

@@ -194,13 +194,13 @@ impl SimNetConfig {
 
     /// The input declaration.
     pub fn input(&self) -> InputSpec {
-        InputSpec {
-            width: self.side as u32,
-            height: self.side as u32,
-            channels: self.channels() as u32,
-            mean: self.mean.clone(),
-            std: self.std.clone(),
-        }
+        let side = self.side as u32;
+        let input = if self.channels() == 1 {
+            InputSpec::luma(side, side)
+        } else {
+            InputSpec::rgb(side, side)
+        };
+        input.normalised(&self.mean, &self.std)
     }
 }
 

@@ -3,15 +3,23 @@
 //!
 //! | tree | key | value |
 //! |---|---|---|
-//! | `images` | id (u64 BE) | [`ImageRecord`]: the encoded bytes as inserted |
+//! | `images` | id (u64 BE) | [`ImageRecord`]: the encoded bytes as inserted (up to [`INLINE_BYTES`]), or [`PackedImageRecord`]: where they are in the pack files (`packs`) |
 //! | `entries` | id (u64 BE) | [`EntryRecord`]: label, width, height |
 //! | `embeddings` | model (u32 BE) ++ id (u64 BE) | [`EmbeddingRecord`] |
 //! | `models` | model (u32 BE) | [`ModelRecord`]: plugin, config, weights, dimension, metric |
 //! | `meta` | `b"format"`, `b"active_model"` | u32 |
+//! | `meta` | `b"policy"` ++ model (u32 BE) | string: the decode policy the model's embeddings were made with |
 //! | `jobs` | `b"checkpoint"` | [`CheckpointRecord`]: the last epoch checkpoint of a training job |
 //!
 //! An image is inserted in one transaction over `images`, `entries` and `embeddings`, so after a
 //! crash an id is either in all three or in none.
+//!
+//! Store formats: 1 had no decode policies; 2 records one per model. Opening a format-1 store
+//! upgrades it in place: its models have no policy, so their images are embedded again on
+//! first use (`db.rs`, `model_from_record`), and a build that reads only format 1 refuses the
+//! upgraded store instead of mixing its embeddings with differently decoded queries.
+
+mod packs;
 
 use std::path::Path;
 
@@ -21,20 +29,43 @@ use sled::Tree;
 
 use crate::error::{Error, Result};
 use crate::ImageId;
+use packs::{PackRef, Packs};
 
 /// The newest on-disk format this build writes and reads.
-pub(crate) const FORMAT: u32 = 1;
+pub(crate) const FORMAT: u32 = 2;
 const RECORD_V1: u16 = 1;
+/// The format field of a [`PackedImageRecord`] (an image record whose bytes are in a pack).
+const RECORD_PACKED: u16 = 2;
+/// Images up to this size stay inline in sled; larger ones go to the pack files.
+const INLINE_BYTES: usize = 16 << 10;
 
 const META_FORMAT: &[u8] = b"format";
 const META_ACTIVE: &[u8] = b"active_model";
+const META_POLICY: &[u8] = b"policy";
 const JOB_CHECKPOINT: &[u8] = b"checkpoint";
 
-/// The encoded image, as the caller gave it.
+/// The encoded image, as the caller gave it. The bytes go through serde as one byte string
+/// (one copy), which bincode encodes exactly as the sequence of `u8` that format 1 wrote.
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) struct ImageRecord {
     pub format: u16,
+    #[serde(with = "serde_bytes")]
     pub bytes: Vec<u8>,
+}
+
+/// An image record whose bytes are in a pack file (format [`RECORD_PACKED`]).
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct PackedImageRecord {
+    pub format: u16,
+    pub pack: PackRef,
+}
+
+/// [`ImageRecord`] borrowing its bytes, for writing without a copy (the same encoding).
+#[derive(Serialize)]
+struct ImageRecordRef<'a> {
+    format: u16,
+    #[serde(with = "serde_bytes")]
+    bytes: &'a [u8],
 }
 
 /// What the database knows about an image besides its bytes.
@@ -101,9 +132,9 @@ pub(crate) struct CheckpointRecord {
 }
 
 /// A record ready to insert: the image, its entry and its embedding under `model`.
-pub(crate) struct NewImage {
+pub(crate) struct NewImage<'a> {
     pub id: ImageId,
-    pub bytes: Vec<u8>,
+    pub bytes: &'a [u8],
     pub entry: EntryRecord,
     pub vector: Vec<f32>,
 }
@@ -112,6 +143,9 @@ pub(crate) struct NewImage {
 #[derive(Debug)]
 pub(crate) struct Store {
     db: sled::Db,
+    packs: Packs,
+    /// Durability::Relaxed: pack appends are synced by `flush`, not by each insert.
+    relaxed: bool,
     images: Tree,
     entries: Tree,
     embeddings: Tree,
@@ -156,6 +190,10 @@ fn check_format(what: &'static str, key: impl std::fmt::Display, format: u16) ->
     }
 }
 
+fn policy_key(model: u32) -> Vec<u8> {
+    [META_POLICY, &model.to_be_bytes()[..]].concat()
+}
+
 pub(crate) fn embedding_key(model: u32, id: ImageId) -> [u8; 12] {
     let mut k = [0u8; 12];
     k[..4].copy_from_slice(&model.to_be_bytes());
@@ -181,12 +219,13 @@ where
 }
 
 impl Store {
-    /// Opens (creating if needed) the sled database in `dir`.
+    /// Opens (creating if needed) the store of the database in `dir`: sled in `dir/store`,
+    /// pack files in `dir/images`.
     pub fn open(dir: &Path, relaxed: bool) -> Result<Store> {
-        let config =
-            sled::Config::new()
-                .path(dir)
-                .flush_every_ms(if relaxed { Some(500) } else { None });
+        let config = sled::Config::new()
+            .path(dir.join("store"))
+            .flush_every_ms(if relaxed { Some(500) } else { None })
+            .cache_capacity(64 << 20);
         // The caller holds the database's LOCK, so a sled file lock that is still held belongs
         // to a handle of this process that is being dropped (sled releases it from a
         // background thread): wait for it briefly instead of failing.
@@ -210,6 +249,8 @@ impl Store {
             meta: db.open_tree("meta")?,
             jobs: db.open_tree("jobs")?,
             db,
+            packs: Packs::open(&dir.join("images")),
+            relaxed,
         };
         match store.meta.get(META_FORMAT)? {
             None => {
@@ -223,13 +264,20 @@ impl Store {
                         supported: FORMAT,
                     });
                 }
+                if found < FORMAT {
+                    // 1 -> 2 adds decode policies; a model without one is re-embedded.
+                    store.meta.insert(META_FORMAT, encode(&FORMAT))?;
+                    store.db.flush()?;
+                }
             }
         }
         Ok(store)
     }
 
-    /// Makes every write so far durable.
+    /// Makes every write so far durable: the pack files first, then sled (whose records
+    /// point into them).
     pub fn flush(&self) -> Result<()> {
+        self.packs.sync()?;
         self.db.flush()?;
         Ok(())
     }
@@ -239,26 +287,47 @@ impl Store {
         Ok(ImageId(self.db.generate_id()? + 1))
     }
 
-    /// Inserts images atomically: all of them or none.
+    /// Inserts images atomically: all of them or none. The bytes of large images are
+    /// appended to the pack files first (synced unless relaxed), so that a record never
+    /// points at bytes that are not on disk; a failed insert leaves them unreferenced.
     pub fn insert(&self, model: u32, images: &[NewImage]) -> Result<()> {
+        let large: Vec<(ImageId, &[u8])> = images
+            .iter()
+            .filter(|n| n.bytes.len() > INLINE_BYTES)
+            .map(|n| (n.id, n.bytes))
+            .collect();
+        let mut packed = self.packs.append(&large, !self.relaxed)?.into_iter();
+        let mut image_record = |n: &NewImage| -> Result<Vec<u8>> {
+            if n.bytes.len() > INLINE_BYTES {
+                let pack = packed
+                    .next()
+                    .ok_or_else(|| Error::corrupt("image", n.id, "pack append lost a record"))?;
+                Ok(encode(&PackedImageRecord {
+                    format: RECORD_PACKED,
+                    pack,
+                }))
+            } else {
+                Ok(encode(&ImageRecordRef {
+                    format: RECORD_V1,
+                    bytes: n.bytes,
+                }))
+            }
+        };
         let encoded: Vec<_> = images
             .iter()
             .map(|n| {
-                (
+                Ok((
                     n.id.0.to_be_bytes(),
-                    encode(&ImageRecord {
-                        format: RECORD_V1,
-                        bytes: n.bytes.clone(),
-                    }),
+                    image_record(n)?,
                     encode(&n.entry),
                     embedding_key(model, n.id),
                     encode(&EmbeddingRecord {
                         format: RECORD_V1,
                         vector: n.vector.clone(),
                     }),
-                )
+                ))
             })
-            .collect();
+            .collect::<Result<_>>()?;
         (&self.images, &self.entries, &self.embeddings)
             .transaction(|(images, entries, embeddings)| {
                 for (id, img, entry, ekey, emb) in &encoded {
@@ -293,6 +362,11 @@ impl Store {
     pub fn image(&self, id: ImageId) -> Result<Option<Vec<u8>>> {
         match self.images.get(id.0.to_be_bytes())? {
             None => Ok(None),
+            // The format field comes first; bincode writes a u16 under 251 as that one byte.
+            Some(v) if v.first() == Some(&(RECORD_PACKED as u8)) => {
+                let r: PackedImageRecord = decode("image", id, &v)?;
+                self.packs.read(id, &r.pack).map(Some)
+            }
             Some(v) => {
                 let r: ImageRecord = decode("image", id, &v)?;
                 check_format("image", id, r.format)?;
@@ -438,10 +512,25 @@ impl Store {
         Ok(())
     }
 
-    /// Deletes a model version's record and every embedding under it.
+    /// Deletes a model version's record, its decode policy and every embedding under it.
     pub fn delete_model(&self, version: u32) -> Result<()> {
         self.models.remove(version.to_be_bytes())?;
+        self.meta.remove(policy_key(version))?;
         self.delete_embeddings(version)
+    }
+
+    /// The decode policy a model's stored embeddings were made with (`None` before format 2).
+    pub fn policy(&self, version: u32) -> Result<Option<String>> {
+        match self.meta.get(policy_key(version))? {
+            None => Ok(None),
+            Some(v) => Ok(Some(decode("meta", format!("policy {version}"), &v)?)),
+        }
+    }
+
+    /// Records the decode policy of a model's embeddings.
+    pub fn set_policy(&self, version: u32, policy: &str) -> Result<()> {
+        self.meta.insert(policy_key(version), encode(&policy))?;
+        Ok(())
     }
 
     /// Deletes every embedding stored under a model version (the record stays).
@@ -505,5 +594,41 @@ mod tests {
             decode::<EntryRecord>("entry", 1, &extra),
             Err(Error::Corrupt { .. })
         ));
+    }
+
+    #[test]
+    fn image_records_encode_as_format_1_did() {
+        // Format 1 wrote the bytes as a plain Vec<u8> (a sequence of u8).
+        #[derive(Serialize)]
+        struct V1 {
+            format: u16,
+            bytes: Vec<u8>,
+        }
+        let bytes: Vec<u8> = (0..300u32).map(|i| (i * 7) as u8).collect();
+        let v1 = encode(&V1 {
+            format: RECORD_V1,
+            bytes: bytes.clone(),
+        });
+        let now = encode(&ImageRecordRef {
+            format: RECORD_V1,
+            bytes: &bytes,
+        });
+        assert_eq!(v1, now);
+        let back: ImageRecord = decode("image", 1, &v1).unwrap();
+        assert_eq!(back.bytes, bytes);
+    }
+
+    #[test]
+    fn borrowed_image_records_encode_as_owned_ones() {
+        let bytes = vec![7u8; 300];
+        let owned = encode(&ImageRecord {
+            format: RECORD_V1,
+            bytes: bytes.clone(),
+        });
+        let borrowed = encode(&ImageRecordRef {
+            format: RECORD_V1,
+            bytes: &bytes,
+        });
+        assert_eq!(owned, borrowed);
     }
 }

@@ -1,0 +1,296 @@
+//! Image bytes of large images in append-only pack files beside sled (`<db>/images/`).
+//!
+//! sled copies a large value several times on its way to disk and keeps values over its blob
+//! threshold in files it never fsyncs. Photos (megabytes each) go here instead, written once
+//! from the caller's buffer; sled keeps a [`PackRef`] (segment, offset, length, CRC-32) in the
+//! image's record. Small images stay inline in sled.
+//!
+//! A segment `NNNNNNNN.pack` is a sequence of records: a 24-byte header (magic `LKIM`, image
+//! id u64 LE, length u64 LE, CRC-32 u32 LE of the bytes) and the bytes. Records are appended
+//! to the newest segment until it passes [`SEGMENT_BYTES`]. Bytes are written (and synced, for
+//! a durable write) before the sled transaction that refers to them, so a crash leaves at
+//! worst unreferenced bytes at a segment's end; the next append starts after them. A removed
+//! image's bytes stay in its segment (space is not reclaimed yet: see `docs/format.md`).
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::ImageId;
+
+/// A segment takes records until it holds this many bytes.
+const SEGMENT_BYTES: u64 = 1 << 30;
+const MAGIC: &[u8; 4] = b"LKIM";
+const HEADER: u64 = 24;
+
+/// Where an image's bytes are: segment number, offset of the bytes (after the header),
+/// length and CRC-32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct PackRef {
+    pub segment: u32,
+    pub offset: u64,
+    pub len: u64,
+    pub crc: u32,
+}
+
+/// The newest segment, open for appending.
+#[derive(Debug)]
+struct Writer {
+    segment: u32,
+    file: File,
+    len: u64,
+    /// Written since the last sync.
+    dirty: bool,
+}
+
+/// The pack files of one database.
+#[derive(Debug)]
+pub(crate) struct Packs {
+    dir: PathBuf,
+    writer: Mutex<Option<Writer>>,
+    readers: Mutex<HashMap<u32, Arc<File>>>,
+}
+
+fn io(path: &Path, e: std::io::Error) -> Error {
+    Error::io(path, e)
+}
+
+fn poisoned() -> Error {
+    Error::Poisoned("a thread panicked while writing image bytes".into())
+}
+
+fn segment_name(segment: u32) -> String {
+    format!("{segment:08}.pack")
+}
+
+impl Packs {
+    /// The packs in `dir` (created on the first append).
+    pub fn open(dir: &Path) -> Packs {
+        Packs {
+            dir: dir.to_path_buf(),
+            writer: Mutex::new(None),
+            readers: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn path(&self, segment: u32) -> PathBuf {
+        self.dir.join(segment_name(segment))
+    }
+
+    /// The newest segment number on disk, 0 when there is none.
+    fn newest(&self) -> Result<u32> {
+        let rd = match std::fs::read_dir(&self.dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(io(&self.dir, e)),
+        };
+        let mut newest = 0;
+        for entry in rd {
+            let entry = entry.map_err(|e| io(&self.dir, e))?;
+            let name = entry.file_name();
+            let n = name
+                .to_str()
+                .and_then(|n| n.strip_suffix(".pack"))
+                .and_then(|n| n.parse::<u32>().ok());
+            if let Some(n) = n {
+                newest = newest.max(n);
+            }
+        }
+        Ok(newest)
+    }
+
+    /// Opens segment `segment` for appending at its end, creating it (and the folder) if
+    /// needed; a new file's directory entry is synced.
+    fn open_writer(&self, segment: u32) -> Result<Writer> {
+        std::fs::create_dir_all(&self.dir).map_err(|e| io(&self.dir, e))?;
+        let path = self.path(segment);
+        let existed = path.exists();
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .read(true)
+            .open(&path)
+            .map_err(|e| io(&path, e))?;
+        let len = file.metadata().map_err(|e| io(&path, e))?.len();
+        if !existed {
+            sync_dir(&self.dir)?;
+        }
+        Ok(Writer {
+            segment,
+            file,
+            len,
+            dirty: false,
+        })
+    }
+
+    /// Appends the bytes of `images` and returns where each went; with `sync` they are on
+    /// disk (fdatasync) when this returns.
+    pub fn append(&self, images: &[(ImageId, &[u8])], sync: bool) -> Result<Vec<PackRef>> {
+        let mut guard = self.writer.lock().map_err(|_| poisoned())?;
+        if guard.is_none() {
+            let newest = self.newest()?.max(1);
+            *guard = Some(self.open_writer(newest)?);
+        }
+        let mut refs = Vec::with_capacity(images.len());
+        for (id, bytes) in images {
+            let w = guard.as_mut().ok_or_else(poisoned)?;
+            let size = HEADER + bytes.len() as u64;
+            if w.len > 0 && w.len + size > SEGMENT_BYTES {
+                if w.dirty {
+                    w.file
+                        .sync_data()
+                        .map_err(|e| io(&self.path(w.segment), e))?;
+                }
+                let next = self.open_writer(w.segment + 1)?;
+                *w = next;
+            }
+            let crc = crc32fast::hash(bytes);
+            let mut header = [0u8; HEADER as usize];
+            header[..4].copy_from_slice(MAGIC);
+            header[4..12].copy_from_slice(&id.0.to_le_bytes());
+            header[12..20].copy_from_slice(&(bytes.len() as u64).to_le_bytes());
+            header[20..24].copy_from_slice(&crc.to_le_bytes());
+            let path = self.path(w.segment);
+            w.dirty = true;
+            w.file.write_all(&header).map_err(|e| io(&path, e))?;
+            w.file.write_all(bytes).map_err(|e| io(&path, e))?;
+            refs.push(PackRef {
+                segment: w.segment,
+                offset: w.len + HEADER,
+                len: bytes.len() as u64,
+                crc,
+            });
+            w.len += size;
+        }
+        if sync {
+            if let Some(w) = guard.as_mut() {
+                sync_writer(&self.path(w.segment), w)?;
+            }
+        }
+        Ok(refs)
+    }
+
+    /// Makes every append so far durable.
+    pub fn sync(&self) -> Result<()> {
+        let mut guard = self.writer.lock().map_err(|_| poisoned())?;
+        match guard.as_mut() {
+            Some(w) => sync_writer(&self.path(w.segment), w),
+            None => Ok(()),
+        }
+    }
+
+    /// The bytes `r` points to, checked against its length and CRC; `id` names errors.
+    pub fn read(&self, id: ImageId, r: &PackRef) -> Result<Vec<u8>> {
+        let path = self.path(r.segment);
+        let corrupt = |why: String| Error::corrupt("image", id, why);
+        let file = {
+            let mut readers = self.readers.lock().map_err(|_| poisoned())?;
+            match readers.get(&r.segment) {
+                Some(f) => f.clone(),
+                None => {
+                    let f = File::open(&path).map_err(|e| {
+                        corrupt(format!(
+                            "its pack file {} cannot be opened: {e}",
+                            path.display()
+                        ))
+                    })?;
+                    let f = Arc::new(f);
+                    readers.insert(r.segment, f.clone());
+                    f
+                }
+            }
+        };
+        // The length comes from the store: check it against the file before allocating.
+        let file_len = file.metadata().map_err(|e| io(&path, e))?.len();
+        let end = r.offset.checked_add(r.len);
+        if end.is_none_or(|end| end > file_len) {
+            return Err(corrupt(format!(
+                "{} bytes at offset {} are past the end of {} ({file_len} bytes)",
+                r.len,
+                r.offset,
+                path.display()
+            )));
+        }
+        let len = usize::try_from(r.len).map_err(|_| corrupt("length overflows".into()))?;
+        let mut bytes = vec![0u8; len];
+        file.read_exact_at(&mut bytes, r.offset)
+            .map_err(|e| io(&path, e))?;
+        if crc32fast::hash(&bytes) != r.crc {
+            return Err(corrupt(format!(
+                "its bytes in {} do not match their checksum",
+                path.display()
+            )));
+        }
+        Ok(bytes)
+    }
+}
+
+fn sync_writer(path: &Path, w: &mut Writer) -> Result<()> {
+    if w.dirty {
+        w.file.sync_data().map_err(|e| io(path, e))?;
+        w.dirty = false;
+    }
+    Ok(())
+}
+
+/// fsyncs a directory, so that a file created in it survives power loss.
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io(dir, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn appends_read_back_and_damage_is_corrupt() {
+        let dir = tempfile::tempdir().unwrap();
+        let packs = Packs::open(&dir.path().join("images"));
+        let a = vec![1u8; 1000];
+        let b: Vec<u8> = (0..5000u32).map(|i| i as u8).collect();
+        let refs = packs
+            .append(&[(ImageId(1), &a), (ImageId(2), &b)], true)
+            .unwrap();
+        assert_eq!(packs.read(ImageId(1), &refs[0]).unwrap(), a);
+        assert_eq!(packs.read(ImageId(2), &refs[1]).unwrap(), b);
+        // A reopened pack appends after what is there (a torn tail included).
+        let path = dir.path().join("images").join(segment_name(1));
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(b"torn").unwrap();
+        drop(f);
+        let packs = Packs::open(&dir.path().join("images"));
+        let c = packs.append(&[(ImageId(3), &a)], false).unwrap();
+        assert_eq!(c[0].offset, refs[1].offset + 5000 + 4 + HEADER);
+        assert_eq!(packs.read(ImageId(3), &c[0]).unwrap(), a);
+        // A wrong checksum, a length past the end, a missing segment.
+        let bad = PackRef { crc: 0, ..refs[0] };
+        assert!(matches!(
+            packs.read(ImageId(1), &bad),
+            Err(Error::Corrupt { .. })
+        ));
+        let long = PackRef {
+            len: u64::MAX,
+            ..refs[0]
+        };
+        assert!(matches!(
+            packs.read(ImageId(1), &long),
+            Err(Error::Corrupt { .. })
+        ));
+        let gone = PackRef {
+            segment: 9,
+            ..refs[0]
+        };
+        assert!(matches!(
+            packs.read(ImageId(1), &gone),
+            Err(Error::Corrupt { .. })
+        ));
+    }
+}
