@@ -478,42 +478,53 @@ fn has_image_extension(p: &Path) -> bool {
         .unwrap_or(false)
 }
 
-/// Encoded bytes read ahead per batch of `add`: with the batch being inserted, at most about
-/// twice this is held at once, whatever `--batch` says (12 MP phone photos are 2-5 MB each).
-const BATCH_BYTES: usize = 64 << 20;
+/// Encoded bytes per batch of `add`. Two batches are being inserted while a third is read, so
+/// about four times this is held, whatever `--batch` says (12 MP phone photos are 2-5 MB each).
+const BATCH_BYTES: usize = 32 << 20;
+/// Batches inserted at once: while one is being stored (a serial write), the other is decoded
+/// on every core.
+const INSERTERS: usize = 2;
 
 /// One file read for `add`: its path, its bytes (or why they could not be read) and label.
 type ReadFile = (PathBuf, lookalike::Result<Vec<u8>>, Option<String>);
 
-/// Reads `path` whole, refusing (without reading further) a file over `limit` bytes.
-fn read_bounded(path: &Path, limit: u64) -> lookalike::Result<Vec<u8>> {
+/// Reads `path` whole into `buf` (cleared first; a reused buffer needs no new pages),
+/// refusing (without reading further) a file over `limit` bytes.
+fn read_bounded(path: &Path, limit: u64, buf: &mut Vec<u8>) -> lookalike::Result<()> {
     use std::io::Read;
     let io = |e| lookalike::Error::Io {
         path: path.to_path_buf(),
         source: e,
     };
+    buf.clear();
     let file = std::fs::File::open(path).map_err(io)?;
-    // Sized from the file's length (one allocation, no regrowth), never past the limit.
     let len = file.metadata().map(|m| m.len()).unwrap_or(0);
-    let mut bytes = Vec::with_capacity(usize::try_from(len.min(limit) + 1).unwrap_or(0));
+    buf.reserve(usize::try_from(len.min(limit) + 1).unwrap_or(0));
     file.take(limit.saturating_add(1))
-        .read_to_end(&mut bytes)
+        .read_to_end(buf)
         .map_err(io)?;
-    if bytes.len() as u64 > limit {
+    if buf.len() as u64 > limit {
         return Err(lookalike::Error::ImageTooLarge {
             what: "encoded size in bytes",
-            got: std::fs::metadata(path)
-                .map(|m| m.len())
-                .unwrap_or(bytes.len() as u64),
+            got: len.max(buf.len() as u64),
             limit,
         });
     }
-    Ok(bytes)
+    Ok(())
 }
 
-/// Streams `files` in batches of at most `batch` files and [`BATCH_BYTES`] bytes from a reader
-/// thread (reading overlaps decoding), each batch decoded on every core and stored in one
-/// durable write. Bad files are reported and skipped.
+/// Counts of `add`.
+#[derive(Debug, Default)]
+struct Added {
+    added: usize,
+    skipped: usize,
+}
+
+/// Streams `files` through the database: a reader thread reads batches of at most `batch`
+/// files and [`BATCH_BYTES`] bytes (into buffers handed back after use), and [`INSERTERS`]
+/// threads insert them with `Db::insert_images_each`, each decoding on every core and storing
+/// in one write. Bad files are reported and skipped. Ids ascend in file order within a batch;
+/// batches may be stored out of order.
 fn add(
     db: &Path,
     options: Options,
@@ -532,6 +543,7 @@ fn add(
     );
     let label = label.map(str::to_string);
     let (tx, rx) = crossbeam_channel::bounded::<Vec<ReadFile>>(1);
+    let (give_back, buffers) = crossbeam_channel::unbounded::<Vec<u8>>();
     let reader = std::thread::spawn(move || {
         let mut items = Vec::new();
         let mut bytes = 0;
@@ -543,7 +555,8 @@ fn add(
             } else {
                 label.clone()
             };
-            let read = read_bounded(&f, limit);
+            let mut buf = buffers.try_recv().unwrap_or_default();
+            let read = read_bounded(&f, limit, &mut buf).map(|()| buf);
             bytes += read.as_ref().map(Vec::len).unwrap_or(0);
             items.push((f, read, l));
             if items.len() >= batch || bytes >= BATCH_BYTES {
@@ -557,35 +570,82 @@ fn add(
             let _ = tx.send(items);
         }
     });
-    let (mut added, mut skipped) = (0usize, 0usize);
-    for items in rx {
-        let mut skip = |f: &Path, e: &lookalike::Error| {
-            skipped += 1;
-            bar.suspend(|| eprintln!("skipped {}: {e}", f.display()));
-        };
-        let mut good = Vec::with_capacity(items.len());
-        for (f, read, l) in &items {
-            match read {
-                Ok(b) => good.push((f, b.as_slice(), l.as_deref())),
-                Err(e) => skip(f, e),
+    let counts = std::sync::Mutex::new(Added::default());
+    let outcome = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..INSERTERS)
+            .map(|_| {
+                let (rx, db, bar, counts, give_back) = (&rx, &db, &bar, &counts, &give_back);
+                scope.spawn(move || -> lookalike::Result<()> {
+                    for items in rx {
+                        let (added, skipped) = insert_batch(db, bar, &items)?;
+                        if let Ok(mut c) = counts.lock() {
+                            c.added += added;
+                            c.skipped += skipped;
+                        }
+                        bar.inc(items.len() as u64);
+                        for (_, read, _) in items {
+                            if let Ok(buf) = read {
+                                let _ = give_back.send(buf);
+                            }
+                        }
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        let mut outcome = Ok(());
+        for w in workers {
+            let r = w.join().unwrap_or_else(|_| {
+                Err(lookalike::Error::Poisoned(
+                    "an insert thread panicked".into(),
+                ))
+            });
+            if outcome.is_ok() {
+                outcome = r;
             }
         }
-        let outcomes = db.insert_images_each(good.iter().map(|(_, b, l)| (*b, *l)))?;
-        for ((f, _, _), outcome) in good.iter().zip(outcomes) {
-            match outcome {
-                Ok(_) => added += 1,
-                Err(e) => skip(f, &e),
-            }
-        }
-        bar.inc(items.len() as u64);
-    }
+        outcome
+    });
+    drop(rx);
     let _ = reader.join();
+    outcome?;
     db.flush()?;
     bar.finish_and_clear();
+    let c = counts.into_inner().unwrap_or_default();
     println!(
-        "added {added} images to {} ({} in total), skipped {skipped}",
+        "added {} images to {} ({} in total), skipped {}",
+        c.added,
         db.path().display(),
-        db.len()
+        db.len(),
+        c.skipped
     );
     Ok(())
+}
+
+/// Inserts the readable files of one batch; reports the bad ones. (added, skipped).
+fn insert_batch(
+    db: &Db,
+    bar: &ProgressBar,
+    items: &[ReadFile],
+) -> lookalike::Result<(usize, usize)> {
+    let (mut added, mut skipped) = (0usize, 0usize);
+    let mut skip = |f: &Path, e: &lookalike::Error| {
+        skipped += 1;
+        bar.suspend(|| eprintln!("skipped {}: {e}", f.display()));
+    };
+    let mut good = Vec::with_capacity(items.len());
+    for (f, read, l) in items {
+        match read {
+            Ok(b) => good.push((f, b.as_slice(), l.as_deref())),
+            Err(e) => skip(f, e),
+        }
+    }
+    let outcomes = db.insert_images_each(good.iter().map(|(_, b, l)| (*b, *l)))?;
+    for ((f, _, _), outcome) in good.iter().zip(outcomes) {
+        match outcome {
+            Ok(_) => added += 1,
+            Err(e) => skip(f, &e),
+        }
+    }
+    Ok((added, skipped))
 }

@@ -532,6 +532,40 @@ impl Db {
         })
     }
 
+    /// [`Db::nearest_with`] for many query images: decoded and embedded on every core (as
+    /// [`Db::insert_images`] does), then searched. One outcome per image, in order: its hits,
+    /// or why the image was refused. The outer error is for failures that are not an image's
+    /// fault (the extractor, the index).
+    pub fn nearest_batch(&self, images: &[&[u8]], query: &Query) -> Result<Vec<Result<Vec<Hit>>>> {
+        if query.k == 0 {
+            return Err(Error::ZeroK);
+        }
+        let mut tries = 0;
+        loop {
+            let model = self.model();
+            let embedded = self.embed_encoded(&model, images)?;
+            let mut out = Vec::with_capacity(images.len());
+            let mut changed = false;
+            for e in embedded {
+                match e.map(|e| self.search(&model, &e.vector, query, None)) {
+                    Ok(Err(Error::ModelChanged)) => {
+                        changed = true;
+                        break;
+                    }
+                    Ok(hits) => out.push(hits),
+                    Err(e) => out.push(Err(e)),
+                }
+            }
+            if !changed {
+                return Ok(out);
+            }
+            if tries == 3 {
+                return Err(Error::ModelChanged);
+            }
+            tries += 1;
+        }
+    }
+
     /// Runs `query` with the active model; a model switch between getting the query's vector
     /// and searching makes the search refuse ([`Error::ModelChanged`]: it would mix models),
     /// and the query runs again with the new model (up to three times).

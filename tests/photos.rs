@@ -428,3 +428,25 @@ fn grey_extractors_see_the_same_grey_from_every_format() {
     let b = decode_for(&jpeg_turbo(&pic, 95, false), &input).unwrap();
     assert!(max_diff(&a, &b) < 0.05, "{}", max_diff(&a, &b));
 }
+
+#[test]
+fn many_queries_in_one_call() {
+    let dir = tempdir();
+    let db = open(dir.path(), relaxed());
+    let images: Vec<Vec<u8>> = (0..8).map(|i| class_png((i % 4) as u32, i)).collect();
+    let ids = db
+        .insert_images(images.iter().map(|b| (b.as_slice(), None)))
+        .unwrap();
+    let mut queries: Vec<&[u8]> = images.iter().map(Vec::as_slice).collect();
+    queries.insert(3, b"junk");
+    let out = db.nearest_batch(&queries, &lookalike::Query::k(2)).unwrap();
+    assert_eq!(out.len(), 9);
+    assert!(matches!(out[3], Err(Error::Undecodable { .. })));
+    for (i, id) in ids.iter().enumerate() {
+        let o = if i < 3 { &out[i] } else { &out[i + 1] };
+        let hits = o.as_ref().unwrap();
+        assert_eq!(hits[0].id, *id);
+        // The same answer as one query at a time.
+        assert_eq!(*hits, db.nearest(&images[i], 2).unwrap());
+    }
+}

@@ -46,21 +46,51 @@ fn mutated_images_never_panic() {
     });
     let mut rng = StdRng::seed_from_u64(99);
     let mut outcomes = [0usize; 3];
-    for format in [
+    let mut cases: Vec<(String, Vec<u8>)> = [
         ImageFormat::Png,
         ImageFormat::Jpeg,
         ImageFormat::WebP,
         ImageFormat::Gif,
         ImageFormat::Bmp,
-    ] {
-        let good = encode(&img, format);
+        ImageFormat::Tiff,
+    ]
+    .into_iter()
+    .map(|f| (format!("{f:?}"), encode(&img, f)))
+    .collect();
+    // The decode policy's own paths: libjpeg-turbo on a progressive JPEG whose EXIF block
+    // says "rotate", and alpha compositing on a 16-bit RGBA PNG.
+    let mut c = turbojpeg::Compressor::new().unwrap();
+    c.set_progressive(true).unwrap();
+    let progressive = c
+        .compress_to_vec(turbojpeg::Image {
+            pixels: img.as_raw().as_slice(),
+            width: 48,
+            pitch: 3 * 48,
+            height: 40,
+            format: turbojpeg::PixelFormat::RGB,
+        })
+        .unwrap();
+    let mut exif = progressive[..2].to_vec();
+    exif.extend_from_slice(&[0xFF, 0xE1, 0, 30]);
+    exif.extend_from_slice(b"Exif\0\0MM\0*\0\0\0\x08\0\x01\x01\x12\0\x03\0\0\0\x01\0\x06\0\0");
+    exif.extend_from_slice(&progressive[2..]);
+    cases.push(("progressive JPEG with EXIF".into(), exif));
+    let rgba16 = image::DynamicImage::ImageRgb8(img.clone()).into_rgba16();
+    let mut png16 = std::io::Cursor::new(Vec::new());
+    rgba16.write_to(&mut png16, ImageFormat::Png).unwrap();
+    cases.push(("16-bit RGBA PNG".into(), png16.into_inner()));
+    for (format, good) in cases {
+        assert!(
+            db.insert_image(&good, None).is_ok(),
+            "{format} itself must decode"
+        );
         for _ in 0..120 {
             let bad = mutate(&mut rng, &good);
             match db.insert_image(&bad, Some("m")) {
                 Ok(_) => outcomes[0] += 1,
                 Err(Error::Undecodable { .. }) => outcomes[1] += 1,
                 Err(Error::ImageTooLarge { .. }) => outcomes[2] += 1,
-                Err(e) => panic!("{format:?}: unexpected error {e}"),
+                Err(e) => panic!("{format}: unexpected error {e}"),
             }
         }
     }
@@ -68,7 +98,7 @@ fn mutated_images_never_panic() {
         outcomes[1] > 0,
         "some mutations must be undecodable: {outcomes:?}"
     );
-    assert_eq!(db.len(), outcomes[0]);
+    assert_eq!(db.len(), outcomes[0] + 8);
 }
 
 #[test]
