@@ -11,7 +11,7 @@
 //! 2. Decode-bound rate: `lookalike::decode_for` (the database's own decode policy for the
 //!    default extractor's 32 x 32 input) over the files in memory on one thread, times the
 //!    cores.
-//! 3. `lookalike add` on the folder (release binary, fresh database) under `/usr/bin/time`:
+//! 3. `lookalike add DIR/a` (release binary, fresh database in `DIR.work/`) under `/usr/bin/time`:
 //!    images/s and peak RSS, at the default batch and at `--batch 100000`.
 //! 4. Pillow's draft-mode decode (`../shared/peers/pillow_rate.py`), when python3 has PIL.
 //! 5. `Db::nearest` with one 12 MP photo: median and worst of 20.
@@ -241,9 +241,13 @@ fn main() -> Res<()> {
         .try_for_each(|b| lookalike::decode_for(b, &classic).map(|_| ()))?;
     let parallel = n as f64 / t.elapsed().as_secs_f64();
     let pil = pillow(&root, &dir);
-    let db_path = dir.join("bench.db");
-    let (secs, rss) = add(&db_path, &dir, &[])?;
-    let (secs_big, rss_big) = add(&db_path, &dir, &["--batch", "100000"])?;
+    // Databases and the EfficientNet subset beside the folder, not in it (add walks folders).
+    let work = dir.with_extension("work");
+    std::fs::create_dir_all(&work)?;
+    let db_path = work.join("bench.db");
+    let photos = dir.join("a");
+    let (secs, rss) = add(&db_path, &photos, &[])?;
+    let (secs_big, rss_big) = add(&db_path, &photos, &["--batch", "100000"])?;
     let pil_after = pillow(&root, &dir);
 
     let db = Db::open(&db_path)?;
@@ -290,7 +294,7 @@ fn main() -> Res<()> {
         return Ok(());
     }
     let sub = 60.min(n);
-    let sub_dir = dir.join("effnet");
+    let sub_dir = work.join("effnet");
     let _ = std::fs::remove_dir_all(&sub_dir);
     std::fs::create_dir_all(sub_dir.join("a"))?;
     for p in &paths[..sub] {
@@ -300,7 +304,7 @@ fn main() -> Res<()> {
     }
     let w = weights.to_string_lossy().into_owned();
     let (secs_e, rss_e) = add(
-        &dir.join("effnet.db"),
+        &work.join("effnet.db"),
         &sub_dir,
         &["--extractor", "efficientnet-lite0", "--weights", &w],
     )?;

@@ -140,12 +140,25 @@ enum Command {
     },
 }
 
-const IMAGE_EXTENSIONS: &[&str] = &["png", "jpg", "jpeg", "webp", "gif", "bmp"];
+/// `println!` that ends the program quietly when stdout is closed (`lookalike stats | head`)
+/// instead of panicking on the broken pipe.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout(), $($arg)*) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+        }
+    }};
+}
+
+const IMAGE_EXTENSIONS: &[&str] = &["png", "jpg", "jpeg", "webp", "gif", "bmp", "tif", "tiff"];
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e}");
             let mut source = std::error::Error::source(&e);
@@ -153,7 +166,7 @@ pub fn main() -> ExitCode {
                 eprintln!("  caused by: {s}");
                 source = s.source();
             }
-            ExitCode::FAILURE
+            ExitCode::from(2)
         }
     }
 }
@@ -168,7 +181,8 @@ fn existing(db: &Path) -> lookalike::Result<Db> {
     Db::open(db)
 }
 
-fn run(cli: Cli) -> lookalike::Result<()> {
+/// Runs a command; the exit code says what happened (0: done; 1: `add` skipped some files).
+fn run(cli: Cli) -> lookalike::Result<ExitCode> {
     match cli.command {
         Command::Add {
             db,
@@ -214,11 +228,11 @@ fn run(cli: Cli) -> lookalike::Result<()> {
                     .iter()
                     .map(|h| serde_json::json!({"id": h.id.0, "distance": h.distance, "label": h.label}))
                     .collect();
-                println!("{}", serde_json::Value::Array(rows));
+                out!("{}", serde_json::Value::Array(rows));
             } else {
-                println!("{:>4}  {:>10}  {:>10}  label", "rank", "id", "distance");
+                out!("{:>4}  {:>10}  {:>10}  label", "rank", "id", "distance");
                 for (i, h) in hits.iter().enumerate() {
-                    println!(
+                    out!(
                         "{:>4}  {:>10}  {:>10.5}  {}",
                         i + 1,
                         h.id,
@@ -227,7 +241,7 @@ fn run(cli: Cli) -> lookalike::Result<()> {
                     );
                 }
             }
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
         Command::Stats { db, json } => {
             let db = existing(&db)?;
@@ -243,25 +257,25 @@ fn run(cli: Cli) -> lookalike::Result<()> {
                     "index": {"kind": index.kind, "vectors": index.len, "dim": index.dim},
                     "extractors": db.extractors(),
                 });
-                println!("{v:#}");
+                out!("{v:#}");
             } else {
-                println!("database   {}", db.path().display());
-                println!("images     {}", db.len());
-                println!(
+                out!("database   {}", db.path().display());
+                out!("images     {}", db.len());
+                out!(
                     "model      v{} {} (dim {}, {})",
                     model.version,
                     model.extractor,
                     model.dim,
                     model.metric.as_str()
                 );
-                println!("index      {} with {} vectors", index.kind, index.len);
-                println!("extractors {}", db.extractors().join(", "));
-                println!("labels     {}", labels.len());
+                out!("index      {} with {} vectors", index.kind, index.len);
+                out!("extractors {}", db.extractors().join(", "));
+                out!("labels     {}", labels.len());
                 for (l, n) in labels {
-                    println!("  {l:<20} {n}");
+                    out!("  {l:<20} {n}");
                 }
             }
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
         Command::Train {
             db,
@@ -312,13 +326,13 @@ fn run(cli: Cli) -> lookalike::Result<()> {
             if let Some(m) = minutes {
                 opts = opts.max_minutes(m);
             }
-            train(&db, &extractor, opts)
+            train(&db, &extractor, opts).map(|()| ExitCode::SUCCESS)
         }
         Command::Models { db } => {
             let db = existing(&db)?;
             let active = db.active_model().version;
             for m in db.models()? {
-                println!(
+                out!(
                     "{} v{} {} {:?} (dim {}, {})",
                     if m.version == active { "*" } else { " " },
                     m.version,
@@ -329,25 +343,36 @@ fn run(cli: Cli) -> lookalike::Result<()> {
                 );
             }
             if let Some((e, c, n)) = db.pending_job()? {
-                println!(
-                    "interrupted job: {e} {c:?} after {n} epochs (resume with train --resume)"
-                );
+                out!("interrupted job: {e} {c:?} after {n} epochs (resume with train --resume)");
             }
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
         Command::Use { db, version } => {
             let db = existing(&db)?;
             db.use_model(version)?;
-            println!("model v{version} is active");
-            Ok(())
+            out!("model v{version} is active");
+            Ok(ExitCode::SUCCESS)
         }
         Command::Remove { db, ids } => {
             let db = existing(&db)?;
+            // All or nothing: every id is checked before any image is removed.
+            let known: std::collections::HashSet<ImageId> = db.ids().into_iter().collect();
+            let unknown: Vec<String> = ids
+                .iter()
+                .filter(|id| !known.contains(id))
+                .map(ToString::to_string)
+                .collect();
+            if !unknown.is_empty() {
+                return Err(lookalike::Error::InvalidArgument(format!(
+                    "no image with id {}; nothing was removed",
+                    unknown.join(", ")
+                )));
+            }
             for id in ids {
                 db.remove(id)?;
-                println!("removed {id}");
+                out!("removed {id}");
             }
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
     }
 }
@@ -378,7 +403,7 @@ fn train(db: &Db, extractor: &str, opts: lookalike::TrainOptions) -> lookalike::
         Phase::Evaluating => {
             if let Some(m) = &p.validation {
                 b.suspend(|| {
-                    println!(
+                    out!(
                         "epoch {}: validation accuracy@1 {:.2} %, mAP@10 {:.2} %",
                         p.epoch + 1,
                         m.accuracy_at_1 * 100.0,
@@ -399,7 +424,7 @@ fn train(db: &Db, extractor: &str, opts: lookalike::TrainOptions) -> lookalike::
     });
     let r = db.train_extractor_with(extractor, opts)?;
     bar.finish_and_clear();
-    println!(
+    out!(
         "model v{} ({} {:?}, miner {}){}",
         r.version,
         r.extractor,
@@ -411,7 +436,7 @@ fn train(db: &Db, extractor: &str, opts: lookalike::TrainOptions) -> lookalike::
             ", stored"
         }
     );
-    println!(
+    out!(
         "held-out accuracy@1 {:.2} % -> {:.2} %, mAP@10 {:.2} % -> {:.2} % ({} queries)",
         r.before.accuracy_at_1 * 100.0,
         r.after.accuracy_at_1 * 100.0,
@@ -419,7 +444,7 @@ fn train(db: &Db, extractor: &str, opts: lookalike::TrainOptions) -> lookalike::
         r.after.map_at_10 * 100.0,
         r.after.queries
     );
-    println!(
+    out!(
         "{} epochs, {} steps, {} pairs in {:.1} min of training ({:.1} min in all)",
         r.epochs,
         r.steps,
@@ -437,34 +462,42 @@ fn read(path: &Path) -> lookalike::Result<Vec<u8>> {
     })
 }
 
-/// Image files under `paths`, sorted, with folders walked recursively.
+/// Image files under `paths`, sorted, with folders walked recursively. A path given on the
+/// command line is followed if it is a link; inside folders only regular files and folders
+/// are taken (links are not followed, so a link loop cannot make the walk endless or add an
+/// image twice; FIFOs, devices and sockets are never opened). A given path that is not a
+/// regular file or folder is an error.
 fn collect(paths: &[PathBuf]) -> lookalike::Result<Vec<PathBuf>> {
+    let io = |p: &Path, e| lookalike::Error::Io {
+        path: p.to_path_buf(),
+        source: e,
+    };
     let mut out = Vec::new();
-    let mut stack: Vec<PathBuf> = paths.to_vec();
-    while let Some(p) = stack.pop() {
-        let meta = std::fs::metadata(&p).map_err(|e| lookalike::Error::Io {
-            path: p.clone(),
-            source: e,
-        })?;
+    let mut folders = Vec::new();
+    for p in paths {
+        let meta = std::fs::metadata(p).map_err(|e| io(p, e))?;
         if meta.is_dir() {
-            let rd = std::fs::read_dir(&p).map_err(|e| lookalike::Error::Io {
-                path: p.clone(),
-                source: e,
-            })?;
-            for entry in rd {
-                let entry = entry.map_err(|e| lookalike::Error::Io {
-                    path: p.clone(),
-                    source: e,
-                })?;
-                let child = entry.path();
-                if child.is_dir() {
-                    stack.push(child);
-                } else if has_image_extension(&child) {
-                    out.push(child);
-                }
-            }
+            folders.push(p.clone());
+        } else if meta.is_file() {
+            out.push(p.clone());
         } else {
-            out.push(p);
+            return Err(lookalike::Error::InvalidArgument(format!(
+                "{} is not a regular file or a folder",
+                p.display()
+            )));
+        }
+    }
+    while let Some(dir) = folders.pop() {
+        for entry in std::fs::read_dir(&dir).map_err(|e| io(&dir, e))? {
+            let entry = entry.map_err(|e| io(&dir, e))?;
+            let child = entry.path();
+            // The entry's own type: a link is neither a folder nor a file here.
+            let kind = entry.file_type().map_err(|e| io(&child, e))?;
+            if kind.is_dir() {
+                folders.push(child);
+            } else if kind.is_file() && has_image_extension(&child) {
+                out.push(child);
+            }
         }
     }
     out.sort();
@@ -520,7 +553,7 @@ struct Added {
     skipped: usize,
 }
 
-/// Streams `files` through the database: a reader thread reads batches of at most `batch`
+/// Streams `files` through the database (exit code 1 when files were skipped): a reader thread reads batches of at most `batch`
 /// files and [`BATCH_BYTES`] bytes (into buffers handed back after use), and [`INSERTERS`]
 /// threads insert them with `Db::insert_images_each`, each decoding on every core and storing
 /// in one write. Bad files are reported and skipped. Ids ascend in file order within a batch;
@@ -532,7 +565,7 @@ fn add(
     label: Option<&str>,
     folder_labels: bool,
     batch: usize,
-) -> lookalike::Result<()> {
+) -> lookalike::Result<ExitCode> {
     let files = collect(paths)?;
     let limit = options.image_byte_limit();
     let db = Db::open_with(db, options)?;
@@ -612,14 +645,18 @@ fn add(
     db.flush()?;
     bar.finish_and_clear();
     let c = counts.into_inner().unwrap_or_default();
-    println!(
+    out!(
         "added {} images to {} ({} in total), skipped {}",
         c.added,
         db.path().display(),
         db.len(),
         c.skipped
     );
-    Ok(())
+    Ok(if c.skipped > 0 {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 /// Inserts the readable files of one batch; reports the bad ones. (added, skipped).

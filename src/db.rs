@@ -1671,7 +1671,7 @@ fn open_index(
 }
 
 /// Adds the stored embeddings of `ids` to `index`, embedding (and storing) any that are
-/// missing from the store.
+/// missing from the store: those are read and decoded on every core, a batch at a time.
 fn add_from_store(
     store: &Store,
     model: &Model,
@@ -1681,28 +1681,37 @@ fn add_from_store(
     const CHUNK: usize = 4096;
     for chunk in ids.chunks(CHUNK) {
         let mut got_ids = Vec::with_capacity(chunk.len());
-        let mut flat = Vec::with_capacity(chunk.len() * model.spec.dim);
+        let mut vectors = Vec::with_capacity(chunk.len());
+        let mut missing = Vec::new();
         for id in chunk {
             let id = ImageId(*id);
-            let v = match store.embedding(model.version, id, model.spec.dim)? {
-                Some(v) => v,
-                None => reembed(store, model, id)?,
-            };
-            got_ids.push(id);
-            flat.extend_from_slice(&v);
+            match store.embedding(model.version, id, model.spec.dim)? {
+                Some(v) => {
+                    got_ids.push(id);
+                    vectors.push(v);
+                }
+                None => missing.push(id),
+            }
         }
+        for part in missing.chunks(EMBED_BATCH * 4) {
+            let mut thumbs = Vec::with_capacity(part.len());
+            for (id, t) in part
+                .iter()
+                .zip(prepare_stored(store, &model.spec.input, part))
+            {
+                thumbs.push(t?.ok_or(Error::UnknownImage(*id))?);
+            }
+            let refs: Vec<_> = thumbs.iter().collect();
+            for (id, v) in part.iter().zip(embed(model, &refs)?) {
+                store.put_embedding(model.version, *id, &v)?;
+                got_ids.push(*id);
+                vectors.push(v);
+            }
+        }
+        let flat: Vec<f32> = vectors.concat();
         index.add(&got_ids, &flat)?;
     }
     Ok(())
-}
-
-/// Embeds a stored image whose embedding under `model` is missing, and stores it.
-fn reembed(store: &Store, model: &Model, id: ImageId) -> Result<Vec<f32>> {
-    let bytes = store.image(id)?.ok_or(Error::UnknownImage(id))?;
-    let thumb = preprocess::prepare(&bytes, ImageLimits::STORED, &model.spec.input)?;
-    let v = embed(model, &[&thumb])?.pop().unwrap_or_default();
-    store.put_embedding(model.version, id, &v)?;
-    Ok(v)
 }
 
 fn build_index(

@@ -50,12 +50,18 @@
 //! directory, in this process or another, fails with [`Error::Locked`] (after [`LOCK_WAIT`]).
 //! Share one handle instead: [`Db`] is `Clone + Send + Sync`.
 //!
-//! ## Untrusted input
+//! ## Photos and untrusted input
 //!
-//! Image bytes are decoded with size limits ([`Options::max_image_bytes`],
-//! [`Options::max_image_pixels`], checked from the header before decoding, against
-//! decompression bombs). Every bad input is a typed [`Error`]; a stored record that does not
-//! decode is [`Error::Corrupt`], never a panic.
+//! Image bytes (JPEG, PNG, WebP, GIF, BMP, TIFF) are stored as given and decoded with size
+//! limits ([`Options::max_image_bytes`], [`Options::max_image_pixels`], checked from the
+//! header before decoding, against decompression bombs). What an extractor sees follows one
+//! decode policy, the same for stored images, queries and training: the EXIF orientation is
+//! applied, transparency is composited over the input's background (white by default), and a
+//! JPEG is decoded at a reduced DCT scale (1/2, 1/4 or 1/8) that keeps at least twice the
+//! extractor's input size, so a 12 MP photo costs a fraction of a full decode; decoding runs
+//! on every core and never keeps more than one full-size image per core
+//! ([`decode_for`] shows the result). Every bad input is a typed [`Error`]; a stored record
+//! that does not decode is [`Error::Corrupt`], never a panic or an abort.
 //!
 //! ## Crate features
 //!
@@ -101,6 +107,7 @@
 
 #![deny(missing_docs)]
 
+mod codec;
 pub mod datasets;
 mod db;
 mod error;

@@ -17,6 +17,94 @@ fn cli(args: &[&std::ffi::OsStr]) -> (bool, String, String) {
     )
 }
 
+/// Runs the binary: (exit code, stdout, stderr).
+fn cli_code(args: &[&std::ffi::OsStr]) -> (Option<i32>, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_lookalike"))
+        .args(args)
+        .output()
+        .expect("run");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn folders_with_links_fifos_and_odd_files() {
+    let dir = tempdir();
+    let photos = dir.path().join("photos");
+    std::fs::create_dir_all(photos.join("sub")).unwrap();
+    std::fs::write(photos.join("a.png"), class_png(0, 1)).unwrap();
+    std::fs::write(photos.join("sub/b.png"), class_png(1, 2)).unwrap();
+    std::fs::write(photos.join("notes.txt"), b"not an image").unwrap();
+    // A link loop, a link to the folder's own file, a link to /dev/zero and a FIFO, all
+    // named like images: none is followed or opened.
+    std::os::unix::fs::symlink(&photos, photos.join("sub/loop")).unwrap();
+    std::os::unix::fs::symlink(photos.join("a.png"), photos.join("again.png")).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", photos.join("zero.png")).unwrap();
+    let fifo = photos.join("pipe.png");
+    let made = Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .is_ok_and(|s| s.success());
+    let db = dir.path().join("db");
+    let (code, out, err) = cli_code(&["add".as_ref(), db.as_os_str(), photos.as_os_str()]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("added 2 images"), "{out}");
+    if !made {
+        eprintln!("mkfifo unavailable: the FIFO case was not run");
+    }
+    // A FIFO or device given by name is refused before anything is read: exit code 2.
+    let (code, _, err) = cli_code(&["add".as_ref(), db.as_os_str(), "/dev/zero".as_ref()]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("not a regular file"), "{err}");
+    // remove checks every id first: an unknown one removes nothing.
+    let (code, _, err) = cli_code(&[
+        "remove".as_ref(),
+        db.as_os_str(),
+        "1".as_ref(),
+        "999".as_ref(),
+    ]);
+    assert_eq!(code, Some(2));
+    assert!(
+        err.contains("999") && err.contains("nothing was removed"),
+        "{err}"
+    );
+    let (_, out, _) = cli_code(&["stats".as_ref(), db.as_os_str(), "--json".as_ref()]);
+    let stats: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(stats["images"], 2);
+}
+
+#[test]
+fn a_reader_that_goes_away_ends_the_program_quietly() {
+    // `stats | head -1` on a database with 3,000 labels: more output than a pipe buffers.
+    let dir = tempdir();
+    let db = dir.path().join("db");
+    {
+        let d = lookalike::Db::open_with(&db, relaxed()).unwrap();
+        let img = class_png(0, 1);
+        let labels: Vec<String> = (0..3000)
+            .map(|i| format!("a-rather-long-label-{i:05}"))
+            .collect();
+        d.insert_images(labels.iter().map(|l| (img.as_slice(), Some(l.as_str()))))
+            .unwrap();
+    }
+    let sh = format!(
+        "{} stats {} | head -1 >/dev/null; echo ${{PIPESTATUS[0]}}",
+        env!("CARGO_BIN_EXE_lookalike"),
+        db.display()
+    );
+    let piped = Command::new("bash").arg("-c").arg(&sh).output().unwrap();
+    let status = String::from_utf8_lossy(&piped.stdout);
+    assert_eq!(
+        status.trim(),
+        "0",
+        "{}",
+        String::from_utf8_lossy(&piped.stderr)
+    );
+}
+
 #[test]
 fn add_query_stats_remove() {
     let dir = tempdir();
@@ -33,13 +121,13 @@ fn add_query_stats_remove() {
     }
     std::fs::write(photos.join("stripes/broken.png"), b"not a png").unwrap();
     let db = dir.path().join("db");
-    let (ok, out, err) = cli(&[
+    let (code, out, err) = cli_code(&[
         "add".as_ref(),
         db.as_os_str(),
         photos.as_os_str(),
         "--folder-labels".as_ref(),
     ]);
-    assert!(ok, "{err}");
+    assert_eq!(code, Some(1), "a skipped file is exit code 1: {err}");
     assert!(out.contains("added 10"), "{out}");
     assert!(
         err.contains("broken.png"),

@@ -119,11 +119,10 @@ pub(crate) fn load(
         Err(e) => return Err(Error::io(stamp_path, e)),
     };
     let corrupt = |why: String| Ok(Err(Unusable::Corrupt(why)));
-    let stamp: Stamp =
-        match bincode::serde::decode_from_slice(&stamp_bytes, bincode::config::standard()) {
-            Ok((s, _)) => s,
-            Err(e) => return corrupt(format!("stamp does not decode: {e}")),
-        };
+    let stamp: Stamp = match crate::codec::decode(&stamp_bytes) {
+        Ok((s, _)) => s,
+        Err(e) => return corrupt(format!("stamp does not decode: {e}")),
+    };
     if stamp.magic != MAGIC || stamp.format != STAMP_FORMAT {
         return corrupt("stamp has a wrong magic number or format".into());
     }

@@ -165,8 +165,7 @@ fn decode<T: DeserializeOwned>(
     bytes: &[u8],
 ) -> Result<T> {
     let (value, used): (T, usize) =
-        bincode::serde::decode_from_slice(bytes, bincode::config::standard())
-            .map_err(|e| Error::corrupt(what, &key, e))?;
+        crate::codec::decode(bytes).map_err(|e| Error::corrupt(what, &key, e))?;
     if used != bytes.len() {
         return Err(Error::corrupt(
             what,
