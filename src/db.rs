@@ -162,6 +162,10 @@ pub struct IndexInfo {
     pub source: IndexSource,
     /// Seconds spent opening the index (snapshot load, catch-up or rebuild).
     pub open_seconds: f64,
+    /// Why the last attempt to write the index snapshot failed, if it did (a full disk, no
+    /// permission). The snapshot is derived data: a failure loses nothing, the next flush or
+    /// close tries again, and the next open rebuilds or catches up without it.
+    pub snapshot_error: Option<String>,
 }
 
 /// An open image-similarity database. Cheap to clone: clones share one handle, and it may be
@@ -282,6 +286,8 @@ impl Db {
                 Err(std::fs::TryLockError::Error(e)) => return Err(Error::io(lock_path, e)),
             }
         }
+        // We hold the LOCK: a snapshot's temporary files are left from a crash or a failed save.
+        snapshot::remove_temporary(&dir);
         let registry = Registry::new(&options.plugins);
         let store = Store::open(&dir, options.durability == Durability::Relaxed)?;
         let (model, stale) = load_or_create_model(&dir, &store, &registry, &options)?;
@@ -306,6 +312,7 @@ impl Db {
             dim: index.dim(),
             source: source.clone(),
             open_seconds: started.elapsed().as_secs_f64(),
+            snapshot_error: None,
         };
         let dirty = source != IndexSource::Snapshot;
         let db = Db {
@@ -902,6 +909,7 @@ impl Db {
                     reason: "poisoned".into(),
                 },
                 open_seconds: 0.0,
+                snapshot_error: None,
             },
         }
     }
@@ -1055,6 +1063,7 @@ impl Db {
                 reason: format!("switched to model {version}"),
             },
             open_seconds: 0.0,
+            snapshot_error: None,
         };
         state.model = model;
         state.index = index;
@@ -1282,11 +1291,19 @@ impl Db {
         self.inner.store.flush().map_err(|e| self.poison(e))
     }
 
+    /// Writes the index snapshot if the index changed since the last one. Best effort: a
+    /// failure is kept in `index_info().snapshot_error` and the next call tries again; only a
+    /// poisoned state lock is an error.
     fn save_snapshot(&self) -> Result<()> {
         let mut state = self.write_state()?;
         if state.dirty {
-            snapshot::save(&self.inner.dir, &state.index, state.model.version)?;
-            state.dirty = false;
+            match snapshot::save(&self.inner.dir, &state.index, state.model.version) {
+                Ok(()) => {
+                    state.dirty = false;
+                    state.index_info.snapshot_error = None;
+                }
+                Err(e) => state.index_info.snapshot_error = Some(e.to_string()),
+            }
         }
         Ok(())
     }

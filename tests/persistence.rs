@@ -321,3 +321,45 @@ fn a_database_written_by_format_1_is_upgraded_and_embedded_again() {
     assert_eq!(db.len(), 12);
     assert_eq!(db.nearest(&sandal, 1).unwrap()[0].id.0, 7);
 }
+
+#[test]
+fn a_snapshot_that_cannot_be_written_never_fails_open_or_flush() {
+    let dir = tempdir();
+    let path = dir.path().join("db");
+    {
+        let db = Db::open(&path).unwrap();
+        fill(&db, 20, 0);
+    }
+    // A folder where the snapshot's temporary file goes: every save fails.
+    fs::remove_file(path.join("index.stamp")).unwrap();
+    fs::create_dir(path.join("index.faiss.tmp")).unwrap();
+    let db = Db::open(&path).unwrap();
+    let info = db.index_info();
+    assert!(matches!(info.source, IndexSource::Rebuilt { .. }));
+    assert!(info.snapshot_error.is_some(), "{info:?}");
+    fill(&db, 4, 100);
+    db.flush().unwrap();
+    assert!(db.index_info().snapshot_error.is_some());
+    assert_eq!(db.len(), 24);
+    // Once the obstacle is gone, the next flush writes it.
+    fs::remove_dir(path.join("index.faiss.tmp")).unwrap();
+    fill(&db, 1, 200);
+    db.flush().unwrap();
+    assert_eq!(db.index_info().snapshot_error, None);
+    drop(db);
+    let db = Db::open(&path).unwrap();
+    assert_eq!(db.index_info().source, IndexSource::Snapshot);
+    assert_eq!(db.len(), 25);
+}
+
+#[test]
+fn temporary_snapshot_files_left_behind_are_removed_on_open() {
+    let dir = tempdir();
+    let path = dir.path().join("db");
+    drop(Db::open(&path).unwrap());
+    fs::write(path.join("index.faiss.tmp"), vec![0u8; 1 << 20]).unwrap();
+    fs::write(path.join("index.stamp.tmp"), b"half a stamp").unwrap();
+    drop(Db::open(&path).unwrap());
+    assert!(!path.join("index.faiss.tmp").exists());
+    assert!(!path.join("index.stamp.tmp").exists());
+}

@@ -53,8 +53,27 @@ fn sync_dir(dir: &Path) -> Result<()> {
         .map_err(|e| Error::io(dir, e))
 }
 
+/// The temporary files of [`save`]: never valid outside a running save.
+const TEMP_FILES: [&str; 2] = ["index.faiss.tmp", "index.stamp.tmp"];
+
+/// Removes temporary files a save left behind (a crash, or a failure part way).
+pub(crate) fn remove_temporary(dir: &Path) {
+    for name in TEMP_FILES {
+        let _ = fs::remove_file(dir.join(name));
+    }
+}
+
 /// Writes a snapshot of `index` for `model` into `dir`, atomically (temp files, fsync, rename).
+/// A failure removes the temporary files.
 pub(crate) fn save(dir: &Path, index: &VectorIndex, model: u32) -> Result<()> {
+    let result = save_inner(dir, index, model);
+    if result.is_err() {
+        remove_temporary(dir);
+    }
+    result
+}
+
+fn save_inner(dir: &Path, index: &VectorIndex, model: u32) -> Result<()> {
     let tmp = dir.join("index.faiss.tmp");
     write_index(&index.inner, path_str(&tmp)?)?;
     let bytes = fs::read(&tmp).map_err(|e| Error::io(&tmp, e))?;

@@ -26,6 +26,10 @@ use crate::ImageId;
 
 /// A segment takes records until it holds this many bytes.
 const SEGMENT_BYTES: u64 = 1 << 30;
+/// Appends not synced by the caller start a background sync after this many bytes, so that a
+/// later `sync` (a relaxed database's flush, at the end of a bulk load) finds little left to
+/// write (RocksDB's `bytes_per_sync`).
+const BACKGROUND_SYNC_BYTES: u64 = 64 << 20;
 const MAGIC: &[u8; 4] = b"LKIM";
 const HEADER: u64 = 24;
 
@@ -47,6 +51,8 @@ struct Writer {
     len: u64,
     /// Written since the last sync.
     dirty: bool,
+    /// Bytes appended since the last background sync started.
+    unsynced: u64,
 }
 
 /// The pack files of one database.
@@ -55,6 +61,8 @@ pub(crate) struct Packs {
     dir: PathBuf,
     writer: Mutex<Option<Writer>>,
     readers: Mutex<HashMap<u32, Arc<File>>>,
+    /// The background sync in progress, if any (one at a time).
+    background: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 fn io(path: &Path, e: std::io::Error) -> Error {
@@ -76,6 +84,7 @@ impl Packs {
             dir: dir.to_path_buf(),
             writer: Mutex::new(None),
             readers: Mutex::new(HashMap::new()),
+            background: Mutex::new(None),
         }
     }
 
@@ -126,6 +135,7 @@ impl Packs {
             file,
             len,
             dirty: false,
+            unsynced: 0,
         })
     }
 
@@ -167,17 +177,42 @@ impl Packs {
                 crc,
             });
             w.len += size;
+            w.unsynced += size;
         }
-        if sync {
-            if let Some(w) = guard.as_mut() {
+        if let Some(w) = guard.as_mut() {
+            if sync {
                 sync_writer(&self.path(w.segment), w)?;
+                w.unsynced = 0;
+            } else if w.unsynced >= BACKGROUND_SYNC_BYTES {
+                self.sync_in_background(w);
             }
         }
         Ok(refs)
     }
 
+    /// Starts writing `w`'s segment back on another thread, unless a background sync is
+    /// still running. Its outcome does not matter: `sync` syncs again and reports errors.
+    fn sync_in_background(&self, w: &mut Writer) {
+        let Ok(mut running) = self.background.lock() else {
+            return;
+        };
+        if running.as_ref().is_some_and(|h| !h.is_finished()) {
+            return;
+        }
+        if let Ok(file) = w.file.try_clone() {
+            w.unsynced = 0;
+            *running = Some(std::thread::spawn(move || {
+                let _ = file.sync_data();
+            }));
+        }
+    }
+
     /// Makes every append so far durable.
     pub fn sync(&self) -> Result<()> {
+        let background = self.background.lock().ok().and_then(|mut b| b.take());
+        if let Some(h) = background {
+            let _ = h.join();
+        }
         let mut guard = self.writer.lock().map_err(|_| poisoned())?;
         match guard.as_mut() {
             Some(w) => sync_writer(&self.path(w.segment), w),
