@@ -312,8 +312,10 @@ fn a_database_written_by_format_1_is_upgraded_and_embedded_again() {
         assert_eq!(hits[0].id.0, 7);
         assert!(hits[0].distance < 1e-4, "{}", hits[0].distance);
         assert_eq!(hits[0].label.as_deref(), Some("sandal"));
-        // New inserts work beside the old records.
-        db.insert_image(&class_png(1, 5), Some("new")).unwrap();
+        // New inserts work beside the old records, with the next id (sled's id generator,
+        // which the format-1 store used, would have jumped to about 2,000,000 here).
+        let id = db.insert_image(&class_png(1, 5), Some("new")).unwrap();
+        assert_eq!(id.0, 13);
     }
     // Once only: the next open trusts the new snapshot.
     let db = Db::open(&path).unwrap();
@@ -362,4 +364,29 @@ fn temporary_snapshot_files_left_behind_are_removed_on_open() {
     drop(Db::open(&path).unwrap());
     assert!(!path.join("index.faiss.tmp").exists());
     assert!(!path.join("index.stamp.tmp").exists());
+}
+
+#[test]
+fn ids_are_dense_across_reopens() {
+    let dir = tempdir();
+    let path = dir.path().join("db");
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let db = Db::open(&path).unwrap();
+        ids.push(db.insert_image(&class_png(0, i), None).unwrap().0);
+        // A refused batch takes no id that a later insert of this handle reuses.
+        assert!(db
+            .insert_images([
+                (class_png(1, i).as_slice(), None),
+                (b"junk".as_slice(), None)
+            ])
+            .is_err());
+    }
+    assert_eq!(ids, vec![1, 2, 3, 4, 5]);
+    let db = Db::open(&path).unwrap();
+    db.remove(lookalike::ImageId(5)).unwrap();
+    drop(db);
+    // The largest id was removed: it is still never given again.
+    let db = Db::open(&path).unwrap();
+    assert_eq!(db.insert_image(&class_png(2, 9), None).unwrap().0, 6);
 }

@@ -9,6 +9,7 @@
 //! | `models` | model (u32 BE) | [`ModelRecord`]: plugin, config, weights, dimension, metric |
 //! | `meta` | `b"format"`, `b"active_model"` | u32 |
 //! | `meta` | `b"policy"` ++ model (u32 BE) | string: the decode policy the model's embeddings were made with |
+//! | `meta` | `b"next_id"` | u64: no stored image has this id or a larger one |
 //! | `jobs` | `b"checkpoint"` | [`CheckpointRecord`]: the last epoch checkpoint of a training job |
 //!
 //! An image is inserted in one transaction over `images`, `entries` and `embeddings`, so after a
@@ -42,6 +43,7 @@ const INLINE_BYTES: usize = 16 << 10;
 const META_FORMAT: &[u8] = b"format";
 const META_ACTIVE: &[u8] = b"active_model";
 const META_POLICY: &[u8] = b"policy";
+const META_NEXT_ID: &[u8] = b"next_id";
 const JOB_CHECKPOINT: &[u8] = b"checkpoint";
 
 /// The encoded image, as the caller gave it. The bytes go through serde as one byte string
@@ -146,6 +148,9 @@ pub(crate) struct Store {
     packs: Packs,
     /// Durability::Relaxed: pack appends are synced by `flush`, not by each insert.
     relaxed: bool,
+    /// The next image id to hand out. Ids are dense: one after another from 1, never reused
+    /// (`meta/next_id` moves past each committed insert in the same transaction).
+    next_id: std::sync::atomic::AtomicU64,
     images: Tree,
     entries: Tree,
     embeddings: Tree,
@@ -250,6 +255,7 @@ impl Store {
             db,
             packs: Packs::open(&dir.join("images")),
             relaxed,
+            next_id: std::sync::atomic::AtomicU64::new(1),
         };
         match store.meta.get(META_FORMAT)? {
             None => {
@@ -270,6 +276,7 @@ impl Store {
                 }
             }
         }
+        store.init_next_id()?;
         Ok(store)
     }
 
@@ -281,9 +288,32 @@ impl Store {
         Ok(())
     }
 
-    /// A fresh, never reused image id.
+    /// A fresh image id: the next after every id handed out by this handle or stored. An id
+    /// handed out to an insert that then failed is not used again by this handle; after a
+    /// reopen it may be, as no image ever had it.
     pub fn next_id(&self) -> Result<ImageId> {
-        Ok(ImageId(self.db.generate_id()? + 1))
+        Ok(ImageId(
+            self.next_id
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        ))
+    }
+
+    /// Where ids continue after opening: `meta/next_id`, or for a store without one (before
+    /// format 2, whose ids came from sled's `generate_id` and jumped by about two million at
+    /// each reopen) one past the largest stored id.
+    fn init_next_id(&self) -> Result<()> {
+        let stored: Option<u64> = match self.meta.get(META_NEXT_ID)? {
+            Some(v) => Some(decode("meta", "next_id", &v)?),
+            None => None,
+        };
+        let largest = match self.entries.last()? {
+            Some((k, _)) => id_from_key("entry", &k)?.0,
+            None => 0,
+        };
+        let next = stored.unwrap_or(0).max(largest + 1);
+        self.next_id
+            .store(next, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
     }
 
     /// Inserts images atomically: all of them or none. The bytes of large images are
@@ -327,8 +357,17 @@ impl Store {
                 ))
             })
             .collect::<Result<_>>()?;
-        (&self.images, &self.entries, &self.embeddings)
-            .transaction(|(images, entries, embeddings)| {
+        let after = images.iter().map(|n| n.id.0 + 1).max().unwrap_or(0);
+        (&self.images, &self.entries, &self.embeddings, &self.meta)
+            .transaction(|(images, entries, embeddings, meta)| {
+                let stored: u64 = match meta.get(META_NEXT_ID)? {
+                    Some(v) => decode("meta", "next_id", &v)
+                        .map_err(ConflictableTransactionError::Abort)?,
+                    None => 0,
+                };
+                if after > stored {
+                    meta.insert(META_NEXT_ID, encode(&after))?;
+                }
                 for (id, img, entry, ekey, emb) in &encoded {
                     images.insert(&id[..], img.as_slice())?;
                     entries.insert(&id[..], entry.as_slice())?;
