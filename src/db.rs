@@ -186,6 +186,9 @@ struct Inner {
     poisoned: Mutex<Option<String>>,
     /// A training job holds this while it runs.
     job_running: std::sync::atomic::AtomicBool,
+    /// Serialises model administration (`use_model`, `delete_model`, `install_model`): each
+    /// checks what it relies on (the active version, the stored versions) under it.
+    admin: Mutex<()>,
     /// Held for the life of the handle; the OS releases it on exit, even on `kill -9`.
     _lock: File,
 }
@@ -330,6 +333,7 @@ impl Db {
                 }),
                 poisoned: Mutex::new(None),
                 job_running: std::sync::atomic::AtomicBool::new(false),
+                admin: Mutex::new(()),
                 options,
                 _lock: lock,
             }),
@@ -809,6 +813,10 @@ impl Db {
         let State {
             labels, by_label, ..
         } = &mut *state;
+        if !labels.contains_key(&id.0) {
+            // Removed since the entry was updated: the removal wins, nothing comes back.
+            return Err(Error::UnknownImage(id));
+        }
         if let Some(Some(old)) = labels.get(&id.0) {
             if let Some(set) = by_label.get_mut(old) {
                 set.remove(&id.0);
@@ -1017,6 +1025,7 @@ impl Db {
     /// ones, never a mix). The choice is durable.
     pub fn use_model(&self, version: u32) -> Result<()> {
         self.check_poisoned()?;
+        let _admin = self.admin()?;
         if self.model().version == version {
             return Ok(());
         }
@@ -1079,6 +1088,7 @@ impl Db {
     /// deleted ([`Error::ActiveModel`]).
     pub fn delete_model(&self, version: u32) -> Result<()> {
         self.check_poisoned()?;
+        let _admin = self.admin()?;
         if self.model().version == version {
             return Err(Error::ActiveModel(version));
         }
@@ -1159,6 +1169,7 @@ impl Db {
         cancelled: &dyn Fn() -> bool,
     ) -> Result<u32> {
         self.check_poisoned()?;
+        let _admin = self.admin()?;
         let version = self
             .inner
             .store
@@ -1244,6 +1255,14 @@ impl Db {
 
     fn limits(&self) -> ImageLimits {
         self.inner.options.limits()
+    }
+
+    /// The model-administration lock.
+    fn admin(&self) -> Result<std::sync::MutexGuard<'_, ()>> {
+        self.inner
+            .admin
+            .lock()
+            .map_err(|_| Error::Poisoned("a thread panicked while changing models".into()))
     }
 
     fn read_state(&self) -> Result<std::sync::RwLockReadGuard<'_, State>> {
