@@ -390,3 +390,24 @@ fn ids_are_dense_across_reopens() {
     let db = Db::open(&path).unwrap();
     assert_eq!(db.insert_image(&class_png(2, 9), None).unwrap().0, 6);
 }
+
+#[test]
+fn a_database_in_a_folder_whose_name_is_not_utf8_opens() {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = tempdir();
+    let path = dir.path().join(std::ffi::OsStr::from_bytes(b"caf\xe9.db"));
+    {
+        let db = Db::open(&path).unwrap();
+        fill(&db, 8, 0);
+        db.flush().unwrap();
+        // FAISS takes a UTF-8 path: the snapshot is not written, and says why.
+        assert!(db.index_info().snapshot_error.is_some());
+    }
+    let db = Db::open(&path).unwrap();
+    assert_eq!(db.len(), 8);
+    assert!(matches!(
+        db.index_info().source,
+        IndexSource::Rebuilt { .. }
+    ));
+    assert_eq!(db.nearest(&class_png(0, 0), 1).unwrap()[0].id.0, 1);
+}
