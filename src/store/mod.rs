@@ -15,10 +15,12 @@
 //! An image is inserted in one transaction over `images`, `entries` and `embeddings`, so after a
 //! crash an id is either in all three or in none.
 //!
-//! Store formats: 1 had no decode policies; 2 records one per model. Opening a format-1 store
-//! upgrades it in place: its models have no policy, so their images are embedded again on
-//! first use (`db.rs`, `model_from_record`), and a build that reads only format 1 refuses the
-//! upgraded store instead of mixing its embeddings with differently decoded queries.
+//! Store formats: 1 had no decode policies; 2 records one per model, keeps large image bytes
+//! in pack files and dense ids (`next_id`). Opening a format-1 store upgrades it in place: its
+//! models have no policy, so their images are embedded again on first use (`db.rs`,
+//! `model_from_record`), ids continue after the largest stored one, and a build that reads
+//! only format 1 refuses the upgraded store instead of mixing its embeddings with differently
+//! decoded queries.
 
 mod packs;
 
