@@ -84,6 +84,21 @@ pub enum Error {
         /// Why it did not decode.
         reason: String,
     },
+    /// The disk holding the database has too little free space for a write: refused before
+    /// anything was written, so the database stays as it was and opens again once space is
+    /// freed.
+    #[error(
+        "not enough free space for {path}: {available} bytes free, the write needs {needed} \
+         bytes and a reserve is kept; free some disk space and try again (nothing was written)"
+    )]
+    DiskFull {
+        /// The database directory.
+        path: PathBuf,
+        /// Bytes free for this user on its file system.
+        available: u64,
+        /// Bytes the write needs, the reserve included.
+        needed: u64,
+    },
     /// The database was written by a newer, incompatible version of lookalike.
     #[error("database format version {found} is newer than this build supports ({supported}); upgrade lookalike")]
     FormatTooNew {

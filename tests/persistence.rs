@@ -411,3 +411,67 @@ fn a_database_in_a_folder_whose_name_is_not_utf8_opens() {
     ));
     assert_eq!(db.nearest(&class_png(0, 0), 1).unwrap()[0].id.0, 1);
 }
+
+/// Unmounts a test's tmpfs, however the test ends.
+struct Unmount(std::path::PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_disk_refuses_writes_and_loses_nothing() {
+    use lookalike::Error;
+    let dir = tempdir();
+    let mnt = dir.path().join("small");
+    fs::create_dir(&mnt).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=24m", "tmpfs"])
+        .arg(&mnt)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("skipped: a 24 MiB tmpfs cannot be mounted here (the test needs root)");
+        return;
+    }
+    let _unmount = Unmount(mnt.clone());
+    let path = mnt.join("db");
+    let db = Db::open(&path).unwrap();
+    // Photos of about 1 MB each (random pixels do not compress) until the disk is full.
+    let mut stored = Vec::new();
+    let refused = loop {
+        let i = stored.len() as u64;
+        assert!(i < 100, "24 MiB cannot hold 100 images of 1 MB");
+        match db.insert_image(&noise_png(i, 600), Some("photo")) {
+            Ok(id) => stored.push(id),
+            Err(e @ Error::DiskFull { .. }) => break e,
+            Err(e) => panic!("after {i} images: expected DiskFull, got {e}"),
+        }
+    };
+    assert!(refused.to_string().contains("free"), "{refused}");
+    assert!(stored.len() >= 5, "only {} images fit", stored.len());
+    for id in &stored {
+        db.image(*id).unwrap();
+    }
+    drop(db);
+    // Opening while the disk is still full: refused or fine, never damaging.
+    match Db::open(&path) {
+        Ok(db) => assert_eq!(db.len(), stored.len()),
+        Err(Error::DiskFull { .. }) => {}
+        Err(e) => panic!("open on a full disk: {e}"),
+    }
+    // Space freed: everything acknowledged is there and writes work again.
+    let grown = std::process::Command::new("mount")
+        .args(["-o", "remount,size=64m"])
+        .arg(&mnt)
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(grown, "remount the tmpfs larger");
+    let db = Db::open(&path).unwrap();
+    assert_eq!(db.len(), stored.len());
+    let hits = db.nearest(&noise_png(0, 600), 1).unwrap();
+    assert_eq!(hits[0].id, stored[0]);
+    db.insert_image(&noise_png(1000, 600), None).unwrap();
+}

@@ -41,6 +41,11 @@ const RECORD_V1: u16 = 1;
 const RECORD_PACKED: u16 = 2;
 /// Images up to this size stay inline in sled; larger ones go to the pack files.
 const INLINE_BYTES: usize = 16 << 10;
+/// Free space kept on the database's disk: writes that would leave less are refused with
+/// `Error::DiskFull` before sled or the packs reach ENOSPC (sled hung in its flush, and a
+/// database opened on a full disk was left unreadable). The smaller of this and a twentieth of
+/// the file system.
+const SPACE_RESERVE: u64 = 64 << 20;
 
 const META_FORMAT: &[u8] = b"format";
 const META_ACTIVE: &[u8] = b"active_model";
@@ -146,6 +151,8 @@ pub(crate) struct NewImage<'a> {
 /// The open sled database and its trees.
 #[derive(Debug)]
 pub(crate) struct Store {
+    /// The database directory.
+    dir: std::path::PathBuf,
     db: sled::Db,
     packs: Packs,
     /// Durability::Relaxed: pack appends are synced by `flush`, not by each insert.
@@ -196,6 +203,26 @@ fn check_format(what: &'static str, key: impl std::fmt::Display, format: u16) ->
     }
 }
 
+/// Refuses a write of `needed` bytes into `dir` that would leave less than the reserve free
+/// ([`SPACE_RESERVE`], at most a twentieth of the file system). A file system that cannot
+/// say is not checked.
+pub(crate) fn check_space(dir: &Path, needed: u64) -> Result<()> {
+    let Ok(st) = rustix::fs::statvfs(dir) else {
+        return Ok(());
+    };
+    let available = st.f_bavail.saturating_mul(st.f_frsize);
+    let total = st.f_blocks.saturating_mul(st.f_frsize);
+    let needed = needed.saturating_add(SPACE_RESERVE.min(total / 20));
+    if available < needed {
+        return Err(Error::DiskFull {
+            path: dir.to_path_buf(),
+            available,
+            needed,
+        });
+    }
+    Ok(())
+}
+
 fn policy_key(model: u32) -> Vec<u8> {
     [META_POLICY, &model.to_be_bytes()[..]].concat()
 }
@@ -228,6 +255,8 @@ impl Store {
     /// Opens (creating if needed) the store of the database in `dir`: sled in `dir/store`,
     /// pack files in `dir/images`.
     pub fn open(dir: &Path, relaxed: bool) -> Result<Store> {
+        // sled writes while it opens (recovery, a new segment): not on a full disk.
+        check_space(dir, 0)?;
         let config = sled::Config::new()
             .path(dir.join("store"))
             .flush_every_ms(if relaxed { Some(500) } else { None })
@@ -248,6 +277,7 @@ impl Store {
             }
         };
         let store = Store {
+            dir: dir.to_path_buf(),
             images: db.open_tree("images")?,
             entries: db.open_tree("entries")?,
             embeddings: db.open_tree("embeddings")?,
@@ -322,6 +352,19 @@ impl Store {
     /// appended to the pack files first (synced unless relaxed), so that a record never
     /// points at bytes that are not on disk; a failed insert leaves them unreferenced.
     pub fn insert(&self, model: u32, images: &[NewImage]) -> Result<()> {
+        // Pack bytes once; sled's log takes records about twice before it compacts.
+        let needed: u64 = images
+            .iter()
+            .map(|n| {
+                let vector = 4 * n.vector.len() as u64 + 1024;
+                if n.bytes.len() > INLINE_BYTES {
+                    n.bytes.len() as u64 + 2 * vector
+                } else {
+                    2 * (n.bytes.len() as u64 + vector)
+                }
+            })
+            .sum();
+        check_space(&self.dir, needed)?;
         let large: Vec<(ImageId, &[u8])> = images
             .iter()
             .filter(|n| n.bytes.len() > INLINE_BYTES)
@@ -506,6 +549,7 @@ impl Store {
 
     /// Stores a model version.
     pub fn put_model(&self, version: u32, model: &ModelRecord) -> Result<()> {
+        check_space(&self.dir, 2 * model.weights.len() as u64)?;
         self.models.insert(version.to_be_bytes(), encode(model))?;
         Ok(())
     }
@@ -595,6 +639,10 @@ impl Store {
 
     /// Stores the training job checkpoint, durably.
     pub fn put_checkpoint(&self, record: &CheckpointRecord) -> Result<()> {
+        check_space(
+            &self.dir,
+            2 * (record.weights.len() + record.optimiser.len()) as u64,
+        )?;
         self.jobs.insert(JOB_CHECKPOINT, encode(record))?;
         self.db.flush()?;
         Ok(())
