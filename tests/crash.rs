@@ -19,11 +19,18 @@ use rand::{rngs::StdRng, Rng, SeedableRng};
 
 const CHILD_ENV: &str = "LOOKALIKE_CRASH_CHILD";
 const TRAIN_CHILD_ENV: &str = "LOOKALIKE_CRASH_TRAIN_CHILD";
+/// Kill rounds of a normal run; `LOOKALIKE_CRASH_ROUNDS=N` runs N (by hand: 1,000, see
+/// docs/reliability.md). Every `FRESH_EVERY` rounds start on a new database, so that a long run
+/// does not spend its time reopening a huge one.
 const ROUNDS: u64 = 8;
+const FRESH_EVERY: u64 = 25;
 
+/// A random-pixel PNG: 24 x 24 (about 1.8 KB, stored inline in sled) or, for every seed that
+/// is a multiple of 4, 96 x 96 (about 28 KB, stored in a pack file).
 fn png(seed: u64) -> Vec<u8> {
     let mut rng = StdRng::seed_from_u64(seed);
-    let img = RgbImage::from_fn(24, 24, |_, _| {
+    let side = if seed % 4 == 0 { 96 } else { 24 };
+    let img = RgbImage::from_fn(side, side, |_, _| {
         image::Rgb([rng.random(), rng.random(), rng.random()])
     });
     let mut out = std::io::Cursor::new(Vec::new());
@@ -252,7 +259,13 @@ fn main() -> ExitCode {
     let exe = std::env::current_exe().expect("own path");
     let mut rng = StdRng::seed_from_u64(7);
     let (mut passed, mut failed) = (0, 0);
-    for round in 0..ROUNDS {
+    let rounds = std::env::var("LOOKALIKE_CRASH_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(ROUNDS);
+    for round in 0..rounds {
+        let dir = dir.join(format!("run-{}", round / FRESH_EVERY));
+        std::fs::create_dir_all(&dir).expect("round dir");
         let mut c = Command::new(&exe)
             .env(CHILD_ENV, &dir)
             .spawn()
