@@ -452,6 +452,12 @@ fn train(db: &Db, extractor: &str, opts: lookalike::TrainOptions) -> lookalike::
         r.train_seconds / 60.0,
         r.total_seconds / 60.0
     );
+    if r.vanished > 0 {
+        out!(
+            "{} training images were removed while the job ran and were skipped",
+            r.vanished
+        );
+    }
     Ok(())
 }
 

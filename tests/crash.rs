@@ -29,7 +29,7 @@ const FRESH_EVERY: u64 = 25;
 /// is a multiple of 4, 96 x 96 (about 28 KB, stored in a pack file).
 fn png(seed: u64) -> Vec<u8> {
     let mut rng = StdRng::seed_from_u64(seed);
-    let side = if seed % 4 == 0 { 96 } else { 24 };
+    let side = if seed.is_multiple_of(4) { 96 } else { 24 };
     let img = RgbImage::from_fn(side, side, |_, _| {
         image::Rgb([rng.random(), rng.random(), rng.random()])
     });

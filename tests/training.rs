@@ -502,3 +502,27 @@ fn a_plugin_without_a_loss_for_the_miners_batches_stops_the_job_and_changes_noth
         .unwrap();
     assert!(r.pairs_seen > 0);
 }
+
+#[test]
+fn images_removed_during_a_job_are_skipped_not_fatal() {
+    let dir = tempdir();
+    let db = filled(dir.path(), relaxed());
+    let ids = db.ids();
+    let remover = db.clone();
+    let removed = Arc::new(AtomicBool::new(false));
+    let flag = removed.clone();
+    // At the first training step, remove a third of the images (every label loses some).
+    let opts = quick().on_progress(move |p| {
+        if p.phase == Phase::Training && !flag.swap(true, Ordering::SeqCst) {
+            for id in ids.iter().step_by(3) {
+                remover.remove(*id).unwrap();
+            }
+        }
+    });
+    let report = db.train_extractor_with("simnet", opts).unwrap();
+    assert!(removed.load(Ordering::SeqCst));
+    assert!(report.vanished > 0, "{report:?}");
+    assert_eq!(db.len(), 200);
+    // The new model holds exactly the images that are left.
+    assert_eq!(db.index_info().len, 200);
+}

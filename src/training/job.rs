@@ -267,6 +267,7 @@ pub(crate) fn train_extractor(db: &Db, name: &str, opts: TrainOptions) -> Result
     let mut since_decay = 0u32;
     let mut history: Vec<(f64, f64, f64)> = Vec::new(); // (minutes, acc@1, mAP@10)
     let (mut steps_done, mut pairs_seen, mut images_seen) = (0u64, 0u64, 0u64);
+    let mut vanished = 0usize;
     let (mut train_seconds, mut wait_seconds) = (0f64, 0f64);
     let before = match &checkpoint {
         Some(c) => {
@@ -359,6 +360,10 @@ pub(crate) fn train_extractor(db: &Db, name: &str, opts: TrainOptions) -> Result
                 let waited = t.elapsed().as_secs_f64();
                 wait_seconds += waited;
                 let n = batch.labels.len();
+                if n == 0 {
+                    // Every image of this batch was removed while the job ran.
+                    continue;
+                }
                 trainable.reseed(derive_seed(opts.seed, epoch, step, 3));
                 let x =
                     Tensor::from_vec(batch.pixels, (n, c, h, w), &Device::Cpu).map_err(&c_err)?;
@@ -429,6 +434,7 @@ pub(crate) fn train_extractor(db: &Db, name: &str, opts: TrainOptions) -> Result
                 p.pairs_per_second = (pairs_seen - run_pairs0) as f64 / run;
                 report(p);
             }
+            vanished += loader.vanished();
             drop(loader);
             epochs_done = epoch + 1;
             if out_of_time {
@@ -601,6 +607,7 @@ pub(crate) fn train_extractor(db: &Db, name: &str, opts: TrainOptions) -> Result
         },
         resumed_from,
         history,
+        vanished,
     })
 }
 

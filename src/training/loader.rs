@@ -8,7 +8,7 @@
 //! job repeat an uninterrupted one.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -18,7 +18,7 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::preprocess::{self, ImageLimits};
 use crate::store::Store;
 use crate::Db;
@@ -115,6 +115,8 @@ pub(crate) struct Loader {
     handles: Vec<JoinHandle<()>>,
     next: usize,
     stop: Arc<AtomicBool>,
+    /// Images of the plan removed from the database since the job started: skipped.
+    vanished: Arc<AtomicUsize>,
 }
 
 impl Loader {
@@ -131,18 +133,25 @@ impl Loader {
         let workers = workers.max(1);
         let plan = Arc::new(plan);
         let stop = Arc::new(AtomicBool::new(false));
+        let vanished = Arc::new(AtomicUsize::new(0));
         let mut receivers = Vec::with_capacity(workers);
         let mut handles = Vec::with_capacity(workers);
         for w in 0..workers {
             let (tx, rx) = bounded(2);
             receivers.push(rx);
-            let (db, spec, plan, stop) = (db.clone(), spec.clone(), plan.clone(), stop.clone());
+            let (db, spec, plan, stop, gone) = (
+                db.clone(),
+                spec.clone(),
+                plan.clone(),
+                stop.clone(),
+                vanished.clone(),
+            );
             handles.push(std::thread::spawn(move || {
                 for b in (w..plan.len()).step_by(workers) {
                     if stop.load(Ordering::Relaxed) {
                         return;
                     }
-                    let batch = load(db.store(), &spec, augment, &plan[b], seed, epoch, b);
+                    let batch = load(db.store(), &spec, augment, &plan[b], seed, epoch, b, &gone);
                     if tx.send(batch).is_err() {
                         return; // the trainer went away
                     }
@@ -154,7 +163,13 @@ impl Loader {
             handles,
             next: 0,
             stop,
+            vanished,
         }
+    }
+
+    /// Images skipped so far because they were removed while the job ran.
+    pub fn vanished(&self) -> usize {
+        self.vanished.load(Ordering::Relaxed)
     }
 
     /// The next batch in plan order; `None` after the last.
@@ -179,6 +194,9 @@ impl Drop for Loader {
     }
 }
 
+/// Loads one batch; an image removed since the plan was made is left out and counted in
+/// `vanished` (a removal during a job does not fail it).
+#[allow(clippy::too_many_arguments)]
 fn load(
     store: &Store,
     spec: &InputSpec,
@@ -187,13 +205,17 @@ fn load(
     seed: u64,
     epoch: usize,
     b: usize,
+    vanished: &AtomicUsize,
 ) -> Result<Batch> {
     let mut rng = StdRng::seed_from_u64(derive_seed(seed, epoch, b, 2));
     let per = (spec.channels * spec.width * spec.height) as usize;
     let mut pixels = Vec::with_capacity(per * items.len());
     let mut labels = Vec::with_capacity(items.len());
     for (id, label) in items {
-        let bytes = store.image(*id)?.ok_or(Error::UnknownImage(*id))?;
+        let Some(bytes) = store.image(*id)? else {
+            vanished.fetch_add(1, Ordering::Relaxed);
+            continue;
+        };
         let thumb = preprocess::prepare(&bytes, ImageLimits::STORED, spec)?;
         drop(bytes);
         let start = pixels.len();

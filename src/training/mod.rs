@@ -524,6 +524,9 @@ pub struct TrainReport {
     pub loader_wait_share: f64,
     /// The epoch this run resumed from, if it resumed.
     pub resumed_from: Option<usize>,
+    /// Training images removed from the database while the job ran, skipped where their
+    /// batches came (counted once per batch that wanted them).
+    pub vanished: usize,
     /// Per-epoch history (validation curve).
     pub history: Vec<EpochRecord>,
 }
