@@ -1389,12 +1389,7 @@ fn prepare_stored(
     ids: &[ImageId],
 ) -> Vec<Result<Option<preprocess::Thumb>>> {
     use rayon::prelude::*;
-    ids.par_iter()
-        .map(|id| match store.image(*id)? {
-            Some(bytes) => preprocess::prepare(&bytes, ImageLimits::STORED, input).map(Some),
-            None => Ok(None),
-        })
-        .collect()
+    ids.par_iter().map(|id| store.thumb(*id, input)).collect()
 }
 
 /// Embeds decoded images with `extractor` (declaring `spec`) in batches, normalised as stored

@@ -86,18 +86,36 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
-fn jpeg_turbo(img: &RgbImage, quality: i32, progressive: bool) -> Vec<u8> {
+/// Compresses interleaved `pixels` (`format`, `width` wide) with libjpeg-turbo.
+fn turbo(
+    pixels: &[u8],
+    width: u32,
+    format: turbojpeg::PixelFormat,
+    quality: i32,
+    progressive: bool,
+) -> Vec<u8> {
     let mut c = turbojpeg::Compressor::new().unwrap();
     c.set_quality(quality).unwrap();
     c.set_progressive(progressive).unwrap();
+    let size = format.size();
     let image = turbojpeg::Image {
-        pixels: img.as_raw().as_slice(),
-        width: img.width() as usize,
-        pitch: 3 * img.width() as usize,
-        height: img.height() as usize,
-        format: turbojpeg::PixelFormat::RGB,
+        pixels,
+        width: width as usize,
+        pitch: size * width as usize,
+        height: pixels.len() / (size * width as usize),
+        format,
     };
     c.compress_to_vec(image).unwrap()
+}
+
+fn jpeg_turbo(img: &RgbImage, quality: i32, progressive: bool) -> Vec<u8> {
+    turbo(
+        img.as_raw(),
+        img.width(),
+        turbojpeg::PixelFormat::RGB,
+        quality,
+        progressive,
+    )
 }
 
 /// A CMYK JPEG of `img` (inverted CMYK, as Adobe writes it).
@@ -122,16 +140,7 @@ fn jpeg_cmyk(img: &RgbImage) -> Vec<u8> {
             ]
         })
         .collect();
-    let mut c = turbojpeg::Compressor::new().unwrap();
-    c.set_quality(95).unwrap();
-    let image = turbojpeg::Image {
-        pixels: cmyk.as_slice(),
-        width: img.width() as usize,
-        pitch: 4 * img.width() as usize,
-        height: img.height() as usize,
-        format: turbojpeg::PixelFormat::CMYK,
-    };
-    c.compress_to_vec(image).unwrap()
+    turbo(&cmyk, img.width(), turbojpeg::PixelFormat::CMYK, 95, false)
 }
 
 /// An animated GIF whose first frame is `first` and second frame is black.

@@ -19,7 +19,6 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
 use crate::error::Result;
-use crate::preprocess::{self, ImageLimits};
 use crate::store::Store;
 use crate::Db;
 use crate::ImageId;
@@ -212,12 +211,10 @@ fn load(
     let mut pixels = Vec::with_capacity(per * items.len());
     let mut labels = Vec::with_capacity(items.len());
     for (id, label) in items {
-        let Some(bytes) = store.image(*id)? else {
+        let Some(thumb) = store.thumb(*id, spec)? else {
             vanished.fetch_add(1, Ordering::Relaxed);
             continue;
         };
-        let thumb = preprocess::prepare(&bytes, ImageLimits::STORED, spec)?;
-        drop(bytes);
         let start = pixels.len();
         thumb.normalised_into(spec, &mut pixels);
         augment.apply(&mut pixels[start..], spec, &mut rng);
