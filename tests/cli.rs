@@ -219,3 +219,47 @@ fn train_models_use() {
     ]);
     assert!(!ok && err.contains("unknown miner"), "{err}");
 }
+
+/// Under the default durability, every file an acknowledged insert lives in is synced before
+/// the CLI reports it added: the pack file (a 100 KB image), sled's log (`store/db`, which
+/// sled itself only `sync_file_range`s) and the directories. Recorded with strace; skipped with
+/// a message where strace is missing.
+#[test]
+fn acknowledged_inserts_were_fsynced_first() {
+    let dir = tempdir();
+    let photos = dir.path().join("photos");
+    std::fs::create_dir_all(&photos).unwrap();
+    std::fs::write(photos.join("big.png"), noise_png(1, 180)).unwrap();
+    std::fs::write(photos.join("small.png"), class_png(2, 3)).unwrap();
+    let db = dir.path().join("db");
+    let log = dir.path().join("strace.log");
+    let run = Command::new("strace")
+        .args(["-f", "-y", "-qq", "-e", "trace=fsync,fdatasync,write", "-o"])
+        .arg(&log)
+        .arg(env!("CARGO_BIN_EXE_lookalike"))
+        .args(["add".as_ref(), db.as_os_str(), photos.as_os_str()])
+        .output();
+    let Ok(out) = run else {
+        eprintln!("strace is not installed: acknowledged_inserts_were_fsynced_first not run");
+        return;
+    };
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("added 2 images"), "{stdout}");
+    let trace = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<&str> = trace.lines().collect();
+    let acknowledged = lines
+        .iter()
+        .position(|l| l.contains("write(1") && l.contains("added 2 images"))
+        .unwrap_or_else(|| panic!("no acknowledgement in the trace:\n{trace}"));
+    let synced_before = |what: &str| {
+        lines[..acknowledged]
+            .iter()
+            .any(|l| (l.contains("fsync(") || l.contains("fdatasync(")) && l.contains(what))
+    };
+    for what in ["00000001.pack>", "/store/db>", "/images>", "/store>"] {
+        assert!(
+            synced_before(what),
+            "{what} not synced before the acknowledgement:\n{trace}"
+        );
+    }
+}

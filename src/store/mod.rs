@@ -22,6 +22,7 @@
 //! only format 1 refuses the upgraded store instead of mixing its embeddings with differently
 //! decoded queries.
 
+mod durable;
 mod packs;
 
 use std::path::Path;
@@ -157,6 +158,8 @@ pub(crate) struct Store {
     packs: Packs,
     /// Durability::Relaxed: pack appends are synced by `flush`, not by each insert.
     relaxed: bool,
+    /// sled's own files, synced after its flush.
+    sled_files: durable::SledFiles,
     /// The next image id to hand out. Ids are dense: one after another from 1, never reused
     /// (`meta/next_id` moves past each committed insert in the same transaction).
     next_id: std::sync::atomic::AtomicU64,
@@ -286,6 +289,7 @@ impl Store {
             jobs: db.open_tree("jobs")?,
             db,
             packs: Packs::open(&dir.join("images")),
+            sled_files: durable::SledFiles::open(&dir.join("store"))?,
             relaxed,
             next_id: std::sync::atomic::AtomicU64::new(1),
         };
@@ -304,7 +308,7 @@ impl Store {
                 if found < FORMAT {
                     // 1 -> 2 adds decode policies; a model without one is re-embedded.
                     store.meta.insert(META_FORMAT, encode(&FORMAT))?;
-                    store.db.flush()?;
+                    store.flush()?;
                 }
             }
         }
@@ -313,11 +317,15 @@ impl Store {
     }
 
     /// Makes every write so far durable: the pack files first, then sled (whose records
-    /// point into them).
+    /// point into them) and blobs. sled 0.34's flush ends with `sync_file_range` on its log, which
+    /// writes the pages but neither the file's metadata nor the drive's cache, and it never
+    /// syncs the files it keeps large values in (`blobs/`, spacejam/sled#1452): so the log is
+    /// `fdatasync`ed here after it, and each new blob file and the blob directory `fsync`ed.
     pub fn flush(&self) -> Result<()> {
         self.packs.sync()?;
+        self.sled_files.sync_blobs()?;
         self.db.flush()?;
-        Ok(())
+        self.sled_files.sync()
     }
 
     /// A fresh image id: the next after every id handed out by this handle or stored. An id
@@ -328,6 +336,11 @@ impl Store {
             self.next_id
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         ))
+    }
+
+    /// No stored image has this id or a larger one.
+    pub fn id_bound(&self) -> u64 {
+        self.next_id.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Where ids continue after opening: `meta/next_id`, or for a store without one (before
@@ -646,11 +659,7 @@ impl Store {
     pub fn checkpoint(&self) -> Result<Option<CheckpointRecord>> {
         match self.jobs.get(JOB_CHECKPOINT)? {
             None => Ok(None),
-            Some(v) => {
-                let r: CheckpointRecord = decode("checkpoint", "checkpoint", &v)?;
-                check_format("checkpoint", "checkpoint", r.format)?;
-                Ok(Some(r))
-            }
+            Some(v) => decode_checkpoint(&v).map(Some),
         }
     }
 
@@ -661,8 +670,7 @@ impl Store {
             2 * (record.weights.len() + record.optimiser.len()) as u64,
         )?;
         self.jobs.insert(JOB_CHECKPOINT, encode(record))?;
-        self.db.flush()?;
-        Ok(())
+        self.flush()
     }
 
     /// Deletes the training job checkpoint.
@@ -670,6 +678,113 @@ impl Store {
         self.jobs.remove(JOB_CHECKPOINT)?;
         Ok(())
     }
+}
+
+/// Decodes `bytes` as every record kind the store reads, through the same checks as a read
+/// (the fuzz targets' entry to the record decoders; see `src/fuzzing.rs`). Never panics.
+pub(crate) fn decode_every_record(bytes: &[u8]) {
+    let key = "fuzz";
+    if let Ok(r) = decode::<ImageRecord>("image", key, bytes) {
+        let _ = check_format("image", key, r.format);
+    }
+    let _ = decode::<PackedImageRecord>("image", key, bytes);
+    if let Ok(r) = decode::<EntryRecord>("entry", key, bytes) {
+        let _ = check_format("entry", key, r.format);
+    }
+    if let Ok(r) = decode::<EmbeddingRecord>("embedding", key, bytes) {
+        let _ = check_format("embedding", key, r.format);
+    }
+    if let Ok(r) = decode::<ModelRecord>("model", key, bytes) {
+        let _ = check_format("model", key, r.format);
+    }
+    let _ = decode_checkpoint(bytes);
+    let _ = id_from_key("entry", bytes);
+    let _ = decode::<u32>("meta", key, bytes);
+    let _ = decode::<u64>("meta", key, bytes);
+    let _ = decode::<String>("meta", key, bytes);
+}
+
+/// One encoded record of each kind, for the fuzz targets' seed corpora.
+#[cfg(test)]
+pub(crate) fn seed_records() -> Vec<(&'static str, Vec<u8>)> {
+    let entry = EntryRecord {
+        format: RECORD_V1,
+        label: Some("shoe".into()),
+        width: 640,
+        height: 480,
+    };
+    vec![
+        (
+            "image",
+            encode(&ImageRecord {
+                format: RECORD_V1,
+                bytes: vec![1, 2, 3],
+            }),
+        ),
+        (
+            "packed",
+            encode(&PackedImageRecord {
+                format: RECORD_PACKED,
+                pack: PackRef {
+                    segment: 1,
+                    offset: 24,
+                    len: 3,
+                    crc: 7,
+                },
+            }),
+        ),
+        ("entry", encode(&entry)),
+        (
+            "embedding",
+            encode(&EmbeddingRecord {
+                format: RECORD_V1,
+                vector: vec![0.5; 4],
+            }),
+        ),
+        (
+            "model",
+            encode(&ModelRecord {
+                format: RECORD_V1,
+                plugin: "simnet".into(),
+                plugin_version: 1,
+                config: String::new(),
+                dim: 4,
+                metric: "cosine".into(),
+                weights: vec![0; 8],
+                created_unix: 1,
+            }),
+        ),
+        (
+            "checkpoint",
+            encode(&CheckpointRecord {
+                format: RECORD_V1,
+                plugin: "simnet".into(),
+                config: String::new(),
+                fingerprint: "f".into(),
+                epochs_done: 1,
+                weights: vec![0; 8],
+                optimiser: vec![0; 8],
+                lr: 0.1,
+                since_decay: 0,
+                history: vec![(0.5, 0.5, 0.5)],
+                steps: 1,
+                pairs_seen: 2,
+                images_seen: 3,
+                train_seconds: 1.0,
+                loader_wait_seconds: 0.0,
+                before: (0.1, 0.2),
+                created_unix: 1,
+                proxies: vec![0.0; 4],
+            }),
+        ),
+    ]
+}
+
+/// Decodes a checkpoint record as [`Store::checkpoint`] does.
+pub(crate) fn decode_checkpoint(bytes: &[u8]) -> Result<CheckpointRecord> {
+    let r: CheckpointRecord = decode("checkpoint", "checkpoint", bytes)?;
+    check_format("checkpoint", "checkpoint", r.format)?;
+    Ok(r)
 }
 
 #[cfg(test)]

@@ -129,6 +129,10 @@ impl Packs {
         let len = file.metadata().map_err(|e| io(&path, e))?.len();
         if !existed {
             sync_dir(&self.dir)?;
+            // The folder may be new too: its entry in the database directory.
+            if let Some(parent) = self.dir.parent() {
+                sync_dir(parent)?;
+            }
         }
         Ok(Writer {
             segment,
