@@ -112,6 +112,8 @@ pub mod datasets;
 mod db;
 mod error;
 pub mod extractors;
+#[doc(hidden)]
+pub mod fuzzing;
 mod index;
 mod options;
 mod preprocess;

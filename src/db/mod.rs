@@ -10,15 +10,19 @@ use lookalike_plugin::candle_core::{Device, Tensor};
 use lookalike_plugin::{Extractor, ExtractorSpec, Metric, PairScorer};
 
 use crate::error::{Error, Result};
-use crate::index::snapshot::{self, Unusable};
-use crate::index::{Allow, Shape, VectorIndex};
-use crate::options::{Durability, IndexKind, Options};
+use crate::index::snapshot;
+use crate::index::{Allow, VectorIndex};
+use crate::options::{Durability, Options};
 use crate::preprocess::{self, ImageLimits};
 use crate::registry::Registry;
 use crate::store::{EntryRecord, ModelRecord, NewImage, Store};
 use crate::ImageId;
 
 /// Images embedded per extractor call.
+mod indexing;
+
+use indexing::{add_from_store, kind_name, open_index};
+
 const EMBED_BATCH: usize = 64;
 /// Decoded images held at once by an insert or an embedding, in bytes of input-sized pixels
 /// (the full-size decodes are dropped as each image is fitted): with the default extractor,
@@ -166,6 +170,10 @@ pub struct IndexInfo {
     /// permission). The snapshot is derived data: a failure loses nothing, the next flush or
     /// close tries again, and the next open rebuilds or catches up without it.
     pub snapshot_error: Option<String>,
+    /// Why the last rebuild started by a write (the switch from exact to HNSW search, or the
+    /// clean-up of removed vectors) failed, if it did. The write itself stands; the index
+    /// stays as it was and the next write tries again.
+    pub rebuild_error: Option<String>,
 }
 
 /// An open image-similarity database. Cheap to clone: clones share one handle, and it may be
@@ -189,6 +197,11 @@ struct Inner {
     /// Serialises model administration (`use_model`, `delete_model`, `install_model`): each
     /// checks what it relies on (the active version, the stored versions) under it.
     admin: Mutex<()>,
+    /// Taken before `state`'s write lock by every change to the state, and held by long index
+    /// work instead of that lock (`indexing.rs`).
+    writer: Mutex<()>,
+    /// A rebuild started by a write is running.
+    rebuilding: std::sync::atomic::AtomicBool,
     /// Held for the life of the handle; the OS releases it on exit, even on `kill -9`.
     _lock: File,
 }
@@ -316,6 +329,7 @@ impl Db {
             source: source.clone(),
             open_seconds: started.elapsed().as_secs_f64(),
             snapshot_error: None,
+            rebuild_error: None,
         };
         let dirty = source != IndexSource::Snapshot;
         let db = Db {
@@ -334,6 +348,8 @@ impl Db {
                 poisoned: Mutex::new(None),
                 job_running: std::sync::atomic::AtomicBool::new(false),
                 admin: Mutex::new(()),
+                writer: Mutex::new(()),
+                rebuilding: std::sync::atomic::AtomicBool::new(false),
                 options,
                 _lock: lock,
             }),
@@ -482,7 +498,8 @@ impl Db {
             state.labels.insert(n.id.0, n.entry.label);
         }
         state.dirty = true;
-        self.maybe_reshape(&mut state)
+        drop(state);
+        self.maybe_rebuild()
     }
 
     /// Decodes and embeds encoded images with `model`, on every core, a chunk at a time (the
@@ -853,10 +870,8 @@ impl Db {
             }
         }
         state.dirty = true;
-        if state.index.dead_share() > MAX_DEAD_SHARE {
-            self.rebuild_locked(&mut state)?;
-        }
-        Ok(())
+        drop(state);
+        self.maybe_rebuild()
     }
 
     /// Number of images stored.
@@ -918,6 +933,7 @@ impl Db {
                 },
                 open_seconds: 0.0,
                 snapshot_error: None,
+                rebuild_error: None,
             },
         }
     }
@@ -952,9 +968,9 @@ impl Db {
     }
 
     /// Rebuilds the index from the embeddings tree (the shape follows the options).
+    /// Queries keep running on the old index meanwhile.
     pub fn rebuild_index(&self) -> Result<()> {
-        let mut state = self.write_state()?;
-        self.rebuild_locked(&mut state)
+        self.rebuild(&self.model(), false, "rebuild_index asked for".into())
     }
 
     /// Trains extractor `name` from the labelled images in the database with default
@@ -1042,42 +1058,12 @@ impl Db {
             record,
             None,
         )?;
-        let model = Arc::new(model);
-        // Embed and index outside the state lock: queries keep running on the old model.
-        let live: HashMap<u64, Option<String>> = self.read_state()?.labels.clone();
-        let mut index = build_index(&self.inner.store, &model, &self.inner.options, &live)?;
-        let mut state = self.write_state()?;
-        // Catch up with writes that happened meanwhile.
-        let missing: Vec<u64> = state
-            .labels
-            .keys()
-            .filter(|id| !index.ids().contains(id))
-            .copied()
-            .collect();
-        let gone: Vec<ImageId> = index
-            .ids()
-            .iter()
-            .filter(|id| !state.labels.contains_key(id))
-            .map(|id| ImageId(*id))
-            .collect();
-        index.remove(&gone)?;
-        add_from_store(&self.inner.store, &model, &mut index, &missing)?;
-        self.inner.store.set_active_model(version)?;
-        self.durable_write_always()?;
-        state.index_info = IndexInfo {
-            kind: kind_name(index.shape()),
-            len: index.len(),
-            dim: index.dim(),
-            source: IndexSource::Rebuilt {
-                reason: format!("switched to model {version}"),
-            },
-            open_seconds: 0.0,
-            snapshot_error: None,
-        };
-        state.model = model;
-        state.index = index;
-        state.dirty = true;
-        drop(state);
+        // Embedded and indexed off the query path: queries keep running on the old model.
+        self.rebuild(
+            &Arc::new(model),
+            true,
+            format!("switched to model {version}"),
+        )?;
         if self.inner.options.snapshot {
             self.save_snapshot()?;
         }
@@ -1265,20 +1251,6 @@ impl Db {
             .map_err(|_| Error::Poisoned("a thread panicked while changing models".into()))
     }
 
-    fn read_state(&self) -> Result<std::sync::RwLockReadGuard<'_, State>> {
-        self.inner
-            .state
-            .read()
-            .map_err(|_| Error::Poisoned("a thread panicked while changing the index".into()))
-    }
-
-    fn write_state(&self) -> Result<std::sync::RwLockWriteGuard<'_, State>> {
-        self.inner
-            .state
-            .write()
-            .map_err(|_| Error::Poisoned("a thread panicked while changing the index".into()))
-    }
-
     fn check_poisoned(&self) -> Result<()> {
         match self.inner.poisoned.lock() {
             Ok(p) => match &*p {
@@ -1308,49 +1280,6 @@ impl Db {
     fn durable_write_always(&self) -> Result<()> {
         self.check_poisoned()?;
         self.inner.store.flush().map_err(|e| self.poison(e))
-    }
-
-    /// Writes the index snapshot if the index changed since the last one. Best effort: a
-    /// failure is kept in `index_info().snapshot_error` and the next call tries again; only a
-    /// poisoned state lock is an error.
-    fn save_snapshot(&self) -> Result<()> {
-        let mut state = self.write_state()?;
-        if state.dirty {
-            match snapshot::save(&self.inner.dir, &state.index, state.model.version) {
-                Ok(()) => {
-                    state.dirty = false;
-                    state.index_info.snapshot_error = None;
-                }
-                Err(e) => state.index_info.snapshot_error = Some(e.to_string()),
-            }
-        }
-        Ok(())
-    }
-
-    /// Switches between exact and HNSW when `IndexKind::Auto` crosses the limit.
-    fn maybe_reshape(&self, state: &mut State) -> Result<()> {
-        let want = desired_shape(&self.inner.options, state.labels.len());
-        if want != state.index.shape() {
-            self.rebuild_locked(state)?;
-        }
-        Ok(())
-    }
-
-    fn rebuild_locked(&self, state: &mut State) -> Result<()> {
-        let started = Instant::now();
-        let index = build_index(
-            &self.inner.store,
-            &state.model,
-            &self.inner.options,
-            &state.labels,
-        )?;
-        state.index = index;
-        state.dirty = true;
-        state.index_info.source = IndexSource::Rebuilt {
-            reason: "rebuilt while open".into(),
-        };
-        state.index_info.open_seconds = started.elapsed().as_secs_f64();
-        Ok(())
     }
 }
 
@@ -1460,29 +1389,6 @@ fn check_label(label: &str) -> Result<()> {
         )));
     }
     Ok(())
-}
-
-fn kind_name(shape: Shape) -> &'static str {
-    match shape {
-        Shape::Flat => "exact",
-        Shape::Hnsw { .. } => "hnsw",
-    }
-}
-
-fn desired_shape(options: &Options, len: usize) -> Shape {
-    match &options.index {
-        IndexKind::Exact => Shape::Flat,
-        IndexKind::Hnsw { m, .. } => Shape::Hnsw { m: *m },
-        IndexKind::Auto if len > options.exact_limit => Shape::Hnsw { m: AUTO_HNSW_M },
-        IndexKind::Auto => Shape::Flat,
-    }
-}
-
-fn ef_search(options: &Options) -> u32 {
-    match &options.index {
-        IndexKind::Hnsw { ef_search, .. } => *ef_search,
-        _ => AUTO_EF_SEARCH,
-    }
 }
 
 /// Embeds decoded images in batches, normalised as stored.
@@ -1642,140 +1548,4 @@ fn forget_embeddings(
     store.put_model(model.version, &model.record)?;
     store.set_policy(model.version, policy)?;
     store.flush()
-}
-
-/// Loads the snapshot and catches it up, or rebuilds.
-fn open_index(
-    dir: &Path,
-    store: &Store,
-    model: &Model,
-    options: &Options,
-    live: &HashMap<u64, Option<String>>,
-    stale: Option<Stale>,
-) -> Result<(VectorIndex, IndexSource)> {
-    let reason = if let Some(stale) = stale {
-        stale.reason
-    } else if options.snapshot {
-        match snapshot::load(dir, model.version, model.spec.dim, model.spec.metric)? {
-            Ok(mut index) => {
-                if index.shape() != desired_shape(options, live.len()) {
-                    "the index shape options changed".to_string()
-                } else {
-                    index.set_ef_search(ef_search(options))?;
-                    let missing: Vec<u64> = live
-                        .keys()
-                        .filter(|id| !index.ids().contains(id))
-                        .copied()
-                        .collect();
-                    let extra: Vec<ImageId> = index
-                        .ids()
-                        .iter()
-                        .filter(|id| !live.contains_key(id))
-                        .map(|id| ImageId(*id))
-                        .collect();
-                    if missing.is_empty() && extra.is_empty() {
-                        return Ok((index, IndexSource::Snapshot));
-                    }
-                    index.remove(&extra)?;
-                    add_from_store(store, model, &mut index, &missing)?;
-                    if index.dead_share() <= MAX_DEAD_SHARE {
-                        return Ok((
-                            index,
-                            IndexSource::CaughtUp {
-                                added: missing.len(),
-                                removed: extra.len(),
-                            },
-                        ));
-                    }
-                    "too many removed vectors in the snapshot".to_string()
-                }
-            }
-            Err(Unusable::Missing) => "no snapshot".to_string(),
-            Err(Unusable::OtherModel) => "snapshot of another model".to_string(),
-            Err(Unusable::Corrupt(why)) => format!("corrupt snapshot: {why}"),
-        }
-    } else {
-        "snapshots are off".to_string()
-    };
-    let index = build_index(store, model, options, live)?;
-    Ok((index, IndexSource::Rebuilt { reason }))
-}
-
-/// Adds the stored embeddings of `ids` to `index`, embedding (and storing) any that are
-/// missing from the store: those are read and decoded on every core, a batch at a time.
-fn add_from_store(
-    store: &Store,
-    model: &Model,
-    index: &mut VectorIndex,
-    ids: &[u64],
-) -> Result<()> {
-    const CHUNK: usize = 4096;
-    for chunk in ids.chunks(CHUNK) {
-        let mut got_ids = Vec::with_capacity(chunk.len());
-        let mut vectors = Vec::with_capacity(chunk.len());
-        let mut missing = Vec::new();
-        for id in chunk {
-            let id = ImageId(*id);
-            match store.embedding(model.version, id, model.spec.dim)? {
-                Some(v) => {
-                    got_ids.push(id);
-                    vectors.push(v);
-                }
-                None => missing.push(id),
-            }
-        }
-        for part in missing.chunks(EMBED_BATCH * 4) {
-            let mut thumbs = Vec::with_capacity(part.len());
-            for (id, t) in part
-                .iter()
-                .zip(prepare_stored(store, &model.spec.input, part))
-            {
-                thumbs.push(t?.ok_or(Error::UnknownImage(*id))?);
-            }
-            let refs: Vec<_> = thumbs.iter().collect();
-            for (id, v) in part.iter().zip(embed(model, &refs)?) {
-                store.put_embedding(model.version, *id, &v)?;
-                got_ids.push(*id);
-                vectors.push(v);
-            }
-        }
-        let flat: Vec<f32> = vectors.concat();
-        index.add(&got_ids, &flat)?;
-    }
-    Ok(())
-}
-
-fn build_index(
-    store: &Store,
-    model: &Model,
-    options: &Options,
-    live: &HashMap<u64, Option<String>>,
-) -> Result<VectorIndex> {
-    let shape = desired_shape(options, live.len());
-    let mut index = VectorIndex::new(shape, model.spec.metric, model.spec.dim, ef_search(options))?;
-    let mut ids = Vec::new();
-    let mut flat = Vec::new();
-    let mut seen = std::collections::HashSet::new();
-    for item in store.embeddings(model.version, model.spec.dim) {
-        let (id, v) = item?;
-        if !live.contains_key(&id.0) {
-            continue;
-        }
-        seen.insert(id.0);
-        ids.push(id);
-        flat.extend_from_slice(&v);
-        if ids.len() == 4096 {
-            index.add(&ids, &flat)?;
-            ids.clear();
-            flat.clear();
-        }
-    }
-    index.add(&ids, &flat)?;
-    let missing: Vec<u64> = live
-        .keys()
-        .filter(|id| !seen.contains(id))
-        .copied()
-        .collect();
-    add_from_store(store, model, &mut index, &missing)?;
-    Ok(index)
 }

@@ -14,6 +14,7 @@ use lookalike_plugin::Metric;
 use crate::error::{Error, Result};
 use crate::ImageId;
 
+pub(crate) mod faiss_file;
 mod ffi;
 pub(crate) mod snapshot;
 

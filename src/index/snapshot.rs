@@ -7,14 +7,14 @@
 //! the database then catches it up from the store's ids (see `Db::open`).
 
 use std::fs;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use faiss::index::io::{read_index, write_index};
 use lookalike_plugin::Metric;
 use serde::{Deserialize, Serialize};
 
-use super::{Shape, VectorIndex};
+use super::{faiss_file, Shape, VectorIndex};
 use crate::error::{Error, Result};
 
 const MAGIC: [u8; 8] = *b"LKLINDEX";
@@ -76,7 +76,8 @@ pub(crate) fn save(dir: &Path, index: &VectorIndex, model: u32) -> Result<()> {
 fn save_inner(dir: &Path, index: &VectorIndex, model: u32) -> Result<()> {
     let tmp = dir.join("index.faiss.tmp");
     write_index(&index.inner, path_str(&tmp)?)?;
-    let bytes = fs::read(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    // Checksummed by streaming the file back: the index is in memory once, not twice.
+    let (file_len, crc32) = stream_crc(&tmp).map_err(|e| Error::io(&tmp, e))?;
     fs::File::open(&tmp)
         .and_then(|f| f.sync_all())
         .map_err(|e| Error::io(&tmp, e))?;
@@ -87,8 +88,8 @@ fn save_inner(dir: &Path, index: &VectorIndex, model: u32) -> Result<()> {
         shape: index.shape,
         dim: index.dim as u32,
         metric: index.metric.as_str().to_string(),
-        file_len: bytes.len() as u64,
-        crc32: crc32fast::hash(&bytes),
+        file_len,
+        crc32,
     };
     let stamp_bytes = bincode::serde::encode_to_vec(&stamp, bincode::config::standard())
         .map_err(|e| Error::InvalidArgument(format!("cannot encode the index stamp: {e}")))?;
@@ -102,6 +103,22 @@ fn save_inner(dir: &Path, index: &VectorIndex, model: u32) -> Result<()> {
     fs::rename(&tmp, &index_path).map_err(|e| Error::io(&index_path, e))?;
     fs::rename(&stamp_tmp, &stamp_path).map_err(|e| Error::io(&stamp_path, e))?;
     sync_dir(dir)
+}
+
+/// The length and CRC-32 of a file, read in 1 MiB pieces.
+fn stream_crc(path: &Path) -> std::io::Result<(u64, u32)> {
+    let mut file = fs::File::open(path)?;
+    let mut hasher = crc32fast::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut len = 0u64;
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            return Ok((len, hasher.finalize()));
+        }
+        hasher.update(&buf[..n]);
+        len += n as u64;
+    }
 }
 
 /// Removes the snapshot in `dir`, if any: the stamp first, so that what a crash leaves is
@@ -124,12 +141,15 @@ pub(crate) fn paths(dir: &Path) -> (PathBuf, PathBuf) {
 }
 
 /// Loads the snapshot in `dir` if it is intact and belongs to `model` with this dimension and
-/// metric; says why not otherwise.
+/// metric, and every id in it is below `id_bound` (the store's next id); says why not
+/// otherwise. The FAISS file is walked and checksummed in one streaming pass before FAISS
+/// reads it ([`faiss_file`]), so that FAISS never sees sizes that disagree with the stamp.
 pub(crate) fn load(
     dir: &Path,
     model: u32,
     dim: usize,
     metric: Metric,
+    id_bound: u64,
 ) -> Result<std::result::Result<VectorIndex, Unusable>> {
     let (index_path, stamp_path) = paths(dir);
     let stamp_bytes = match fs::read(&stamp_path) {
@@ -148,21 +168,42 @@ pub(crate) fn load(
     if stamp.model != model || stamp.dim as usize != dim || stamp.metric != metric.as_str() {
         return Ok(Err(Unusable::OtherModel));
     }
-    let bytes = match fs::read(&index_path) {
-        Ok(b) => b,
+    let summary = match faiss_file::check(&index_path, dim, metric, id_bound) {
+        Ok(Ok(s)) => s,
+        Ok(Err(why)) => return corrupt(format!("index file rejected: {why}")),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Err(Unusable::Missing)),
         Err(e) => return Err(Error::io(index_path, e)),
     };
-    if bytes.len() as u64 != stamp.file_len || crc32fast::hash(&bytes) != stamp.crc32 {
+    if summary.len != stamp.file_len || summary.crc32 != stamp.crc32 {
         return corrupt("index file does not match the stamp's checksum".into());
+    }
+    if summary.hnsw != matches!(stamp.shape, Shape::Hnsw { .. }) {
+        return corrupt("index kind differs from the stamp".into());
     }
     let inner = match read_index(path_str(&index_path)?).and_then(|i| i.into_id_map()) {
         Ok(i) => i,
         Err(e) => return corrupt(format!("FAISS could not read it: {e}")),
     };
     let index = VectorIndex::from_parts(inner, stamp.shape, metric, dim);
-    if faiss::Index::d(&index.inner) as usize != dim {
-        return corrupt("dimension differs from the stamp".into());
+    if index.ids().len() as u64 != summary.count {
+        return corrupt("an id appears twice".into());
     }
     Ok(Ok(index))
+}
+
+/// The snapshot fuzz target's entry (`src/fuzzing.rs`): `bytes` as a stamp, and as an index
+/// file of 8-dimensional vectors that FAISS reads (from a file in `scratch`) whenever the walk
+/// accepts it.
+pub(crate) fn fuzz(bytes: &[u8], scratch: &Path) {
+    let _ = crate::codec::decode::<Stamp>(bytes);
+    for metric in [Metric::Cosine, Metric::L2] {
+        if let Ok(Ok(_)) = faiss_file::check_reader(bytes, bytes.len() as u64, 8, metric, 1 << 20) {
+            let path = scratch.join("index.faiss");
+            if fs::write(&path, bytes).is_ok() {
+                if let Some(p) = path.to_str() {
+                    let _ = read_index(p).and_then(|i| i.into_id_map());
+                }
+            }
+        }
+    }
 }

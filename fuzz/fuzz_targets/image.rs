@@ -1,0 +1,5 @@
+#![no_main]
+//! Fuzz target: see `lookalike::fuzzing::image`.
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| lookalike::fuzzing::image(data));

@@ -1,0 +1,378 @@
+//! The index's upkeep: building it from the store, catching a snapshot up on open, and
+//! rebuilding, reshaping, switching and snapshotting it while the database is in use, off the
+//! query path.
+//!
+//! Locking. Queries read `Inner::state` (an `RwLock`). Every change to the state takes
+//! `Inner::writer` (a mutex) first and the write lock second, for as short as it can ([`Db::
+//! write_state`]). Long index work never holds the write lock: a build (the switch to HNSW, the
+//! clean-up of removed vectors, [`Db::rebuild_index`], [`Db::use_model`]) makes a new index
+//! from the store with no lock held, catches it up with what writers did meanwhile (once with
+//! writers running, then under the writer mutex), and takes the write lock only to move it in;
+//! a snapshot save holds the writer mutex and a read lock. Writers wait behind long work on the
+//! mutex, never on the `RwLock`, where the standard library would queue queries behind them.
+
+use std::collections::HashMap;
+use std::ops::{Deref, DerefMut};
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, MutexGuard, RwLockReadGuard, RwLockWriteGuard};
+use std::time::Instant;
+
+use super::{
+    embed, prepare_stored, Db, IndexInfo, IndexSource, Model, Stale, State, AUTO_EF_SEARCH,
+    AUTO_HNSW_M, EMBED_BATCH, MAX_DEAD_SHARE,
+};
+use crate::error::{Error, Result};
+use crate::index::snapshot::{self, Unusable};
+use crate::index::{Shape, VectorIndex};
+use crate::options::{IndexKind, Options};
+use crate::store::Store;
+use crate::ImageId;
+
+/// The state's write lock, held with the writer mutex (dropped first).
+pub(super) struct StateWriter<'a> {
+    state: RwLockWriteGuard<'a, State>,
+    _writer: MutexGuard<'a, ()>,
+}
+
+impl Deref for StateWriter<'_> {
+    type Target = State;
+    fn deref(&self) -> &State {
+        &self.state
+    }
+}
+
+impl DerefMut for StateWriter<'_> {
+    fn deref_mut(&mut self) -> &mut State {
+        &mut self.state
+    }
+}
+
+fn poisoned() -> Error {
+    Error::Poisoned("a thread panicked while changing the index".into())
+}
+
+impl Db {
+    /// The writer mutex: held by every change to the state, and by long work that needs the
+    /// state to stand still.
+    pub(super) fn writer(&self) -> Result<MutexGuard<'_, ()>> {
+        self.inner.writer.lock().map_err(|_| poisoned())
+    }
+
+    pub(super) fn read_state(&self) -> Result<RwLockReadGuard<'_, State>> {
+        self.inner.state.read().map_err(|_| poisoned())
+    }
+
+    /// The state, for a short change.
+    pub(super) fn write_state(&self) -> Result<StateWriter<'_>> {
+        let writer = self.writer()?;
+        self.lock_state(writer)
+    }
+
+    /// The state's write lock, for a holder of the writer mutex.
+    fn lock_state<'a>(&'a self, writer: MutexGuard<'a, ()>) -> Result<StateWriter<'a>> {
+        let state = self.inner.state.write().map_err(|_| poisoned())?;
+        Ok(StateWriter {
+            state,
+            _writer: writer,
+        })
+    }
+
+    /// Writes the index snapshot if the index changed since the last one, under a read lock
+    /// (queries go on; writers wait). Best effort: a failure is kept in
+    /// `index_info().snapshot_error` and the next call tries again; only a poisoned lock is an
+    /// error.
+    pub(super) fn save_snapshot(&self) -> Result<()> {
+        let writer = self.writer()?;
+        let saved = {
+            let state = self.read_state()?;
+            if !state.dirty {
+                return Ok(());
+            }
+            snapshot::save(&self.inner.dir, &state.index, state.model.version)
+        };
+        let mut state = self.lock_state(writer)?;
+        match saved {
+            Ok(()) => {
+                state.dirty = false;
+                state.index_info.snapshot_error = None;
+            }
+            Err(e) => state.index_info.snapshot_error = Some(e.to_string()),
+        }
+        Ok(())
+    }
+
+    /// After a write: rebuilds the index when `IndexKind::Auto` crossed the exact limit or
+    /// removed vectors passed [`MAX_DEAD_SHARE`], unless a rebuild is running already. The
+    /// write stays done whatever happens here: a failure is kept in
+    /// `index_info().rebuild_error`, and the next write tries again.
+    pub(super) fn maybe_rebuild(&self) -> Result<()> {
+        let (model, reason) = {
+            let state = self.read_state()?;
+            let want = desired_shape(&self.inner.options, state.labels.len());
+            if want != state.index.shape() {
+                let reason = format!("{} images: {} index", state.labels.len(), kind_name(want));
+                (state.model.clone(), reason)
+            } else if state.index.dead_share() > MAX_DEAD_SHARE {
+                let reason = format!(
+                    "removed images passed {:.0} % of the index",
+                    MAX_DEAD_SHARE * 100.0
+                );
+                (state.model.clone(), reason)
+            } else {
+                return Ok(());
+            }
+        };
+        if self.inner.rebuilding.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let result = self.rebuild(&model, false, reason);
+        self.inner.rebuilding.store(false, Ordering::Release);
+        let error = result.err().map(|e| e.to_string());
+        self.write_state()?.index_info.rebuild_error = error;
+        Ok(())
+    }
+
+    /// Builds a new index of `model` from the store, off the query path (see the module
+    /// docs), and moves it in. With `switch`, `model` becomes the active model in the same
+    /// step (recorded durably first); without, a build whose model stopped being the active
+    /// one meanwhile is dropped.
+    pub(super) fn rebuild(&self, model: &Arc<Model>, switch: bool, reason: String) -> Result<()> {
+        let started = Instant::now();
+        let store = &self.inner.store;
+        let live = {
+            let _writer = self.writer()?;
+            self.read_state()?.labels.clone()
+        };
+        let mut index = build_index(store, model, &self.inner.options, &live)?;
+        drop(live);
+        // What writers did during the build: once while they go on, then (less by then) with
+        // them waiting.
+        // A build whose model stopped being the active one is of no use: dropped.
+        let changes = {
+            let _writer = self.writer()?;
+            self.changes_since(&index, model, switch)?
+        };
+        let Some((missing, gone)) = changes else {
+            return Ok(());
+        };
+        index.remove(&gone)?;
+        add_from_store(store, model, &mut index, &missing)?;
+        let writer = self.writer()?;
+        let Some((missing, gone)) = self.changes_since(&index, model, switch)? else {
+            return Ok(());
+        };
+        index.remove(&gone)?;
+        add_from_store(store, model, &mut index, &missing)?;
+        if switch {
+            store.set_active_model(model.version)?;
+            self.durable_write_always()?;
+        }
+        let mut state = self.lock_state(writer)?;
+        state.index_info = IndexInfo {
+            kind: kind_name(index.shape()),
+            len: index.len(),
+            dim: index.dim(),
+            source: IndexSource::Rebuilt { reason },
+            open_seconds: started.elapsed().as_secs_f64(),
+            snapshot_error: state.index_info.snapshot_error.take(),
+            rebuild_error: None,
+        };
+        state.model = model.clone();
+        state.index = index;
+        state.dirty = true;
+        Ok(())
+    }
+
+    /// Ids stored but not in `index`, and ids in `index` no longer stored; `None` when
+    /// `model` is no longer the active model (and is not being switched to).
+    #[allow(clippy::type_complexity)]
+    fn changes_since(
+        &self,
+        index: &VectorIndex,
+        model: &Model,
+        switch: bool,
+    ) -> Result<Option<(Vec<u64>, Vec<ImageId>)>> {
+        let state = self.read_state()?;
+        if !switch && state.model.version != model.version {
+            return Ok(None);
+        }
+        let missing = state
+            .labels
+            .keys()
+            .filter(|id| !index.ids().contains(id))
+            .copied()
+            .collect();
+        let gone = index
+            .ids()
+            .iter()
+            .filter(|id| !state.labels.contains_key(id))
+            .map(|id| ImageId(*id))
+            .collect();
+        Ok(Some((missing, gone)))
+    }
+}
+
+pub(super) fn kind_name(shape: Shape) -> &'static str {
+    match shape {
+        Shape::Flat => "exact",
+        Shape::Hnsw { .. } => "hnsw",
+    }
+}
+
+pub(super) fn desired_shape(options: &Options, len: usize) -> Shape {
+    match &options.index {
+        IndexKind::Exact => Shape::Flat,
+        IndexKind::Hnsw { m, .. } => Shape::Hnsw { m: *m },
+        IndexKind::Auto if len > options.exact_limit => Shape::Hnsw { m: AUTO_HNSW_M },
+        IndexKind::Auto => Shape::Flat,
+    }
+}
+
+pub(super) fn ef_search(options: &Options) -> u32 {
+    match &options.index {
+        IndexKind::Hnsw { ef_search, .. } => *ef_search,
+        _ => AUTO_EF_SEARCH,
+    }
+}
+/// Loads the snapshot and catches it up, or rebuilds.
+pub(super) fn open_index(
+    dir: &Path,
+    store: &Store,
+    model: &Model,
+    options: &Options,
+    live: &HashMap<u64, Option<String>>,
+    stale: Option<Stale>,
+) -> Result<(VectorIndex, IndexSource)> {
+    let reason = if let Some(stale) = stale {
+        stale.reason
+    } else if options.snapshot {
+        match snapshot::load(
+            dir,
+            model.version,
+            model.spec.dim,
+            model.spec.metric,
+            store.id_bound(),
+        )? {
+            Ok(mut index) => {
+                if index.shape() != desired_shape(options, live.len()) {
+                    "the index shape options changed".to_string()
+                } else {
+                    index.set_ef_search(ef_search(options))?;
+                    let missing: Vec<u64> = live
+                        .keys()
+                        .filter(|id| !index.ids().contains(id))
+                        .copied()
+                        .collect();
+                    let extra: Vec<ImageId> = index
+                        .ids()
+                        .iter()
+                        .filter(|id| !live.contains_key(id))
+                        .map(|id| ImageId(*id))
+                        .collect();
+                    if missing.is_empty() && extra.is_empty() {
+                        return Ok((index, IndexSource::Snapshot));
+                    }
+                    index.remove(&extra)?;
+                    add_from_store(store, model, &mut index, &missing)?;
+                    if index.dead_share() <= MAX_DEAD_SHARE {
+                        return Ok((
+                            index,
+                            IndexSource::CaughtUp {
+                                added: missing.len(),
+                                removed: extra.len(),
+                            },
+                        ));
+                    }
+                    "too many removed vectors in the snapshot".to_string()
+                }
+            }
+            Err(Unusable::Missing) => "no snapshot".to_string(),
+            Err(Unusable::OtherModel) => "snapshot of another model".to_string(),
+            Err(Unusable::Corrupt(why)) => format!("corrupt snapshot: {why}"),
+        }
+    } else {
+        "snapshots are off".to_string()
+    };
+    let index = build_index(store, model, options, live)?;
+    Ok((index, IndexSource::Rebuilt { reason }))
+}
+
+/// Adds the stored embeddings of `ids` to `index`, embedding (and storing) any that are
+/// missing from the store: those are read and decoded on every core, a batch at a time.
+pub(super) fn add_from_store(
+    store: &Store,
+    model: &Model,
+    index: &mut VectorIndex,
+    ids: &[u64],
+) -> Result<()> {
+    const CHUNK: usize = 4096;
+    for chunk in ids.chunks(CHUNK) {
+        let mut got_ids = Vec::with_capacity(chunk.len());
+        let mut vectors = Vec::with_capacity(chunk.len());
+        let mut missing = Vec::new();
+        for id in chunk {
+            let id = ImageId(*id);
+            match store.embedding(model.version, id, model.spec.dim)? {
+                Some(v) => {
+                    got_ids.push(id);
+                    vectors.push(v);
+                }
+                None => missing.push(id),
+            }
+        }
+        for part in missing.chunks(EMBED_BATCH * 4) {
+            let mut thumbs = Vec::with_capacity(part.len());
+            for (id, t) in part
+                .iter()
+                .zip(prepare_stored(store, &model.spec.input, part))
+            {
+                thumbs.push(t?.ok_or(Error::UnknownImage(*id))?);
+            }
+            let refs: Vec<_> = thumbs.iter().collect();
+            for (id, v) in part.iter().zip(embed(model, &refs)?) {
+                store.put_embedding(model.version, *id, &v)?;
+                got_ids.push(*id);
+                vectors.push(v);
+            }
+        }
+        let flat: Vec<f32> = vectors.concat();
+        index.add(&got_ids, &flat)?;
+    }
+    Ok(())
+}
+
+fn build_index(
+    store: &Store,
+    model: &Model,
+    options: &Options,
+    live: &HashMap<u64, Option<String>>,
+) -> Result<VectorIndex> {
+    let shape = desired_shape(options, live.len());
+    let mut index = VectorIndex::new(shape, model.spec.metric, model.spec.dim, ef_search(options))?;
+    let mut ids = Vec::new();
+    let mut flat = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for item in store.embeddings(model.version, model.spec.dim) {
+        let (id, v) = item?;
+        if !live.contains_key(&id.0) {
+            continue;
+        }
+        seen.insert(id.0);
+        ids.push(id);
+        flat.extend_from_slice(&v);
+        if ids.len() == 4096 {
+            index.add(&ids, &flat)?;
+            ids.clear();
+            flat.clear();
+        }
+    }
+    index.add(&ids, &flat)?;
+    let missing: Vec<u64> = live
+        .keys()
+        .filter(|id| !seen.contains(id))
+        .copied()
+        .collect();
+    add_from_store(store, model, &mut index, &missing)?;
+    Ok(index)
+}
