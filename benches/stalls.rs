@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use lookalike::{Db, Durability, ImageId, Options};
+use lookalike::{Db, Durability, ImageId, IndexSource, Options};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
@@ -38,6 +38,18 @@ fn batch(rng: &mut StdRng, n: usize) -> Res<Vec<Vec<u8>>> {
 
 fn insert(db: &Db, images: &[Vec<u8>]) -> Res<Vec<ImageId>> {
     Ok(db.insert_images(images.iter().map(|b| (b.as_slice(), None)))?)
+}
+
+/// Waits (up to ten minutes) until `done`.
+fn wait_for(done: impl Fn() -> bool) -> Res<()> {
+    let start = Instant::now();
+    while !done() {
+        if start.elapsed() > Duration::from_secs(600) {
+            return Err("gave up waiting for the index work".into());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(())
 }
 
 /// Query latencies recorded by the query thread.
@@ -183,6 +195,9 @@ fn main() -> Res<()> {
             break;
         }
     }
+    wait_for(
+        || matches!(&db.index_info().source, IndexSource::Rebuilt { reason } if reason.contains("removed")),
+    )?;
     report(
         &format!("{removed} removals + clean-up"),
         t.elapsed(),
@@ -193,7 +208,7 @@ fn main() -> Res<()> {
     let _ = querier.join();
     let inserted = inserter.join().unwrap_or(0);
     println!(
-        "inserted meanwhile: {inserted}; final index {:?}",
+        "inserted meanwhile: {inserted}; index at the end: {:?}",
         db.index_info()
     );
     Ok(())

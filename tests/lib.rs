@@ -9,6 +9,7 @@ mod cli;
 mod concurrency;
 mod errors;
 mod exact;
+mod faults;
 mod fuzz_regressions;
 mod model;
 mod persistence;

@@ -11,9 +11,11 @@ use std::ffi::CStr;
 
 use faiss::index::NativeIndex;
 use faiss_sys::{
-    faiss_IDSelectorBitmap_new, faiss_IDSelector_free, faiss_Index_search,
-    faiss_Index_search_with_params, faiss_SearchParameters_free, faiss_SearchParameters_new,
-    faiss_get_last_error, idx_t, FaissIDSelector, FaissIDSelectorBitmap, FaissSearchParameters,
+    faiss_IDSelectorBatch_new, faiss_IDSelectorBitmap_new, faiss_IDSelectorNot_new,
+    faiss_IDSelector_free, faiss_Index_search, faiss_Index_search_with_params,
+    faiss_SearchParameters_free, faiss_SearchParameters_new, faiss_get_last_error, idx_t,
+    FaissIDSelector, FaissIDSelectorBatch, FaissIDSelectorBitmap, FaissIDSelectorNot,
+    FaissSearchParameters,
 };
 
 use crate::error::{Error, Result};
@@ -34,23 +36,68 @@ fn check(code: std::os::raw::c_int) -> Result<()> {
     Err(Error::Index(format!("{msg} (code {code})")))
 }
 
-/// Searches one query; `allow` is an `IDSelectorBitmap` bitmap (bit `id` = allowed).
-/// Returns distances and ids (`-1` where fewer than `k` results exist).
+/// Which ids a search may return, as a FAISS id selector.
+pub(super) enum Selector<'a> {
+    /// Every id in the index.
+    All,
+    /// `IDSelectorBitmap`: bit `id` set means allowed (memory: the largest id / 8).
+    Bitmap(&'a [u8]),
+    /// `IDSelectorBatch`: only these ids (memory: proportional to their number).
+    Only(&'a [idx_t]),
+    /// `IDSelectorNot(IDSelectorBatch)`: every id but these.
+    AllBut(&'a [idx_t]),
+}
+
+/// Searches one query with the ids `selector` allows. Returns distances and ids (`-1` where
+/// fewer than `k` results exist).
 pub(super) fn search<I: NativeIndex<Inner = faiss_sys::FaissIndex>>(
     index: &I,
     query: &[f32],
     k: usize,
-    allow: Option<&[u8]>,
+    selector: Selector<'_>,
 ) -> Result<(Vec<f32>, Vec<idx_t>)> {
     let mut distances = vec![0f32; k];
     let mut labels: Vec<idx_t> = vec![-1; k];
     let ptr = index.inner_ptr();
-    // SAFETY: `ptr` is a live index owned by `index`, borrowed for the whole call; the query
-    // has `d` floats (checked by the caller); the output buffers hold `k` entries each. The
-    // selector and parameters are created here, outlive the search, and are freed here; the
-    // bitmap they point into is borrowed for the whole call.
+    // Selectors made here, freed at the end (an IDSelectorNot does not own the one it wraps).
+    let mut made: Vec<*mut FaissIDSelector> = Vec::new();
     unsafe {
-        match allow {
+        let sel: Result<Option<*mut FaissIDSelector>> = match selector {
+            Selector::All => Ok(None),
+            Selector::Bitmap(bitmap) => {
+                let mut sel: *mut FaissIDSelectorBitmap = std::ptr::null_mut();
+                let r = check(faiss_IDSelectorBitmap_new(
+                    &mut sel,
+                    bitmap.len(),
+                    bitmap.as_ptr(),
+                ));
+                made.push(sel as *mut FaissIDSelector);
+                r.map(|_| Some(sel as *mut FaissIDSelector))
+            }
+            Selector::Only(ids) | Selector::AllBut(ids) => {
+                let mut batch: *mut FaissIDSelectorBatch = std::ptr::null_mut();
+                let r = check(faiss_IDSelectorBatch_new(
+                    &mut batch,
+                    ids.len(),
+                    ids.as_ptr(),
+                ));
+                made.push(batch as *mut FaissIDSelector);
+                match (r, selector) {
+                    (Err(e), _) => Err(e),
+                    (Ok(()), Selector::AllBut(_)) => {
+                        let mut not: *mut FaissIDSelectorNot = std::ptr::null_mut();
+                        let r = check(faiss_IDSelectorNot_new(
+                            &mut not,
+                            batch as *const FaissIDSelector,
+                        ));
+                        made.push(not as *mut FaissIDSelector);
+                        r.map(|_| Some(not as *mut FaissIDSelector))
+                    }
+                    (Ok(()), _) => Ok(Some(batch as *mut FaissIDSelector)),
+                }
+            }
+        };
+        let result = sel.and_then(|sel| match sel {
             None => check(faiss_Index_search(
                 ptr,
                 1,
@@ -58,20 +105,10 @@ pub(super) fn search<I: NativeIndex<Inner = faiss_sys::FaissIndex>>(
                 k as idx_t,
                 distances.as_mut_ptr(),
                 labels.as_mut_ptr(),
-            ))?,
-            Some(bitmap) => {
-                let mut sel: *mut FaissIDSelectorBitmap = std::ptr::null_mut();
-                check(faiss_IDSelectorBitmap_new(
-                    &mut sel,
-                    bitmap.len(),
-                    bitmap.as_ptr(),
-                ))?;
+            )),
+            Some(sel) => {
                 let mut params: *mut FaissSearchParameters = std::ptr::null_mut();
-                let made = check(faiss_SearchParameters_new(
-                    &mut params,
-                    sel as *mut FaissIDSelector,
-                ));
-                let result = made.and_then(|_| {
+                let r = check(faiss_SearchParameters_new(&mut params, sel)).and_then(|_| {
                     check(faiss_Index_search_with_params(
                         ptr,
                         1,
@@ -85,10 +122,16 @@ pub(super) fn search<I: NativeIndex<Inner = faiss_sys::FaissIndex>>(
                 if !params.is_null() {
                     faiss_SearchParameters_free(params);
                 }
-                faiss_IDSelector_free(sel as *mut FaissIDSelector);
-                result?;
+                r
+            }
+        });
+        // The outer selector (last made) first, then the one it wraps.
+        for sel in made.into_iter().rev() {
+            if !sel.is_null() {
+                faiss_IDSelector_free(sel);
             }
         }
+        result?;
     }
     Ok((distances, labels))
 }

@@ -9,6 +9,7 @@ use std::collections::HashSet;
 
 use faiss::index::IndexImpl;
 use faiss::{Idx, Index, MetricType};
+use faiss_sys::idx_t;
 use lookalike_plugin::Metric;
 
 use crate::error::{Error, Result};
@@ -16,6 +17,7 @@ use crate::ImageId;
 
 pub(crate) mod faiss_file;
 mod ffi;
+use ffi::Selector;
 pub(crate) mod snapshot;
 
 /// The shape of a built index, stored in the snapshot stamp.
@@ -49,6 +51,21 @@ pub(crate) struct VectorIndex {
     dead: HashSet<u64>,
     /// Largest id ever added, for sizing selector bitmaps.
     max_id: u64,
+    /// Bit `id` set for every live id, kept while ids are dense enough for a bitmap to be
+    /// small (see [`DENSE_BYTES_PER_ID`]): HNSW searches with removed ids then pass it as it
+    /// is. `None` for sparse ids (a store upgraded from format 1, whose ids jumped by two
+    /// million at each reopen): searches use selectors sized by the number of ids instead.
+    live_bits: Option<Vec<u8>>,
+}
+
+/// A bitmap of ids is used while it takes at most this many bytes per id in the index (plus a
+/// page): dense ids (format 2) always qualify, as a bitmap is then an eighth of a byte an id.
+const DENSE_BYTES_PER_ID: u64 = 4;
+
+/// Bytes of a bitmap with bit `max_id`, when ids are dense enough for one.
+fn bitmap_len(max_id: u64, ids: usize) -> Option<usize> {
+    let bytes = max_id / 8 + 1;
+    (bytes <= DENSE_BYTES_PER_ID * ids as u64 + 4096).then_some(bytes as usize)
 }
 
 /// One search result.
@@ -84,6 +101,7 @@ impl VectorIndex {
             ids: HashSet::new(),
             dead: HashSet::new(),
             max_id: 0,
+            live_bits: Some(Vec::new()),
         };
         index.set_ef_search(ef_search)?;
         Ok(index)
@@ -98,7 +116,7 @@ impl VectorIndex {
     ) -> Self {
         let ids: HashSet<u64> = inner.id_map().iter().filter_map(|i| i.get()).collect();
         let max_id = ids.iter().copied().max().unwrap_or(0);
-        VectorIndex {
+        let mut index = VectorIndex {
             inner,
             shape,
             metric,
@@ -106,7 +124,21 @@ impl VectorIndex {
             ids,
             dead: HashSet::new(),
             max_id,
-        }
+            live_bits: None,
+        };
+        index.refresh_bits();
+        index
+    }
+
+    /// Remakes [`VectorIndex::live_bits`] from the ids, or drops it when they are sparse.
+    fn refresh_bits(&mut self) {
+        self.live_bits = bitmap_len(self.max_id, self.ids.len()).map(|len| {
+            let mut bits = vec![0u8; len];
+            for id in self.ids.difference(&self.dead) {
+                set_bit(&mut bits, *id);
+            }
+            bits
+        });
     }
 
     pub fn set_ef_search(&mut self, ef: u32) -> Result<()> {
@@ -162,6 +194,16 @@ impl VectorIndex {
             self.ids.insert(i.0);
             self.max_id = self.max_id.max(i.0);
         }
+        match (&mut self.live_bits, bitmap_len(self.max_id, self.ids.len())) {
+            (Some(bits), Some(len)) => {
+                bits.resize(len, 0);
+                for i in ids {
+                    set_bit(bits, i.0);
+                }
+            }
+            (None, None) => {}
+            _ => self.refresh_bits(),
+        }
         Ok(())
     }
 
@@ -189,6 +231,13 @@ impl VectorIndex {
                 self.dead.extend(present.iter().filter_map(|i| i.get()));
             }
         }
+        if let Some(bits) = &mut self.live_bits {
+            for id in present.iter().filter_map(|i| i.get()) {
+                if let Some(b) = bits.get_mut((id / 8) as usize) {
+                    *b &= !(1 << (id % 8));
+                }
+            }
+        }
         Ok(())
     }
 
@@ -207,33 +256,43 @@ impl VectorIndex {
             return Ok(Vec::new());
         }
         let k = k.min(total);
-        let bitmap = match allow {
-            Allow::All if self.dead.is_empty() => None,
-            Allow::All => {
-                let mut b = Bitmap::new(self.max_id);
-                for id in &self.ids {
-                    if !self.dead.contains(id) {
-                        b.set(*id);
-                    }
+        // A selector sized by the live ids: the kept bitmap of live ids, or for sparse ids a
+        // hash set of the dead or the allowed ones; never a pass over every id per query.
+        let dead: Vec<idx_t>;
+        let only: Vec<idx_t>;
+        let built: Vec<u8>;
+        let selector = match allow {
+            Allow::All if self.dead.is_empty() => Selector::All,
+            Allow::All => match &self.live_bits {
+                Some(bits) => Selector::Bitmap(bits),
+                None => {
+                    dead = self.dead.iter().map(|i| *i as idx_t).collect();
+                    Selector::AllBut(&dead)
                 }
-                Some(b)
-            }
+            },
             Allow::Only(ids) => {
-                let mut b = Bitmap::new(self.max_id);
-                for id in ids {
-                    if self.ids.contains(id) && !self.dead.contains(id) {
-                        b.set(*id);
+                let live = ids
+                    .iter()
+                    .filter(|id| self.ids.contains(id) && !self.dead.contains(id));
+                match &self.live_bits {
+                    Some(bits) => {
+                        built = {
+                            let mut b = vec![0u8; bits.len()];
+                            for id in live {
+                                set_bit(&mut b, *id);
+                            }
+                            b
+                        };
+                        Selector::Bitmap(&built)
+                    }
+                    None => {
+                        only = live.map(|i| *i as idx_t).collect();
+                        Selector::Only(&only)
                     }
                 }
-                Some(b)
             }
         };
-        let (distances, labels) = ffi::search(
-            &self.inner,
-            query,
-            k,
-            bitmap.as_ref().map(|b| b.bytes.as_slice()),
-        )?;
+        let (distances, labels) = ffi::search(&self.inner, query, k, selector)?;
         Ok(labels
             .iter()
             .zip(distances)
@@ -249,21 +308,36 @@ impl VectorIndex {
     }
 }
 
-/// A FAISS `IDSelectorBitmap` bitmap: bit `id` set means allowed.
-struct Bitmap {
-    bytes: Vec<u8>,
+/// Sets bit `id` of a FAISS `IDSelectorBitmap` bitmap (bit `id` set means allowed).
+fn set_bit(bits: &mut [u8], id: u64) {
+    if let Some(b) = bits.get_mut((id / 8) as usize) {
+        *b |= 1 << (id % 8);
+    }
 }
 
-impl Bitmap {
-    fn new(max_id: u64) -> Self {
-        Bitmap {
-            bytes: vec![0; (max_id / 8 + 1) as usize],
-        }
-    }
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-    fn set(&mut self, id: u64) {
-        if let Some(b) = self.bytes.get_mut((id / 8) as usize) {
-            *b |= 1 << (id % 8);
+    /// Dense ids keep a bitmap of live ids; sparse ones (a format-1 store's) do not, and
+    /// searches with removed or filtered ids give the same answers either way.
+    #[test]
+    fn dense_and_sparse_ids_search_alike() {
+        for (step, dense) in [(1u64, true), (2_000_000, false)] {
+            let mut index = VectorIndex::new(Shape::Hnsw { m: 8 }, Metric::L2, 4, 64).unwrap();
+            let ids: Vec<ImageId> = (1..=200).map(|i| ImageId(i * step)).collect();
+            let vectors: Vec<f32> = (0..200).flat_map(|i| [i as f32, 0.0, 0.0, 0.0]).collect();
+            index.add(&ids, &vectors).unwrap();
+            assert_eq!(index.live_bits.is_some(), dense);
+            // Remove the 10 nearest to the query at 0.
+            index.remove(&ids[..10]).unwrap();
+            let hits = index.search(&[0.0; 4], 3, Allow::All).unwrap();
+            let got: Vec<u64> = hits.iter().map(|h| h.id.0).collect();
+            assert_eq!(got, vec![11 * step, 12 * step, 13 * step], "step {step}");
+            let allowed = [5 * step, 50 * step, 60 * step];
+            let hits = index.search(&[0.0; 4], 3, Allow::Only(&allowed)).unwrap();
+            let got: Vec<u64> = hits.iter().map(|h| h.id.0).collect();
+            assert_eq!(got, vec![50 * step, 60 * step], "step {step}");
         }
     }
 }
