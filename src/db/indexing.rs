@@ -2,20 +2,23 @@
 //! rebuilding, reshaping, switching and snapshotting it while the database is in use, off the
 //! query path.
 //!
-//! Locking. Queries read `Inner::state` (an `RwLock`). Every change to the state takes
+//! Locking. Queries read `Inner::state` (a parking_lot `RwLock`). Every change to the state takes
 //! `Inner::writer` (a mutex) first and the write lock second, for as short as it can ([`Db::
 //! write_state`]). Long index work never holds the write lock: a build (the switch to HNSW, the
 //! clean-up of removed vectors, [`Db::rebuild_index`], [`Db::use_model`]) makes a new index
 //! from the store with no lock held, catches it up with what writers did meanwhile (once with
 //! writers running, then under the writer mutex), and takes the write lock only to move it in;
 //! a snapshot save holds the writer mutex and a read lock. Writers wait behind long work on the
-//! mutex, never on the `RwLock`, where the standard library would queue queries behind them.
+//! mutex, never on the `RwLock`, where a waiting writer would queue queries behind it. An insert
+//! into an HNSW index (milliseconds a vector) adds its vectors a few at a time and hands the
+//! lock to waiting queries in between ([`StateWriter::let_queries_in`]).
 
 use std::collections::HashMap;
 use std::ops::{Deref, DerefMut};
 use std::path::Path;
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, MutexGuard, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, MutexGuard};
+
+use parking_lot::{RwLockReadGuard, RwLockWriteGuard};
 use std::time::Instant;
 
 use super::{
@@ -48,6 +51,15 @@ impl DerefMut for StateWriter<'_> {
     }
 }
 
+impl StateWriter<'_> {
+    /// Hands the write lock to the queries waiting for it, if any, and takes it back after
+    /// them (parking_lot's fair hand-off); the writer mutex stays held, so no other change
+    /// comes in between.
+    pub(super) fn let_queries_in(&mut self) {
+        RwLockWriteGuard::bump(&mut self.state);
+    }
+}
+
 fn poisoned() -> Error {
     Error::Poisoned("a thread panicked while changing the index".into())
 }
@@ -60,7 +72,7 @@ impl Db {
     }
 
     pub(super) fn read_state(&self) -> Result<RwLockReadGuard<'_, State>> {
-        self.inner.state.read().map_err(|_| poisoned())
+        Ok(self.inner.state.read())
     }
 
     /// The state, for a short change.
@@ -71,7 +83,7 @@ impl Db {
 
     /// The state's write lock, for a holder of the writer mutex.
     fn lock_state<'a>(&'a self, writer: MutexGuard<'a, ()>) -> Result<StateWriter<'a>> {
-        let state = self.inner.state.write().map_err(|_| poisoned())?;
+        let state = self.inner.state.write();
         Ok(StateWriter {
             state,
             _writer: writer,
@@ -123,14 +135,21 @@ impl Db {
                 return Ok(());
             }
         };
-        if self.inner.rebuilding.swap(true, Ordering::AcqRel) {
-            return Ok(());
-        }
+        // One build at a time: a running one covers this write too.
+        let _one = match self.inner.rebuilds.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::WouldBlock) => return Ok(()),
+            Err(std::sync::TryLockError::Poisoned(_)) => return Err(poisoned()),
+        };
         let result = self.rebuild(&model, false, reason);
-        self.inner.rebuilding.store(false, Ordering::Release);
         let error = result.err().map(|e| e.to_string());
         self.write_state()?.index_info.rebuild_error = error;
         Ok(())
+    }
+
+    /// The lock that keeps index builds one at a time, for [`Db::rebuild`]'s callers.
+    pub(super) fn one_build(&self) -> Result<MutexGuard<'_, ()>> {
+        self.inner.rebuilds.lock().map_err(|_| poisoned())
     }
 
     /// Builds a new index of `model` from the store, off the query path (see the module
@@ -144,7 +163,8 @@ impl Db {
             let _writer = self.writer()?;
             self.read_state()?.labels.clone()
         };
-        let mut index = build_index(store, model, &self.inner.options, &live)?;
+        let mut index =
+            crate::index::leaving_a_core(|| build_index(store, model, &self.inner.options, &live))?;
         drop(live);
         // What writers did during the build: once while they go on, then (less by then) with
         // them waiting.

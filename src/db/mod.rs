@@ -3,7 +3,9 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
+
+use parking_lot::RwLock;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use lookalike_plugin::candle_core::{Device, Tensor};
@@ -46,6 +48,11 @@ struct Embedded {
 pub const LOCK_WAIT: Duration = Duration::from_millis(200);
 /// An HNSW index is rebuilt when more than this share of its ids were removed.
 const MAX_DEAD_SHARE: f64 = 0.2;
+/// Vectors added to an HNSW index per hold of the index lock: one. At 2,408 dimensions an add
+/// costs milliseconds to tens of milliseconds (the new node's neighbour lists are pruned by
+/// comparing candidates with each other), and 8 per hold let queries wait up to a second
+/// while a rebuild ran beside them (`benches/stalls.rs`).
+const HNSW_ADD_STEP: usize = 1;
 /// HNSW search breadth under `IndexKind::Auto`.
 const AUTO_EF_SEARCH: u32 = 64;
 const AUTO_HNSW_M: u32 = 32;
@@ -200,8 +207,8 @@ struct Inner {
     /// Taken before `state`'s write lock by every change to the state, and held by long index
     /// work instead of that lock (`indexing.rs`).
     writer: Mutex<()>,
-    /// A rebuild started by a write is running.
-    rebuilding: std::sync::atomic::AtomicBool,
+    /// Held by an index build (`indexing.rs`): one at a time.
+    rebuilds: Mutex<()>,
     /// Held for the life of the handle; the OS releases it on exit, even on `kill -9`.
     _lock: File,
 }
@@ -349,7 +356,7 @@ impl Db {
                 job_running: std::sync::atomic::AtomicBool::new(false),
                 admin: Mutex::new(()),
                 writer: Mutex::new(()),
-                rebuilding: std::sync::atomic::AtomicBool::new(false),
+                rebuilds: Mutex::new(()),
                 options,
                 _lock: lock,
             }),
@@ -486,16 +493,28 @@ impl Db {
             state.dirty = true;
             return Ok(());
         }
-        let ids: Vec<ImageId> = new.iter().map(|n| n.id).collect();
-        let flat: Vec<f32> = new.iter().flat_map(|n| n.vector.iter().copied()).collect();
-        if let Err(e) = state.index.add(&ids, &flat) {
-            return Err(self.poison(e));
-        }
-        for n in new {
+        // The catalogue first, then the vectors: into an HNSW graph (milliseconds a vector) a
+        // few at a time, handing the lock to waiting queries in between. A query meanwhile may
+        // miss some of this batch, never see a vector without its label.
+        for n in &new {
             if let Some(l) = &n.entry.label {
                 state.by_label.entry(l.clone()).or_default().insert(n.id.0);
             }
-            state.labels.insert(n.id.0, n.entry.label);
+            state.labels.insert(n.id.0, n.entry.label.clone());
+        }
+        let step = match state.index.shape() {
+            crate::index::Shape::Flat => new.len(),
+            crate::index::Shape::Hnsw { .. } => HNSW_ADD_STEP,
+        };
+        for (i, part) in new.chunks(step).enumerate() {
+            if i > 0 {
+                state.let_queries_in();
+            }
+            let ids: Vec<ImageId> = part.iter().map(|n| n.id).collect();
+            let flat: Vec<f32> = part.iter().flat_map(|n| n.vector.iter().copied()).collect();
+            if let Err(e) = state.index.add_serial(&ids, &flat) {
+                return Err(self.poison(e));
+            }
         }
         state.dirty = true;
         drop(state);
@@ -970,6 +989,7 @@ impl Db {
     /// Rebuilds the index from the embeddings tree (the shape follows the options).
     /// Queries keep running on the old index meanwhile.
     pub fn rebuild_index(&self) -> Result<()> {
+        let _one = self.one_build()?;
         self.rebuild(&self.model(), false, "rebuild_index asked for".into())
     }
 
@@ -1059,6 +1079,7 @@ impl Db {
             None,
         )?;
         // Embedded and indexed off the query path: queries keep running on the old model.
+        let _one = self.one_build()?;
         self.rebuild(
             &Arc::new(model),
             true,
@@ -1233,10 +1254,7 @@ impl Db {
     // ---- internals ----
 
     fn model(&self) -> Arc<Model> {
-        match self.inner.state.read() {
-            Ok(s) => s.model.clone(),
-            Err(p) => p.into_inner().model.clone(),
-        }
+        self.inner.state.read().model.clone()
     }
 
     fn limits(&self) -> ImageLimits {
@@ -1288,10 +1306,9 @@ impl Drop for Inner {
         // Best effort: the snapshot is an optimisation and the store is already durable
         // under immediate durability; errors here cannot be reported.
         if self.options.snapshot {
-            if let Ok(state) = self.state.get_mut() {
-                if state.dirty {
-                    let _ = snapshot::save(&self.dir, &state.index, state.model.version);
-                }
+            let state = self.state.get_mut();
+            if state.dirty {
+                let _ = snapshot::save(&self.dir, &state.index, state.model.version);
             }
         }
         let _ = self.store.flush();

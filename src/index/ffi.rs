@@ -135,3 +135,21 @@ pub(super) fn search<I: NativeIndex<Inner = faiss_sys::FaissIndex>>(
     }
     Ok((distances, labels))
 }
+
+unsafe extern "C" {
+    // libgomp, linked with FAISS.
+    fn omp_get_max_threads() -> std::os::raw::c_int;
+    fn omp_set_num_threads(n: std::os::raw::c_int);
+}
+
+/// Runs `f` with FAISS's OpenMP parallel regions on this thread limited to `threads` threads
+/// (an OpenMP setting of the calling thread only), then restores the setting.
+pub(super) fn with_threads<T>(threads: usize, f: impl FnOnce() -> T) -> T {
+    let n = std::os::raw::c_int::try_from(threads.max(1)).unwrap_or(std::os::raw::c_int::MAX);
+    // SAFETY: plain calls into the OpenMP runtime that read and set a per-thread value.
+    let before = unsafe { omp_get_max_threads() };
+    unsafe { omp_set_num_threads(n) };
+    let out = f();
+    unsafe { omp_set_num_threads(before) };
+    out
+}

@@ -176,6 +176,13 @@ impl VectorIndex {
         }
     }
 
+    /// Adds a few vectors on this thread alone: for adds made under the index lock, where a
+    /// parallel team competes for the cores with a build running in the background (16-vector
+    /// HNSW adds took seconds that way).
+    pub fn add_serial(&mut self, ids: &[ImageId], vectors: &[f32]) -> Result<()> {
+        ffi::with_threads(1, || self.add(ids, vectors))
+    }
+
     /// Adds vectors (already normalised for cosine). Ids must be new.
     pub fn add(&mut self, ids: &[ImageId], vectors: &[f32]) -> Result<()> {
         if ids.is_empty() {
@@ -306,6 +313,15 @@ impl VectorIndex {
             })
             .collect())
     }
+}
+
+/// Runs `f` (index building in the background) with FAISS using one core less than the
+/// machine has, so that queries and the adds of concurrent inserts, which hold the index lock,
+/// keep a core: with every core in the build, those adds ran at a third of their speed and
+/// queries waited up to 0.7 s behind them (`benches/stalls.rs`).
+pub(crate) fn leaving_a_core<T>(f: impl FnOnce() -> T) -> T {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    ffi::with_threads(cores.saturating_sub(1), f)
 }
 
 /// Sets bit `id` of a FAISS `IDSelectorBitmap` bitmap (bit `id` set means allowed).
