@@ -476,6 +476,15 @@ impl Db {
         self.durable_write()?;
 
         let mut state = self.write_state()?;
+        // The catalogue first, then the vectors: a query meanwhile may miss some of this
+        // batch, never see a vector without its label.
+        for n in &new {
+            if let Some(l) = &n.entry.label {
+                state.by_label.entry(l.clone()).or_default().insert(n.id.0);
+            }
+            state.labels.insert(n.id.0, n.entry.label.clone());
+        }
+        state.dirty = true;
         if state.model.version != model.version {
             // The active model changed while we embedded: embed these with the new model too
             // (stored under its version) and add them to its index.
@@ -484,24 +493,10 @@ impl Db {
             if let Err(e) = add_from_store(&self.inner.store, &active, &mut state.index, &ids) {
                 return Err(self.poison(e));
             }
-            for n in &new {
-                if let Some(l) = &n.entry.label {
-                    state.by_label.entry(l.clone()).or_default().insert(n.id.0);
-                }
-                state.labels.insert(n.id.0, n.entry.label.clone());
-            }
-            state.dirty = true;
             return Ok(());
         }
-        // The catalogue first, then the vectors: into an HNSW graph (milliseconds a vector) a
-        // few at a time, handing the lock to waiting queries in between. A query meanwhile may
-        // miss some of this batch, never see a vector without its label.
-        for n in &new {
-            if let Some(l) = &n.entry.label {
-                state.by_label.entry(l.clone()).or_default().insert(n.id.0);
-            }
-            state.labels.insert(n.id.0, n.entry.label.clone());
-        }
+        // Into an HNSW graph (milliseconds a vector) one vector at a time, handing the lock to
+        // waiting queries in between.
         let step = match state.index.shape() {
             crate::index::Shape::Flat => new.len(),
             crate::index::Shape::Hnsw { .. } => HNSW_ADD_STEP,
@@ -516,7 +511,6 @@ impl Db {
                 return Err(self.poison(e));
             }
         }
-        state.dirty = true;
         drop(state);
         self.maybe_rebuild()
     }

@@ -36,6 +36,17 @@ fn check(code: std::os::raw::c_int) -> Result<()> {
     Err(Error::Index(format!("{msg} (code {code})")))
 }
 
+/// Keeps a selector FAISS made (for freeing after the search, even when the call that made it
+/// failed) and checks that call's return code.
+fn kept(
+    made: &mut Vec<*mut FaissIDSelector>,
+    sel: *mut FaissIDSelector,
+    code: std::os::raw::c_int,
+) -> Result<*mut FaissIDSelector> {
+    made.push(sel);
+    check(code).map(|_| sel)
+}
+
 /// Which ids a search may return, as a FAISS id selector.
 pub(super) enum Selector<'a> {
     /// Every id in the index.
@@ -66,35 +77,22 @@ pub(super) fn search<I: NativeIndex<Inner = faiss_sys::FaissIndex>>(
             Selector::All => Ok(None),
             Selector::Bitmap(bitmap) => {
                 let mut sel: *mut FaissIDSelectorBitmap = std::ptr::null_mut();
-                let r = check(faiss_IDSelectorBitmap_new(
-                    &mut sel,
-                    bitmap.len(),
-                    bitmap.as_ptr(),
-                ));
-                made.push(sel as *mut FaissIDSelector);
-                r.map(|_| Some(sel as *mut FaissIDSelector))
+                let code = faiss_IDSelectorBitmap_new(&mut sel, bitmap.len(), bitmap.as_ptr());
+                kept(&mut made, sel.cast(), code).map(Some)
             }
             Selector::Only(ids) | Selector::AllBut(ids) => {
-                let mut batch: *mut FaissIDSelectorBatch = std::ptr::null_mut();
-                let r = check(faiss_IDSelectorBatch_new(
-                    &mut batch,
-                    ids.len(),
-                    ids.as_ptr(),
-                ));
-                made.push(batch as *mut FaissIDSelector);
-                match (r, selector) {
-                    (Err(e), _) => Err(e),
-                    (Ok(()), Selector::AllBut(_)) => {
+                let mut sel: *mut FaissIDSelectorBatch = std::ptr::null_mut();
+                let code = faiss_IDSelectorBatch_new(&mut sel, ids.len(), ids.as_ptr());
+                let batch = kept(&mut made, sel.cast(), code);
+                match selector {
+                    Selector::AllBut(_) => batch.and_then(|batch| {
                         let mut not: *mut FaissIDSelectorNot = std::ptr::null_mut();
-                        let r = check(faiss_IDSelectorNot_new(
-                            &mut not,
-                            batch as *const FaissIDSelector,
-                        ));
-                        made.push(not as *mut FaissIDSelector);
-                        r.map(|_| Some(not as *mut FaissIDSelector))
-                    }
-                    (Ok(()), _) => Ok(Some(batch as *mut FaissIDSelector)),
+                        let code = faiss_IDSelectorNot_new(&mut not, batch);
+                        kept(&mut made, not.cast(), code)
+                    }),
+                    _ => batch,
                 }
+                .map(Some)
             }
         };
         let result = sel.and_then(|sel| match sel {

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{faiss_file, Shape, VectorIndex};
 use crate::error::{Error, Result};
+use crate::store::sync_dir;
 
 const MAGIC: [u8; 8] = *b"LKLINDEX";
 const STAMP_FORMAT: u16 = 1;
@@ -45,12 +46,6 @@ pub(crate) enum Unusable {
 fn path_str(p: &Path) -> Result<&str> {
     p.to_str()
         .ok_or_else(|| Error::InvalidArgument(format!("path {} is not UTF-8", p.display())))
-}
-
-fn sync_dir(dir: &Path) -> Result<()> {
-    fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| Error::io(dir, e))
 }
 
 /// The temporary files of [`save`]: never valid outside a running save.

@@ -20,7 +20,9 @@ pub(super) struct SledFiles {
     synced_blobs: Mutex<HashSet<std::ffi::OsString>>,
 }
 
-fn sync_dir(dir: &Path) -> Result<()> {
+/// fsyncs a directory, so that the files created in it survive power loss. The one helper for
+/// this: the pack files, sled's files and the index snapshot use it.
+pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| Error::io(dir, e))

@@ -25,6 +25,8 @@
 mod durable;
 mod packs;
 
+pub(crate) use durable::sync_dir;
+
 use std::path::Path;
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};

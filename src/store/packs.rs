@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
+use super::sync_dir;
 use crate::error::{Error, Result};
 use crate::ImageId;
 
@@ -276,13 +277,6 @@ fn sync_writer(path: &Path, w: &mut Writer) -> Result<()> {
         w.dirty = false;
     }
     Ok(())
-}
-
-/// fsyncs a directory, so that a file created in it survives power loss.
-fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| io(dir, e))
 }
 
 #[cfg(test)]
