@@ -42,9 +42,9 @@ pub enum Error {
     #[error("k must be at least 1")]
     ZeroK,
     /// A query was made on a database with no images (or none matching the filter).
-    #[error("the database holds no images{}; insert some first", match .filter { Some(f) => format!(" labelled {f}"), None => String::new() })]
+    #[error("the database holds no images{}; insert some first", match .filter { Some(f) => format!(" {f}"), None => String::new() })]
     Empty {
-        /// The label filter, when one was given.
+        /// The filters in words ("labelled bag or shoe, with sku = \"A-1\""), when given.
         filter: Option<String>,
     },
     /// No image has this id (never inserted, or removed).
@@ -115,6 +115,14 @@ pub enum Error {
         /// What was wrong with it.
         #[source]
         source: Box<Error>,
+    },
+    /// An image's metadata object is larger than the database stores.
+    #[error("metadata of {bytes} bytes (as compact JSON) is over the limit of {limit}; keep large data elsewhere and store a reference")]
+    MetadataTooLarge {
+        /// Its size as compact JSON.
+        bytes: usize,
+        /// The most stored.
+        limit: usize,
     },
     /// An invalid argument or option.
     #[error("invalid argument: {0}")]
@@ -189,6 +197,42 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
+    /// A short, stable name of the kind of error, for programs that read errors as JSON
+    /// (`lookalike --json`) or map them to statuses: `bad_image`, `too_large`,
+    /// `unknown_image`, `invalid_argument`, `disk_full`, `locked`, `corrupt`, ... An error
+    /// about one item of a batch has the item's kind.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::Locked { .. } => "locked",
+            Error::Undecodable { .. } => "bad_image",
+            Error::ImageTooLarge { .. } | Error::MetadataTooLarge { .. } => "too_large",
+            Error::ZeroK | Error::InvalidArgument(_) | Error::UnknownMiner { .. } => {
+                "invalid_argument"
+            }
+            Error::Empty { .. } => "empty",
+            Error::UnknownImage(_) => "unknown_image",
+            Error::UnknownExtractor { .. } => "unknown_extractor",
+            Error::UnknownModel(_) => "unknown_model",
+            Error::DimensionMismatch { .. } => "dimension_mismatch",
+            Error::Corrupt { .. } => "corrupt",
+            Error::DiskFull { .. } => "disk_full",
+            Error::FormatTooNew { .. } => "format_too_new",
+            Error::InBatch { source, .. } => source.kind(),
+            Error::Plugin { .. } => "plugin",
+            Error::Index(_) => "index",
+            Error::Storage(_) => "storage",
+            Error::Io { .. } => "io",
+            Error::NotEnoughData(_) => "not_enough_data",
+            Error::NotTrainable(_) => "not_trainable",
+            Error::JobRunning => "job_running",
+            Error::Cancelled => "cancelled",
+            Error::Diverged { .. } => "diverged",
+            Error::ActiveModel(_) => "active_model",
+            Error::ModelChanged => "model_changed",
+            Error::Poisoned(_) => "poisoned",
+        }
+    }
+
     pub(crate) fn plugin(name: &str, source: lookalike_plugin::PluginError) -> Self {
         Error::Plugin {
             name: name.to_string(),

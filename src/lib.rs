@@ -38,6 +38,42 @@
 //! # Ok(()) }
 //! ```
 //!
+//! ## Sources, metadata, content hashes, duplicates
+//!
+//! Each image may carry a source (the path or URI it came from) and a JSON metadata object;
+//! hits carry both, and queries filter on metadata as on labels. The content hash of the bytes
+//! is stored: [`Db::find_by_hash`], and [`InsertMode::SkipExisting`] to answer a byte-identical
+//! image with the stored id. [`Db::duplicates`] groups near-identical images.
+//!
+//! ```
+//! # fn main() -> lookalike::Result<()> {
+//! # let dir = tempfile::tempdir().map_err(|e| lookalike::Error::InvalidArgument(e.to_string()))?;
+//! use lookalike::{ContentHash, Db, ImageMeta, InsertMode, Inserted, Query};
+//! # fn png(level: u8) -> Vec<u8> {
+//! #     let img = image::GrayImage::from_fn(32, 32, |x, y| image::Luma([level ^ ((x * y) as u8 & 7)]));
+//! #     let mut out = std::io::Cursor::new(Vec::new());
+//! #     img.write_to(&mut out, image::ImageFormat::Png).unwrap();
+//! #     out.into_inner()
+//! # }
+//! let db = Db::open(dir.path().join("shop.db"))?;
+//! let meta = ImageMeta::label("dark")
+//!     .source("photos/dark.png")
+//!     .metadata(serde_json::json!({"sku": "D-1"}))?;
+//! let (dark, bright) = (png(10), png(240));
+//! let out = db.insert_images_with(
+//!     [(&dark[..], &meta), (&bright[..], &ImageMeta::default()), (&dark[..], &meta)],
+//!     InsertMode::SkipExisting,
+//! )?;
+//! let Ok(Inserted::New(id)) = out[0] else { panic!("stored") };
+//! assert!(matches!(out[2], Ok(Inserted::Existing(i)) if i == id)); // same bytes: not stored twice
+//!
+//! let hits = db.nearest_with(&png(12), &Query::k(1).metadata("sku", "D-1"))?;
+//! assert_eq!(hits[0].source.as_deref(), Some("photos/dark.png"));
+//! assert_eq!(db.find_by_hash(&ContentHash::of(&dark))?, vec![id]);
+//! assert!(db.duplicates(None)?.is_empty()); // no near-identical pair among the two
+//! # Ok(()) }
+//! ```
+//!
 //! ## Durability
 //!
 //! Under the default [`Durability::Immediate`], an insert, removal or label change is on disk
@@ -121,7 +157,10 @@ mod registry;
 mod store;
 pub mod training;
 
-pub use db::{Db, Hit, IndexInfo, IndexSource, ModelInfo, Query, Rerank, LOCK_WAIT};
+pub use db::{
+    ContentHash, Db, DuplicateGroup, Hit, ImageInfo, ImageMeta, IndexInfo, IndexSource, InsertMode,
+    Inserted, Metadata, ModelInfo, Query, Rerank, LOCK_WAIT,
+};
 pub use error::{Error, Result};
 pub use lookalike_plugin;
 pub use options::{Durability, IndexKind, Options};

@@ -145,8 +145,9 @@ fn add_query_stats_remove() {
         "--json".as_ref(),
     ]);
     assert!(ok, "{err}");
-    let hits: serde_json::Value = serde_json::from_str(&out).unwrap();
-    let hits = hits.as_array().unwrap();
+    let answer: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(answer["query"], q.to_string_lossy().as_ref());
+    let hits = answer["hits"].as_array().unwrap();
     assert_eq!(hits.len(), 3);
     assert!(hits.iter().all(|h| h["label"] == "discs"), "{out}");
     let first = hits[0]["id"].as_u64().unwrap().to_string();

@@ -87,7 +87,7 @@ fn zero_k_and_empty_database() {
     assert!(matches!(db.nearest_to(id, 0), Err(Error::ZeroK)));
     let err = db.nearest_with(&q, &Query::k(3).labels(["b"])).unwrap_err();
     assert!(
-        matches!(&err, Error::Empty { filter: Some(f) } if f == "b"),
+        matches!(&err, Error::Empty { filter: Some(f) } if f == "labelled b"),
         "{err}"
     );
     assert!(

@@ -11,6 +11,7 @@ mod errors;
 mod exact;
 mod faults;
 mod fuzz_regressions;
+mod meta;
 mod model;
 mod persistence;
 mod photos;

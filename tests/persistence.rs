@@ -268,11 +268,30 @@ fn a_changed_extractor_version_embeds_the_images_again_on_open() {
 /// Copies the fixture database written by main at e74f980 (store format 1, no decode
 /// policies; see tests/fixtures/README.md) into `to`, unpacking its gzipped sled file.
 fn main_v1_fixture(to: &Path) {
+    fixture("main-v1.db", to)
+}
+
+/// Copies fixture database `name` (tests/fixtures/README.md) into `to`, unpacking its gzipped
+/// sled file.
+fn fixture(name: &str, to: &Path) {
     use std::io::Read;
-    let from = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/main-v1.db");
+    let from = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name);
     fs::create_dir_all(to.join("store")).unwrap();
     for f in ["index.faiss", "index.stamp", "store/conf"] {
         fs::copy(from.join(f), to.join(f)).unwrap();
+    }
+    if from.join("images").exists() {
+        fs::create_dir_all(to.join("images")).unwrap();
+        for entry in fs::read_dir(from.join("images")).unwrap() {
+            let name = entry.unwrap().file_name();
+            fs::copy(
+                from.join("images").join(&name),
+                to.join("images").join(&name),
+            )
+            .unwrap();
+        }
     }
     for entry in fs::read_dir(from.join("store")).unwrap() {
         let name = entry.unwrap().file_name();
@@ -474,4 +493,60 @@ fn a_full_disk_refuses_writes_and_loses_nothing() {
     let hits = db.nearest(&noise_png(0, 600), 1).unwrap();
     assert_eq!(hits[0].id, stored[0]);
     db.insert_image(&noise_png(1000, 600), None).unwrap();
+}
+
+#[test]
+fn a_database_written_by_format_2_gets_content_hashes_and_keeps_everything() {
+    use lookalike::{ContentHash, ImageId, ImageMeta, InsertMode, Inserted};
+    let dir = tempdir();
+    let path = dir.path().join("old.db");
+    fixture("main-v2.db", &path);
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data/fashion-mnist-sample");
+    let sandal = fs::read(src.join("sandal/t10k-00008.png")).unwrap();
+    {
+        let db = Db::open(&path).unwrap();
+        // What main stored (id 1 removed): bag 2-6, dup 7, photo 8, sandal 9-14.
+        assert_eq!(db.len(), 13);
+        let labels = db.labels();
+        assert_eq!((labels["bag"], labels["dup"], labels["photo"]), (5, 1, 1));
+        assert_eq!(labels["sandal"], 6);
+        assert_eq!(db.image(ImageId(9)).unwrap(), sandal);
+        // The upgrade hashed every image's bytes, inline and packed.
+        assert_eq!(
+            db.find_by_hash(&ContentHash::of(&sandal)).unwrap(),
+            vec![ImageId(7), ImageId(9)]
+        );
+        let photo = db.image(ImageId(8)).unwrap();
+        assert_eq!(photo.len(), 39_205);
+        let info = db.info(ImageId(8)).unwrap();
+        assert_eq!(info.hash, ContentHash::of(&photo));
+        assert_eq!((info.width, info.height), (320, 240));
+        assert_eq!(info.meta, ImageMeta::label("photo"));
+        // The model and its snapshot are as they were: nothing is embedded again.
+        assert_eq!(db.index_info().source, lookalike::IndexSource::Snapshot);
+        let hits = db.nearest(&sandal, 2).unwrap();
+        assert!(hits[0].distance.max(hits[1].distance) < 1e-4);
+        assert_eq!(hits[0].source, None);
+        // Writes after the upgrade: a byte-identical photo is recognised, a new one stored.
+        let m = ImageMeta::default().source("again.jpg");
+        let out = db
+            .insert_images_with(
+                [(&photo[..], &m), (&class_png(1, 5)[..], &m)],
+                InsertMode::SkipExisting,
+            )
+            .unwrap();
+        assert_eq!(out[0].as_ref().unwrap(), &Inserted::Existing(ImageId(8)));
+        assert_eq!(out[1].as_ref().unwrap(), &Inserted::New(ImageId(15)));
+        db.remove(ImageId(7)).unwrap();
+        assert_eq!(
+            db.find_by_hash(&ContentHash::of(&sandal)).unwrap(),
+            vec![ImageId(9)]
+        );
+    }
+    let db = Db::open(&path).unwrap();
+    assert_eq!(db.len(), 13);
+    assert_eq!(
+        db.meta(ImageId(15)).unwrap().source.as_deref(),
+        Some("again.jpg")
+    );
 }

@@ -17,14 +17,19 @@ use crate::index::{Allow, VectorIndex};
 use crate::options::{Durability, Options};
 use crate::preprocess::{self, ImageLimits};
 use crate::registry::Registry;
-use crate::store::{EntryRecord, ModelRecord, NewImage, Store};
+use crate::store::{ModelRecord, Store};
 use crate::ImageId;
 
-/// Images embedded per extractor call.
+mod duplicates;
 mod indexing;
+mod insert;
+mod meta;
 
-use indexing::{add_from_store, kind_name, open_index};
+pub use duplicates::DuplicateGroup;
+use indexing::{kind_name, open_index};
+pub use meta::{ContentHash, ImageInfo, ImageMeta, InsertMode, Inserted, Metadata};
 
+/// Images embedded per extractor call.
 const EMBED_BATCH: usize = 64;
 /// Decoded images held at once by an insert or an embedding, in bytes of input-sized pixels
 /// (the full-size decodes are dropped as each image is fitted): with the default extractor,
@@ -67,6 +72,10 @@ pub struct Hit {
     pub distance: f32,
     /// Its label, if it has one.
     pub label: Option<String>,
+    /// Where it came from, if the insert said ([`ImageMeta::source`]).
+    pub source: Option<String>,
+    /// Its metadata object, if it has one.
+    pub metadata: Option<Metadata>,
     /// P(same) from the pair scorer when the query re-ranked ([`Query::rerank`]); hits are
     /// then ordered by it, highest first.
     pub score: Option<f32>,
@@ -93,6 +102,9 @@ pub struct Query {
     pub k: usize,
     /// Only images with one of these labels; `None` for every image.
     pub labels: Option<BTreeSet<String>>,
+    /// Only images whose metadata has each of these keys equal to the value (a string,
+    /// number or boolean, compared as JSON text: `1` and `1.0` differ).
+    pub metadata: Vec<(String, serde_json::Value)>,
     /// Re-order the nearest `candidates` by a pair scorer's P(same).
     pub rerank: Option<Rerank>,
 }
@@ -102,8 +114,7 @@ impl Query {
     pub fn k(k: usize) -> Self {
         Query {
             k,
-            labels: None,
-            rerank: None,
+            ..Query::default()
         }
     }
 
@@ -122,6 +133,20 @@ impl Query {
         S: Into<String>,
     {
         self.labels = Some(labels.into_iter().map(Into::into).collect());
+        self
+    }
+
+    /// Restricts results to images whose metadata has `key` equal to `value` (a string,
+    /// number or boolean; see [`ImageMeta::metadata`] for what is indexed). Several calls
+    /// must all match; with [`Query::labels`] both apply. Filtered during the search, like
+    /// labels.
+    ///
+    /// ```
+    /// let q = lookalike::Query::k(5).metadata("colour", "red");
+    /// assert_eq!(q.metadata.len(), 1);
+    /// ```
+    pub fn metadata(mut self, key: impl Into<String>, value: impl Into<serde_json::Value>) -> Self {
+        self.metadata.push((key.into(), value.into()));
         self
     }
 }
@@ -209,6 +234,9 @@ struct Inner {
     writer: Mutex<()>,
     /// Held by an index build (`indexing.rs`): one at a time.
     rebuilds: Mutex<()>,
+    /// Held by an insert under `InsertMode::SkipExisting` from its last look for stored
+    /// copies until its images are stored, so two such inserts cannot both store the same bytes.
+    dedup: Mutex<()>,
     /// Held for the life of the handle; the OS releases it on exit, even on `kill -9`.
     _lock: File,
 }
@@ -273,7 +301,7 @@ fn l2_normalise(v: &mut [f32]) {
 
 fn distance(metric: Metric, a: &[f32], b: &[f32]) -> f32 {
     match metric {
-        Metric::Cosine => 1.0 - a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>(),
+        Metric::Cosine => (1.0 - a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>()).max(0.0),
         Metric::L2 => a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum(),
     }
 }
@@ -357,6 +385,7 @@ impl Db {
                 admin: Mutex::new(()),
                 writer: Mutex::new(()),
                 rebuilds: Mutex::new(()),
+                dedup: Mutex::new(()),
                 options,
                 _lock: lock,
             }),
@@ -370,184 +399,6 @@ impl Db {
     /// The database directory.
     pub fn path(&self) -> &Path {
         &self.inner.dir
-    }
-
-    /// Inserts one encoded image (JPEG, PNG, WebP, GIF first frame, BMP, TIFF) with an optional
-    /// label, and returns its new id. Under [`Durability::Immediate`] the image is on disk
-    /// when this returns. The bytes are stored as given; what the extractor sees is decoded by
-    /// the model's decode policy (upright by EXIF orientation, transparency over the input's
-    /// background, JPEG decoded at a reduced DCT scale; see `docs/architecture.md`).
-    pub fn insert_image(&self, bytes: &[u8], label: Option<&str>) -> Result<ImageId> {
-        let ids = self.insert_images([(bytes, label)])?;
-        Ok(ids[0])
-    }
-
-    /// Inserts a batch atomically: every image or none (the first bad one fails the batch
-    /// with [`Error::InBatch`]). One durable flush covers the whole batch, so this is much
-    /// faster than inserting one by one. Images are decoded on every core; memory holds the
-    /// caller's bytes and a small decoded copy of at most a few images per core, whatever the
-    /// batch size.
-    pub fn insert_images<'a, I>(&self, items: I) -> Result<Vec<ImageId>>
-    where
-        I: IntoIterator<Item = (&'a [u8], Option<&'a str>)>,
-    {
-        self.insert_batch(items.into_iter().collect(), true)?
-            .into_iter()
-            .collect()
-    }
-
-    /// Inserts the images of a batch that decode and have a valid label, in one durable
-    /// write, and returns each item's outcome in order: its new id, or why it was refused
-    /// (nothing of a refused image is stored). The outer error is for failures that are not
-    /// the images' fault (storage, the extractor): then nothing of the batch is stored. For
-    /// loading folders where one bad file must not stop the rest; [`Db::insert_images`] is
-    /// the all-or-nothing form.
-    pub fn insert_images_each<'a, I>(&self, items: I) -> Result<Vec<Result<ImageId>>>
-    where
-        I: IntoIterator<Item = (&'a [u8], Option<&'a str>)>,
-    {
-        self.insert_batch(items.into_iter().collect(), false)
-    }
-
-    /// Decodes, embeds and stores a batch; `all_or_nothing` fails it (storing nothing) at its
-    /// first bad image, with [`Error::InBatch`].
-    fn insert_batch(
-        &self,
-        items: Vec<(&[u8], Option<&str>)>,
-        all_or_nothing: bool,
-    ) -> Result<Vec<Result<ImageId>>> {
-        self.check_poisoned()?;
-        if items.is_empty() {
-            return Ok(Vec::new());
-        }
-        let model = self.model();
-        let bytes: Vec<&[u8]> = items.iter().map(|(b, _)| *b).collect();
-        let embedded = self.embed_encoded(&model, &bytes)?;
-        let n = items.len();
-        let checked: Vec<Result<Embedded>> = items
-            .iter()
-            .zip(embedded)
-            .map(|((_, label), e)| label.map(check_label).transpose().and(e))
-            .collect();
-        let checked: Vec<Result<Embedded>> = if all_or_nothing {
-            checked
-                .into_iter()
-                .enumerate()
-                .map(|(i, c)| c.map_err(|e| in_batch(i, n, e)))
-                .collect::<Result<Vec<_>>>()?
-                .into_iter()
-                .map(Ok)
-                .collect()
-        } else {
-            checked
-        };
-        let mut outcomes = Vec::with_capacity(n);
-        let mut new = Vec::with_capacity(n);
-        for ((bytes, label), checked) in items.iter().zip(checked) {
-            match checked {
-                Err(e) => outcomes.push(Err(e)),
-                Ok(e) => {
-                    let id = self.inner.store.next_id()?;
-                    outcomes.push(Ok(id));
-                    new.push(NewImage {
-                        id,
-                        bytes,
-                        entry: EntryRecord {
-                            format: 1,
-                            label: label.map(str::to_string),
-                            width: e.width,
-                            height: e.height,
-                        },
-                        vector: e.vector,
-                    });
-                }
-            }
-        }
-        self.store_new(&model, new)?;
-        Ok(outcomes)
-    }
-
-    /// Stores embedded images durably and adds them to the index and the catalogue.
-    fn store_new(&self, model: &Model, new: Vec<NewImage<'_>>) -> Result<()> {
-        if new.is_empty() {
-            return Ok(());
-        }
-        self.inner.store.insert(model.version, &new)?;
-        self.durable_write()?;
-
-        let mut state = self.write_state()?;
-        // The catalogue first, then the vectors: a query meanwhile may miss some of this
-        // batch, never see a vector without its label.
-        for n in &new {
-            if let Some(l) = &n.entry.label {
-                state.by_label.entry(l.clone()).or_default().insert(n.id.0);
-            }
-            state.labels.insert(n.id.0, n.entry.label.clone());
-        }
-        state.dirty = true;
-        if state.model.version != model.version {
-            // The active model changed while we embedded: embed these with the new model too
-            // (stored under its version) and add them to its index.
-            let ids: Vec<u64> = new.iter().map(|n| n.id.0).collect();
-            let active = state.model.clone();
-            if let Err(e) = add_from_store(&self.inner.store, &active, &mut state.index, &ids) {
-                return Err(self.poison(e));
-            }
-            return Ok(());
-        }
-        // Into an HNSW graph (milliseconds a vector) one vector at a time, handing the lock to
-        // waiting queries in between.
-        let step = match state.index.shape() {
-            crate::index::Shape::Flat => new.len(),
-            crate::index::Shape::Hnsw { .. } => HNSW_ADD_STEP,
-        };
-        for (i, part) in new.chunks(step).enumerate() {
-            if i > 0 {
-                state.let_queries_in();
-            }
-            let ids: Vec<ImageId> = part.iter().map(|n| n.id).collect();
-            let flat: Vec<f32> = part.iter().flat_map(|n| n.vector.iter().copied()).collect();
-            if let Err(e) = state.index.add_serial(&ids, &flat) {
-                return Err(self.poison(e));
-            }
-        }
-        drop(state);
-        self.maybe_rebuild()
-    }
-
-    /// Decodes and embeds encoded images with `model`, on every core, a chunk at a time (the
-    /// chunk's decoded images fit in [`THUMB_BUDGET`]): one outcome per image, in order. The
-    /// outer error is the extractor's.
-    fn embed_encoded(&self, model: &Model, images: &[&[u8]]) -> Result<Vec<Result<Embedded>>> {
-        let limits = self.limits();
-        let input = &model.spec.input;
-        let per = (input.channels * input.width * input.height) as usize;
-        let chunk = (THUMB_BUDGET / per.max(1)).max(1);
-        let mut out = Vec::with_capacity(images.len());
-        for part in images.chunks(chunk) {
-            let thumbs = preprocess::prepare_many(part, limits, input);
-            let ok: Vec<&preprocess::Thumb> =
-                thumbs.iter().filter_map(|t| t.as_ref().ok()).collect();
-            let mut vectors = embed(model, &ok)?.into_iter();
-            for t in thumbs {
-                out.push(t.and_then(|t| {
-                    let vector = vectors.next().ok_or_else(|| {
-                        Error::plugin(
-                            &model.record.plugin,
-                            lookalike_plugin::PluginError::InvalidSpec(
-                                "fewer embeddings than images".into(),
-                            ),
-                        )
-                    })?;
-                    Ok(Embedded {
-                        width: t.width,
-                        height: t.height,
-                        vector,
-                    })
-                }));
-            }
-        }
-        Ok(out)
     }
 
     /// The `k` images nearest to the encoded image `bytes`, best first.
@@ -649,23 +500,14 @@ impl Db {
         if state.model.version != model.version {
             return Err(Error::ModelChanged);
         }
-        let allowed: Option<Vec<u64>> = query.labels.as_ref().map(|set| {
-            set.iter()
-                .filter_map(|l| state.by_label.get(l))
-                .flat_map(|ids| ids.iter().copied())
-                .filter(|id| Some(ImageId(*id)) != exclude)
-                .collect()
-        });
+        let allowed = self.allowed(&state, query, exclude)?;
         let available = match &allowed {
             Some(a) => a.len(),
             None => state.labels.len() - usize::from(exclude.is_some()),
         };
         if available == 0 {
             return Err(Error::Empty {
-                filter: query
-                    .labels
-                    .as_ref()
-                    .map(|s| s.iter().cloned().collect::<Vec<_>>().join(" or ")),
+                filter: describe_filter(query),
             });
         }
         let want = query.k.min(available);
@@ -715,11 +557,24 @@ impl Db {
         let mut hits: Vec<Hit> = found
             .into_iter()
             .enumerate()
-            .map(|(i, n)| Hit {
-                id: n.id,
-                distance: n.distance,
-                label: state.labels.get(&n.id.0).cloned().flatten(),
-                score: scores.as_ref().map(|s| s[i]),
+            .map(|(i, n)| {
+                // Source and metadata from the store (the catalogue in memory has labels only).
+                let meta = self
+                    .inner
+                    .store
+                    .entry(n.id)
+                    .ok()
+                    .flatten()
+                    .map(|e| meta::meta_of(&e))
+                    .unwrap_or_default();
+                Hit {
+                    id: n.id,
+                    distance: n.distance,
+                    label: state.labels.get(&n.id.0).cloned().flatten(),
+                    source: meta.source,
+                    metadata: meta.metadata,
+                    score: scores.as_ref().map(|s| s[i]),
+                }
             })
             .collect();
         if scores.is_some() {
@@ -732,6 +587,44 @@ impl Db {
         }
         hits.truncate(want);
         Ok(hits)
+    }
+
+    /// The ids a query's label and metadata filters allow (`None`: every id), without
+    /// `exclude`, ascending.
+    fn allowed(
+        &self,
+        state: &State,
+        query: &Query,
+        exclude: Option<ImageId>,
+    ) -> Result<Option<Vec<u64>>> {
+        let mut allowed: Option<BTreeSet<u64>> = query.labels.as_ref().map(|set| {
+            set.iter()
+                .filter_map(|l| state.by_label.get(l))
+                .flat_map(|ids| ids.iter().copied())
+                .collect()
+        });
+        for (key, value) in &query.metadata {
+            let ids = self.inner.store.find_by_meta(key, value).ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "cannot filter on metadata {key:?} = {value}: only strings, numbers and \
+                     booleans of up to 256 bytes (and keys of up to 256 bytes) are indexed"
+                ))
+            })??;
+            let ids: BTreeSet<u64> = ids
+                .into_iter()
+                // Committed by an insert that has not reached the catalogue yet: not yet.
+                .filter(|id| state.labels.contains_key(id))
+                .collect();
+            allowed = Some(match allowed {
+                Some(a) => a.intersection(&ids).copied().collect(),
+                None => ids,
+            });
+        }
+        Ok(allowed.map(|a| {
+            a.into_iter()
+                .filter(|id| Some(ImageId(*id)) != exclude)
+                .collect()
+        }))
     }
 
     /// P(same) of the query against each found image.
@@ -816,50 +709,6 @@ impl Db {
     /// The encoded bytes of image `id`, exactly as inserted.
     pub fn image(&self, id: ImageId) -> Result<Vec<u8>> {
         self.inner.store.image(id)?.ok_or(Error::UnknownImage(id))
-    }
-
-    /// The label of image `id`.
-    pub fn label(&self, id: ImageId) -> Result<Option<String>> {
-        self.read_state()?
-            .labels
-            .get(&id.0)
-            .cloned()
-            .ok_or(Error::UnknownImage(id))
-    }
-
-    /// Sets or clears the label of image `id`.
-    pub fn set_label(&self, id: ImageId, label: Option<&str>) -> Result<()> {
-        self.check_poisoned()?;
-        if let Some(l) = label {
-            check_label(l)?;
-        }
-        let mut entry = self.inner.store.entry(id)?.ok_or(Error::UnknownImage(id))?;
-        entry.label = label.map(str::to_string);
-        if !self.inner.store.update_entry(id, &entry)? {
-            return Err(Error::UnknownImage(id));
-        }
-        self.durable_write()?;
-        let mut state = self.write_state()?;
-        let State {
-            labels, by_label, ..
-        } = &mut *state;
-        if !labels.contains_key(&id.0) {
-            // Removed since the entry was updated: the removal wins, nothing comes back.
-            return Err(Error::UnknownImage(id));
-        }
-        if let Some(Some(old)) = labels.get(&id.0) {
-            if let Some(set) = by_label.get_mut(old) {
-                set.remove(&id.0);
-                if set.is_empty() {
-                    by_label.remove(old);
-                }
-            }
-        }
-        if let Some(l) = label {
-            by_label.entry(l.to_string()).or_default().insert(id.0);
-        }
-        labels.insert(id.0, entry.label);
-        Ok(())
     }
 
     /// Removes image `id`: its bytes, label and embeddings. Later queries never return it.
@@ -1374,6 +1223,21 @@ pub(crate) fn embed_with(
         }
     }
     Ok(out)
+}
+
+/// A query's filters in words, for [`Error::Empty`].
+fn describe_filter(query: &Query) -> Option<String> {
+    let mut parts = Vec::new();
+    if let Some(labels) = &query.labels {
+        parts.push(format!(
+            "labelled {}",
+            labels.iter().cloned().collect::<Vec<_>>().join(" or ")
+        ));
+    }
+    for (k, v) in &query.metadata {
+        parts.push(format!("with {k} = {v}"));
+    }
+    (!parts.is_empty()).then(|| parts.join(", "))
 }
 
 fn in_batch(index: usize, len: usize, source: Error) -> Error {

@@ -59,16 +59,17 @@ pub(super) enum Selector<'a> {
     AllBut(&'a [idx_t]),
 }
 
-/// Searches one query with the ids `selector` allows. Returns distances and ids (`-1` where
-/// fewer than `k` results exist).
+/// Searches `n` queries (`queries` holds them one after another) with the ids `selector`
+/// allows. Returns `k` distances and ids per query (`-1` where fewer than `k` results exist).
 pub(super) fn search<I: NativeIndex<Inner = faiss_sys::FaissIndex>>(
     index: &I,
-    query: &[f32],
+    queries: &[f32],
+    n: usize,
     k: usize,
     selector: Selector<'_>,
 ) -> Result<(Vec<f32>, Vec<idx_t>)> {
-    let mut distances = vec![0f32; k];
-    let mut labels: Vec<idx_t> = vec![-1; k];
+    let mut distances = vec![0f32; n * k];
+    let mut labels: Vec<idx_t> = vec![-1; n * k];
     let ptr = index.inner_ptr();
     // Selectors made here, freed at the end (an IDSelectorNot does not own the one it wraps).
     let mut made: Vec<*mut FaissIDSelector> = Vec::new();
@@ -98,8 +99,8 @@ pub(super) fn search<I: NativeIndex<Inner = faiss_sys::FaissIndex>>(
         let result = sel.and_then(|sel| match sel {
             None => check(faiss_Index_search(
                 ptr,
-                1,
-                query.as_ptr(),
+                n as idx_t,
+                queries.as_ptr(),
                 k as idx_t,
                 distances.as_mut_ptr(),
                 labels.as_mut_ptr(),
@@ -109,8 +110,8 @@ pub(super) fn search<I: NativeIndex<Inner = faiss_sys::FaissIndex>>(
                 let r = check(faiss_SearchParameters_new(&mut params, sel)).and_then(|_| {
                     check(faiss_Index_search_with_params(
                         ptr,
-                        1,
-                        query.as_ptr(),
+                        n as idx_t,
+                        queries.as_ptr(),
                         k as idx_t,
                         params,
                         distances.as_mut_ptr(),

@@ -251,18 +251,33 @@ impl VectorIndex {
     /// The `k` nearest live vectors to `query`, best first, restricted by `allow`.
     /// Distances: `1 - cos` for cosine, squared L2 for L2.
     pub fn search(&self, query: &[f32], k: usize, allow: Allow<'_>) -> Result<Vec<Neighbour>> {
-        if query.len() != self.dim {
+        Ok(self.search_many(query, k, allow)?.pop().unwrap_or_default())
+    }
+
+    /// [`VectorIndex::search`] for several queries at once (`queries` holds them one after
+    /// another): one list per query. A flat index answers a batch with one matrix product.
+    pub fn search_many(
+        &self,
+        queries: &[f32],
+        k: usize,
+        allow: Allow<'_>,
+    ) -> Result<Vec<Vec<Neighbour>>> {
+        if queries.is_empty() || !queries.len().is_multiple_of(self.dim) {
             return Err(Error::DimensionMismatch {
                 what: "query embedding".into(),
                 expected: self.dim,
-                got: query.len(),
+                got: queries.len(),
             });
         }
+        let n = queries.len() / self.dim;
         let total = self.ids.len();
         if total == 0 {
-            return Ok(Vec::new());
+            return Ok(vec![Vec::new(); n]);
         }
         let k = k.min(total);
+        if k == 0 {
+            return Ok(vec![Vec::new(); n]);
+        }
         // A selector sized by the live ids: the kept bitmap of live ids, or for sparse ids a
         // hash set of the dead or the allowed ones; never a pass over every id per query.
         let dead: Vec<idx_t>;
@@ -299,17 +314,25 @@ impl VectorIndex {
                 }
             }
         };
-        let (distances, labels) = ffi::search(&self.inner, query, k, selector)?;
+        let (distances, labels) = ffi::search(&self.inner, queries, n, k, selector)?;
         Ok(labels
-            .iter()
-            .zip(distances)
-            .filter(|(l, _)| **l >= 0)
-            .map(|(l, d)| Neighbour {
-                id: ImageId(*l as u64),
-                distance: match self.metric {
-                    Metric::Cosine => 1.0 - d,
-                    Metric::L2 => d,
-                },
+            .chunks(k)
+            .zip(distances.chunks(k))
+            .map(|(labels, distances)| {
+                labels
+                    .iter()
+                    .zip(distances)
+                    .filter(|(l, _)| **l >= 0)
+                    .map(|(l, d)| Neighbour {
+                        id: ImageId(*l as u64),
+                        distance: match self.metric {
+                            // Never below 0: an image's distance to itself can come out
+                            // as -1e-7 in float arithmetic.
+                            Metric::Cosine => (1.0 - d).max(0.0),
+                            Metric::L2 => d.max(0.0),
+                        },
+                    })
+                    .collect()
             })
             .collect())
     }

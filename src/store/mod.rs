@@ -4,7 +4,8 @@
 //! | tree | key | value |
 //! |---|---|---|
 //! | `images` | id (u64 BE) | [`ImageRecord`]: the encoded bytes as inserted (up to [`INLINE_BYTES`]), or [`PackedImageRecord`]: where they are in the pack files (`packs`) |
-//! | `entries` | id (u64 BE) | [`EntryRecord`]: label, width, height |
+//! | `entries` | id (u64 BE) | [`EntryRecord`]: label, width, height, source, metadata, content hash (`entries.rs`) |
+//! | `hashes`, `metadata_index` | see `entries.rs` | empty: indexes of entries |
 //! | `embeddings` | model (u32 BE) ++ id (u64 BE) | [`EmbeddingRecord`] |
 //! | `models` | model (u32 BE) | [`ModelRecord`]: plugin, config, weights, dimension, metric |
 //! | `meta` | `b"format"`, `b"active_model"` | u32 |
@@ -12,20 +13,25 @@
 //! | `meta` | `b"next_id"` | u64: no stored image has this id or a larger one |
 //! | `jobs` | `b"checkpoint"` | [`CheckpointRecord`]: the last epoch checkpoint of a training job |
 //!
-//! An image is inserted in one transaction over `images`, `entries` and `embeddings`, so after a
-//! crash an id is either in all three or in none.
+//! An image is inserted in one transaction over `images`, `entries` (with its index keys) and
+//! `embeddings`, so after a crash an id is either in all of them or in none.
 //!
 //! Store formats: 1 had no decode policies; 2 records one per model, keeps large image bytes
 //! in pack files and dense ids (`next_id`). Opening a format-1 store upgrades it in place: its
 //! models have no policy, so their images are embedded again on first use (`db.rs`,
 //! `model_from_record`), ids continue after the largest stored one, and a build that reads
 //! only format 1 refuses the upgraded store instead of mixing its embeddings with differently
-//! decoded queries.
+//! decoded queries. Format 3 adds sources, metadata and content hashes to entries; opening an
+//! older store rewrites its entries (`entries.rs`).
 
 mod durable;
+mod entries;
 mod packs;
 
 pub(crate) use durable::sync_dir;
+pub(crate) use entries::{
+    content_hash, EntryRecord, ENTRY_V2, MAX_METADATA_BYTES, MAX_SOURCE_BYTES,
+};
 
 use std::path::Path;
 
@@ -38,7 +44,7 @@ use crate::ImageId;
 use packs::{PackRef, Packs};
 
 /// The newest on-disk format this build writes and reads.
-pub(crate) const FORMAT: u32 = 2;
+pub(crate) const FORMAT: u32 = 3;
 const RECORD_V1: u16 = 1;
 /// The format field of a [`PackedImageRecord`] (an image record whose bytes are in a pack).
 const RECORD_PACKED: u16 = 2;
@@ -78,15 +84,6 @@ struct ImageRecordRef<'a> {
     format: u16,
     #[serde(with = "serde_bytes")]
     bytes: &'a [u8],
-}
-
-/// What the database knows about an image besides its bytes.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub(crate) struct EntryRecord {
-    pub format: u16,
-    pub label: Option<String>,
-    pub width: u32,
-    pub height: u32,
 }
 
 /// One embedding of one image by one model version.
@@ -171,6 +168,8 @@ pub(crate) struct Store {
     models: Tree,
     meta: Tree,
     jobs: Tree,
+    hashes: Tree,
+    metadata_index: Tree,
 }
 
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
@@ -289,6 +288,8 @@ impl Store {
             models: db.open_tree("models")?,
             meta: db.open_tree("meta")?,
             jobs: db.open_tree("jobs")?,
+            hashes: db.open_tree("hashes")?,
+            metadata_index: db.open_tree("metadata_index")?,
             db,
             packs: Packs::open(&dir.join("images")),
             sled_files: durable::SledFiles::open(&dir.join("store"))?,
@@ -308,11 +309,19 @@ impl Store {
                     });
                 }
                 if found < FORMAT {
-                    // 1 -> 2 adds decode policies; a model without one is re-embedded.
-                    store.meta.insert(META_FORMAT, encode(&FORMAT))?;
+                    // 1 -> 2 adds decode policies (a model without one is re-embedded);
+                    // 2 -> 3 rewrites the entries with content hashes. The format moves
+                    // first, so that older builds refuse the store while it is rewritten.
+                    let mut batch = sled::Batch::default();
+                    batch.insert(META_FORMAT, encode(&FORMAT));
+                    batch.insert(entries::META_UPGRADING, &[][..]);
+                    store.meta.apply_batch(batch)?;
                     store.flush()?;
                 }
             }
+        }
+        if store.meta.contains_key(entries::META_UPGRADING)? {
+            store.upgrade_entries()?;
         }
         store.init_next_id()?;
         Ok(store)
@@ -408,7 +417,6 @@ impl Store {
                 Ok((
                     n.id.0.to_be_bytes(),
                     image_record(n)?,
-                    encode(&n.entry),
                     embedding_key(model, n.id),
                     encode(&EmbeddingRecord {
                         format: RECORD_V1,
@@ -418,8 +426,16 @@ impl Store {
             })
             .collect::<Result<_>>()?;
         let after = images.iter().map(|n| n.id.0 + 1).max().unwrap_or(0);
-        (&self.images, &self.entries, &self.embeddings, &self.meta)
-            .transaction(|(images, entries, embeddings, meta)| {
+        let images_in = images;
+        (
+            &self.images,
+            &self.entries,
+            &self.embeddings,
+            &self.meta,
+            &self.hashes,
+            &self.metadata_index,
+        )
+            .transaction(|(images, entries, embeddings, meta, hashes, index)| {
                 let stored: u64 = match meta.get(META_NEXT_ID)? {
                     Some(v) => decode("meta", "next_id", &v)
                         .map_err(ConflictableTransactionError::Abort)?,
@@ -428,9 +444,9 @@ impl Store {
                 if after > stored {
                     meta.insert(META_NEXT_ID, encode(&after))?;
                 }
-                for (id, img, entry, ekey, emb) in &encoded {
+                for ((id, img, ekey, emb), n) in encoded.iter().zip(images_in) {
                     images.insert(&id[..], img.as_slice())?;
-                    entries.insert(&id[..], entry.as_slice())?;
+                    entries::put_entry_tx(entries, hashes, index, n.id, &n.entry, None)?;
                     embeddings.insert(&ekey[..], emb.as_slice())?;
                 }
                 Ok::<_, ConflictableTransactionError<Error>>(())
@@ -442,9 +458,15 @@ impl Store {
     /// Returns false when there was no such image.
     pub fn remove(&self, id: ImageId, models: &[u32]) -> Result<bool> {
         let key = id.0.to_be_bytes();
-        (&self.images, &self.entries, &self.embeddings)
-            .transaction(|(images, entries, embeddings)| {
-                if entries.remove(&key[..])?.is_none() {
+        (
+            &self.images,
+            &self.entries,
+            &self.embeddings,
+            &self.hashes,
+            &self.metadata_index,
+        )
+            .transaction(|(images, entries, embeddings, hashes, index)| {
+                if !entries::remove_entry_tx(entries, hashes, index, id)? {
                     return Ok(false);
                 }
                 images.remove(&key[..])?;
@@ -494,22 +516,8 @@ impl Store {
     pub fn entry(&self, id: ImageId) -> Result<Option<EntryRecord>> {
         match self.entries.get(id.0.to_be_bytes())? {
             None => Ok(None),
-            Some(v) => {
-                let r: EntryRecord = decode("entry", id, &v)?;
-                check_format("entry", id, r.format)?;
-                Ok(Some(r))
-            }
+            Some(v) => entries::decode_entry(id, &v).map(Some),
         }
-    }
-
-    /// Replaces the entry of an existing image. Returns false when there is no such image.
-    pub fn update_entry(&self, id: ImageId, entry: &EntryRecord) -> Result<bool> {
-        let key = id.0.to_be_bytes();
-        let new = encode(entry);
-        let old = self
-            .entries
-            .fetch_and_update(key, |old| old.map(|_| new.clone()))?;
-        Ok(old.is_some())
     }
 
     /// Every entry, in id order.
@@ -517,9 +525,7 @@ impl Store {
         self.entries.iter().map(|kv| {
             let (k, v) = kv?;
             let id = id_from_key("entry", &k)?;
-            let r: EntryRecord = decode("entry", id, &v)?;
-            check_format("entry", id, r.format)?;
-            Ok((id, r))
+            Ok((id, entries::decode_entry(id, &v)?))
         })
     }
 
@@ -690,9 +696,7 @@ pub(crate) fn decode_every_record(bytes: &[u8]) {
         let _ = check_format("image", key, r.format);
     }
     let _ = decode::<PackedImageRecord>("image", key, bytes);
-    if let Ok(r) = decode::<EntryRecord>("entry", key, bytes) {
-        let _ = check_format("entry", key, r.format);
-    }
+    let _ = entries::decode_entry(key, bytes);
     if let Ok(r) = decode::<EmbeddingRecord>("embedding", key, bytes) {
         let _ = check_format("embedding", key, r.format);
     }
@@ -710,10 +714,13 @@ pub(crate) fn decode_every_record(bytes: &[u8]) {
 #[cfg(test)]
 pub(crate) fn seed_records() -> Vec<(&'static str, Vec<u8>)> {
     let entry = EntryRecord {
-        format: RECORD_V1,
+        format: ENTRY_V2,
         label: Some("shoe".into()),
         width: 640,
         height: 480,
+        source: Some("photos/shoe.jpg".into()),
+        metadata: Some(r#"{"sku":"A-1","price":12.5}"#.into()),
+        hash: content_hash(b"shoe"),
     };
     vec![
         (
@@ -796,10 +803,13 @@ mod tests {
     #[test]
     fn record_round_trip_and_corruption() {
         let e = EntryRecord {
-            format: RECORD_V1,
+            format: ENTRY_V2,
             label: Some("shoe".into()),
             width: 3,
             height: 4,
+            source: None,
+            metadata: None,
+            hash: [7; 32],
         };
         let bytes = encode(&e);
         let back: EntryRecord = decode("entry", 1, &bytes).unwrap();

@@ -1,0 +1,366 @@
+//! Inserting images: checks, content hashes, decoding and embedding on every core, one durable
+//! write per batch, then the index and the catalogue.
+
+use std::borrow::Cow;
+
+use rayon::prelude::*;
+
+use super::indexing::add_from_store;
+use super::meta::{check_meta, ContentHash, ImageMeta, InsertMode, Inserted};
+use super::{embed, in_batch, Db, Embedded, Model, HNSW_ADD_STEP, THUMB_BUDGET};
+use crate::error::{Error, Result};
+use crate::preprocess;
+use crate::store::{EntryRecord, NewImage, ENTRY_V2};
+use crate::ImageId;
+
+/// One item of a batch on its way in.
+struct Item<'a> {
+    bytes: &'a [u8],
+    meta: Cow<'a, ImageMeta>,
+    hash: [u8; 32],
+}
+
+impl Db {
+    /// Inserts one encoded image (JPEG, PNG, WebP, GIF first frame, BMP, TIFF) with an optional
+    /// label, and returns its new id. Under [`Durability::Immediate`](crate::Durability) the
+    /// image is on disk when this returns. The bytes are stored as given; what the extractor
+    /// sees is decoded by the model's decode policy (upright by EXIF orientation, transparency
+    /// over the input's background, JPEG decoded at a reduced DCT scale; see
+    /// `docs/architecture.md`).
+    pub fn insert_image(&self, bytes: &[u8], label: Option<&str>) -> Result<ImageId> {
+        let ids = self.insert_images([(bytes, label)])?;
+        Ok(ids[0])
+    }
+
+    /// [`Db::insert_image`] with a source and metadata besides the label.
+    ///
+    /// ```
+    /// # let dir = tempfile::tempdir()?;
+    /// # let db = lookalike::Db::open(dir.path())?;
+    /// # let png = std::fs::read("examples/data/fashion-mnist-sample/bag/t10k-00018.png")?;
+    /// use lookalike::ImageMeta;
+    /// let meta = ImageMeta::label("bag")
+    ///     .source("photos/bag.png")
+    ///     .metadata(serde_json::json!({"sku": "B-12", "price": 40}))?;
+    /// let id = db.insert_image_with(&png, &meta)?;
+    /// assert_eq!(db.meta(id)?, meta);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn insert_image_with(&self, bytes: &[u8], meta: &ImageMeta) -> Result<ImageId> {
+        let outcome = self
+            .insert_batch(vec![(bytes, Cow::Borrowed(meta))], InsertMode::Always, true)?
+            .pop()
+            .ok_or_else(|| Error::InvalidArgument("nothing was inserted".into()))?;
+        outcome.map(|o| o.id())
+    }
+
+    /// Inserts a batch atomically: every image or none (the first bad one fails the batch
+    /// with [`Error::InBatch`]). One durable flush covers the whole batch, so this is much
+    /// faster than inserting one by one. Images are decoded on every core; memory holds the
+    /// caller's bytes and a small decoded copy of at most a few images per core, whatever the
+    /// batch size.
+    pub fn insert_images<'a, I>(&self, items: I) -> Result<Vec<ImageId>>
+    where
+        I: IntoIterator<Item = (&'a [u8], Option<&'a str>)>,
+    {
+        self.insert_batch(labelled(items), InsertMode::Always, true)?
+            .into_iter()
+            .map(|o| o.map(|o| o.id()))
+            .collect()
+    }
+
+    /// Inserts the images of a batch that decode and have a valid label, in one durable
+    /// write, and returns each item's outcome in order: its new id, or why it was refused
+    /// (nothing of a refused image is stored). The outer error is for failures that are not
+    /// the images' fault (storage, the extractor): then nothing of the batch is stored. For
+    /// loading folders where one bad file must not stop the rest; [`Db::insert_images`] is
+    /// the all-or-nothing form.
+    pub fn insert_images_each<'a, I>(&self, items: I) -> Result<Vec<Result<ImageId>>>
+    where
+        I: IntoIterator<Item = (&'a [u8], Option<&'a str>)>,
+    {
+        Ok(self
+            .insert_batch(labelled(items), InsertMode::Always, false)?
+            .into_iter()
+            .map(|o| o.map(|o| o.id()))
+            .collect())
+    }
+
+    /// [`Db::insert_images_each`] with sources and metadata, and a [`InsertMode`]: under
+    /// [`InsertMode::SkipExisting`] an image whose bytes are identical to a stored one (or to
+    /// an earlier item of the batch) is not decoded or stored again, and its outcome is
+    /// [`Inserted::Existing`] with the stored image's id (the smallest, if there are several).
+    pub fn insert_images_with<'a, I>(
+        &self,
+        items: I,
+        mode: InsertMode,
+    ) -> Result<Vec<Result<Inserted>>>
+    where
+        I: IntoIterator<Item = (&'a [u8], &'a ImageMeta)>,
+    {
+        let items = items
+            .into_iter()
+            .map(|(b, m)| (b, Cow::Borrowed(m)))
+            .collect();
+        self.insert_batch(items, mode, false)
+    }
+
+    /// Checks, hashes, decodes, embeds and stores a batch; `all_or_nothing` fails it (storing
+    /// nothing) at its first bad image, with [`Error::InBatch`].
+    fn insert_batch(
+        &self,
+        items: Vec<(&[u8], Cow<'_, ImageMeta>)>,
+        mode: InsertMode,
+        all_or_nothing: bool,
+    ) -> Result<Vec<Result<Inserted>>> {
+        self.check_poisoned()?;
+        if items.is_empty() {
+            return Ok(Vec::new());
+        }
+        let n = items.len();
+        let items: Vec<Item> = items
+            .into_par_iter()
+            .map(|(bytes, meta)| Item {
+                hash: ContentHash::of(bytes).0,
+                bytes,
+                meta,
+            })
+            .collect();
+        // What is decided before decoding: bad metadata, and images already stored.
+        let mut decided: Vec<Option<Result<Inserted>>> = Vec::with_capacity(n);
+        let mut texts = Vec::with_capacity(n);
+        for item in &items {
+            match check_meta(&item.meta) {
+                Err(e) => {
+                    decided.push(Some(Err(e)));
+                    texts.push(None);
+                }
+                Ok(text) => {
+                    let existing = match mode {
+                        InsertMode::SkipExisting => self.stored_copy(&item.hash)?,
+                        InsertMode::Always => None,
+                    };
+                    decided.push(existing.map(|id| Ok(Inserted::Existing(id))));
+                    texts.push(text);
+                }
+            }
+        }
+        let todo: Vec<&[u8]> = items
+            .iter()
+            .zip(&decided)
+            .filter(|(_, d)| d.is_none())
+            .map(|(i, _)| i.bytes)
+            .collect();
+        let model = self.model();
+        let mut embedded = self.embed_encoded(&model, &todo)?.into_iter();
+        let mut checked: Vec<Result<Option<Embedded>>> = Vec::with_capacity(n);
+        for d in &mut decided {
+            checked.push(match d.take() {
+                Some(Ok(existing)) => {
+                    *d = Some(Ok(existing));
+                    Ok(None)
+                }
+                Some(Err(e)) => Err(e),
+                None => embedded
+                    .next()
+                    .ok_or_else(|| Error::InvalidArgument("an image was not embedded".into()))?
+                    .map(Some),
+            });
+        }
+        if all_or_nothing {
+            if let Some(i) = checked.iter().position(Result::is_err) {
+                let e = match checked.swap_remove(i) {
+                    Err(e) => e,
+                    Ok(_) => Error::InvalidArgument("a failed item had no error".into()),
+                };
+                return Err(in_batch(i, n, e));
+            }
+        }
+        let mut outcomes: Vec<Result<Inserted>> = Vec::with_capacity(n);
+        let mut new = Vec::with_capacity(n);
+        // Items stored by this batch, by hash, for SkipExisting within the batch.
+        let mut first_of: std::collections::HashMap<[u8; 32], ImageId> = Default::default();
+        for ((item, text), (c, d)) in items
+            .iter()
+            .zip(texts)
+            .zip(checked.into_iter().zip(decided))
+        {
+            let e = match (c, d) {
+                (Err(e), _) => {
+                    outcomes.push(Err(e));
+                    continue;
+                }
+                (Ok(None), Some(done)) => {
+                    outcomes.push(done);
+                    continue;
+                }
+                (Ok(Some(e)), _) => e,
+                (Ok(None), None) => {
+                    outcomes.push(Err(Error::InvalidArgument(
+                        "an image was neither stored nor refused".into(),
+                    )));
+                    continue;
+                }
+            };
+            if mode == InsertMode::SkipExisting {
+                if let Some(id) = first_of.get(&item.hash) {
+                    outcomes.push(Ok(Inserted::Existing(*id)));
+                    continue;
+                }
+            }
+            let id = self.inner.store.next_id()?;
+            first_of.insert(item.hash, id);
+            outcomes.push(Ok(Inserted::New(id)));
+            new.push(NewImage {
+                id,
+                bytes: item.bytes,
+                entry: EntryRecord {
+                    format: ENTRY_V2,
+                    label: item.meta.label.clone(),
+                    width: e.width,
+                    height: e.height,
+                    source: item.meta.source.clone(),
+                    metadata: text,
+                    hash: item.hash,
+                },
+                vector: e.vector,
+            });
+        }
+        if mode == InsertMode::SkipExisting {
+            // Another writer may have stored the same bytes while this batch decoded: look
+            // again under the lock that such writers store under.
+            let _dedup = self
+                .inner
+                .dedup
+                .lock()
+                .map_err(|_| Error::Poisoned("a thread panicked while inserting".into()))?;
+            let mut kept = Vec::with_capacity(new.len());
+            for image in new {
+                match self.stored_copy(&image.entry.hash)? {
+                    Some(existing) => {
+                        for o in outcomes.iter_mut() {
+                            if matches!(o, Ok(Inserted::New(id)) | Ok(Inserted::Existing(id)) if *id == image.id)
+                            {
+                                *o = Ok(Inserted::Existing(existing));
+                            }
+                        }
+                    }
+                    None => kept.push(image),
+                }
+            }
+            self.store_new(&model, kept)?;
+        } else {
+            self.store_new(&model, new)?;
+        }
+        Ok(outcomes)
+    }
+
+    /// The smallest id of a stored image with these bytes.
+    fn stored_copy(&self, hash: &[u8; 32]) -> Result<Option<ImageId>> {
+        Ok(self.inner.store.find_by_hash(hash)?.first().copied())
+    }
+
+    /// Stores embedded images durably and adds them to the index and the catalogue.
+    fn store_new(&self, model: &Model, new: Vec<NewImage<'_>>) -> Result<()> {
+        if new.is_empty() {
+            return Ok(());
+        }
+        self.inner.store.insert(model.version, &new)?;
+        self.durable_write()?;
+
+        let mut state = self.write_state()?;
+        // The catalogue first, then the vectors: a query meanwhile may miss some of this
+        // batch, never see a vector without its label.
+        for n in &new {
+            if let Some(l) = &n.entry.label {
+                state.by_label.entry(l.clone()).or_default().insert(n.id.0);
+            }
+            state.labels.insert(n.id.0, n.entry.label.clone());
+        }
+        state.dirty = true;
+        if state.model.version != model.version {
+            // The active model changed while we embedded: embed these with the new model too
+            // (stored under its version) and add them to its index.
+            let ids: Vec<u64> = new.iter().map(|n| n.id.0).collect();
+            let active = state.model.clone();
+            if let Err(e) = add_from_store(&self.inner.store, &active, &mut state.index, &ids) {
+                return Err(self.poison(e));
+            }
+            return Ok(());
+        }
+        // Into an HNSW graph (milliseconds a vector) one vector at a time, handing the lock to
+        // waiting queries in between.
+        let step = match state.index.shape() {
+            crate::index::Shape::Flat => new.len(),
+            crate::index::Shape::Hnsw { .. } => HNSW_ADD_STEP,
+        };
+        for (i, part) in new.chunks(step).enumerate() {
+            if i > 0 {
+                state.let_queries_in();
+            }
+            let ids: Vec<ImageId> = part.iter().map(|n| n.id).collect();
+            let flat: Vec<f32> = part.iter().flat_map(|n| n.vector.iter().copied()).collect();
+            if let Err(e) = state.index.add_serial(&ids, &flat) {
+                return Err(self.poison(e));
+            }
+        }
+        drop(state);
+        self.maybe_rebuild()
+    }
+
+    /// Decodes and embeds encoded images with `model`, on every core, a chunk at a time (the
+    /// chunk's decoded images fit in [`THUMB_BUDGET`]): one outcome per image, in order. The
+    /// outer error is the extractor's.
+    pub(super) fn embed_encoded(
+        &self,
+        model: &Model,
+        images: &[&[u8]],
+    ) -> Result<Vec<Result<Embedded>>> {
+        let limits = self.limits();
+        let input = &model.spec.input;
+        let per = (input.channels * input.width * input.height) as usize;
+        let chunk = (THUMB_BUDGET / per.max(1)).max(1);
+        let mut out = Vec::with_capacity(images.len());
+        for part in images.chunks(chunk) {
+            let thumbs = preprocess::prepare_many(part, limits, input);
+            let ok: Vec<&preprocess::Thumb> =
+                thumbs.iter().filter_map(|t| t.as_ref().ok()).collect();
+            let mut vectors = embed(model, &ok)?.into_iter();
+            for t in thumbs {
+                out.push(t.and_then(|t| {
+                    let vector = vectors.next().ok_or_else(|| {
+                        Error::plugin(
+                            &model.record.plugin,
+                            lookalike_plugin::PluginError::InvalidSpec(
+                                "fewer embeddings than images".into(),
+                            ),
+                        )
+                    })?;
+                    Ok(Embedded {
+                        width: t.width,
+                        height: t.height,
+                        vector,
+                    })
+                }));
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Label-only items as [`ImageMeta`]s.
+fn labelled<'a, I>(items: I) -> Vec<(&'a [u8], Cow<'a, ImageMeta>)>
+where
+    I: IntoIterator<Item = (&'a [u8], Option<&'a str>)>,
+{
+    items
+        .into_iter()
+        .map(|(b, l)| {
+            let meta = ImageMeta {
+                label: l.map(str::to_string),
+                ..ImageMeta::default()
+            };
+            (b, Cow::Owned(meta))
+        })
+        .collect()
+}
