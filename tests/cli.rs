@@ -270,3 +270,154 @@ fn acknowledged_inserts_were_fsynced_first() {
         );
     }
 }
+
+/// Sources, byte-identical files, JSON output for scripts, many queries in one process,
+/// duplicates and export, and what a failed or mismatched `add` leaves.
+#[test]
+fn a_scriptable_command_line() {
+    let dir = tempdir();
+    let photos = dir.path().join("photos");
+    std::fs::create_dir_all(photos.join("b")).unwrap();
+    std::fs::create_dir_all(photos.join("a")).unwrap();
+    for i in 0..3u64 {
+        std::fs::write(photos.join(format!("a/{i}.png")), class_png(0, i)).unwrap();
+        std::fs::write(photos.join(format!("b/{i}.png")), class_png(2, i)).unwrap();
+    }
+    // A byte-identical copy and a file that is not an image.
+    std::fs::copy(photos.join("a/0.png"), photos.join("b/copy.png")).unwrap();
+    std::fs::write(photos.join("notes.txt"), b"x").unwrap();
+    let db = dir.path().join("db");
+    let os = |s: &str| std::ffi::OsString::from(s);
+    let args = |v: &[&std::ffi::OsStr]| v.iter().map(|s| s.to_os_string()).collect::<Vec<_>>();
+    let run = |v: Vec<std::ffi::OsString>| {
+        let refs: Vec<&std::ffi::OsStr> = v.iter().map(|s| s.as_os_str()).collect();
+        cli_code(&refs)
+    };
+
+    let (code, out, err) = run(args(&[
+        &os("add"),
+        db.as_os_str(),
+        photos.as_os_str(),
+        &os("--meta"),
+        &os(r#"{"shoot": "s1"}"#),
+        &os("--json"),
+    ]));
+    assert_eq!(code, Some(0), "{err}");
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    // One line per file, then the summary.
+    assert_eq!(lines.len(), 8, "{out}");
+    let summary = &lines[7]["summary"];
+    assert_eq!(summary["added"], 6);
+    assert_eq!(summary["duplicates"], 1);
+    assert_eq!(summary["not_images"], 1);
+    let id_of = |path: &str| {
+        lines
+            .iter()
+            .find(|l| l["path"] == path)
+            .unwrap_or_else(|| panic!("{path} in {out}"))["id"]
+            .as_u64()
+            .unwrap()
+    };
+    let a0 = photos.join("a/0.png").to_string_lossy().into_owned();
+    let copy = photos.join("b/copy.png").to_string_lossy().into_owned();
+    assert_eq!(id_of(&copy), id_of(&a0), "the copy is the stored image");
+
+    // The same add again stores nothing and says so.
+    let (code, out, _) = run(args(&[&os("add"), db.as_os_str(), photos.as_os_str()]));
+    assert_eq!(code, Some(0));
+    assert!(
+        out.contains("added 0 images") && out.contains("7 already stored"),
+        "{out}"
+    );
+
+    // Many queries in one process: one JSON line each, in the order given; ids too.
+    let b1 = photos.join("b/1.png");
+    let a2 = photos.join("a/2.png");
+    let (code, out, err) = run(args(&[
+        &os("query"),
+        db.as_os_str(),
+        b1.as_os_str(),
+        a2.as_os_str(),
+        &os("--id"),
+        &os(&id_of(&a0).to_string()),
+        &os("-k"),
+        &os("2"),
+        &os("--meta"),
+        &os("shoot=s1"),
+        &os("--json"),
+    ]));
+    assert_eq!(code, Some(0), "{err}");
+    let answers: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(answers.len(), 3);
+    assert_eq!(answers[0]["query"], format!("id {}", id_of(&a0)));
+    assert_eq!(answers[1]["query"], b1.to_string_lossy().as_ref());
+    assert_eq!(answers[2]["query"], a2.to_string_lossy().as_ref());
+    let top = &answers[1]["hits"][0];
+    assert_eq!(top["source"], b1.to_string_lossy().as_ref());
+    assert_eq!(top["metadata"]["shoot"], "s1");
+    assert_eq!(top["distance"], 0.0);
+
+    // export: every image with its source and hash; duplicates: byte-identical ones group.
+    let (_, out, _) = run(args(&[&os("export"), db.as_os_str(), &os("--json")]));
+    let rows: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 6);
+    assert!(rows.iter().all(|r| r["hash"].as_str().unwrap().len() == 64));
+    std::fs::write(photos.join("b/again.png"), class_png(0, 0)).unwrap();
+    run(args(&[
+        &os("add"),
+        db.as_os_str(),
+        photos.join("b/again.png").as_os_str(),
+        &os("--allow-duplicates"),
+    ]));
+    let (code, out, err) = run(args(&[
+        &os("duplicates"),
+        db.as_os_str(),
+        &os("--max-distance"),
+        &os("0.000001"),
+        &os("--json"),
+    ]));
+    assert_eq!(code, Some(0), "{err}");
+    let group: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(group["ids"][0], id_of(&a0));
+    assert_eq!(
+        group["sources"][1],
+        photos.join("b/again.png").to_string_lossy().as_ref()
+    );
+
+    // A database that cannot be made is not left behind; the corrected command starts afresh.
+    let new = dir.path().join("new");
+    let (code, _, err) = run(args(&[
+        &os("add"),
+        new.as_os_str(),
+        photos.as_os_str(),
+        &os("--extractor"),
+        &os("efficientnet-lite0"),
+        &os("--json"),
+    ]));
+    assert_eq!(code, Some(2));
+    let e: serde_json::Value = serde_json::from_str(err.trim()).unwrap();
+    assert_eq!(e["kind"], "plugin", "{err}");
+    assert!(!new.exists());
+    // Another extractor on an existing database is refused, with how to switch.
+    let (code, _, err) = run(args(&[
+        &os("add"),
+        db.as_os_str(),
+        photos.as_os_str(),
+        &os("--extractor"),
+        &os("simnet"),
+    ]));
+    assert_eq!(code, Some(2));
+    assert!(
+        err.contains("lookalike train") && err.contains("lookalike use"),
+        "{err}"
+    );
+}

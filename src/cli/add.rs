@@ -205,51 +205,57 @@ fn remove_new_database(db: &Path, was_empty_dir: bool) {
     }
 }
 
-/// Image files under `paths`, sorted, with folders walked recursively, and the number of
-/// other files found in the folders (ignored). A path given on the command line is followed
-/// if it is a link; inside folders only regular files and folders are taken (links are not
-/// followed, so a link loop cannot make the walk endless or add an image twice; FIFOs,
-/// devices and sockets are never opened). A given path that is not a regular file or folder
-/// is an error.
+/// Image files under `paths`, in the order given, each folder walked recursively and its
+/// files sorted by path, and the number of other files found in the folders (ignored). A path
+/// given on the command line is followed if it is a link; inside folders only regular files
+/// and folders are taken (links are not followed, so a link loop cannot make the walk endless
+/// or add an image twice; FIFOs, devices and sockets are never opened). A given path that is
+/// not a regular file or folder is an error, before anything is read.
 pub(super) fn collect(paths: &[PathBuf]) -> lookalike::Result<(Vec<PathBuf>, usize)> {
     let io = |p: &Path, e| lookalike::Error::Io {
         path: p.to_path_buf(),
         source: e,
     };
-    let mut out = Vec::new();
-    let mut ignored = 0;
-    let mut folders = Vec::new();
+    let mut is_dir = Vec::with_capacity(paths.len());
     for p in paths {
         let meta = std::fs::metadata(p).map_err(|e| io(p, e))?;
-        if meta.is_dir() {
-            folders.push(p.clone());
-        } else if meta.is_file() {
-            out.push(p.clone());
-        } else {
+        if !meta.is_dir() && !meta.is_file() {
             return Err(lookalike::Error::InvalidArgument(format!(
                 "{} is not a regular file or a folder",
                 p.display()
             )));
         }
+        is_dir.push(meta.is_dir());
     }
-    while let Some(dir) = folders.pop() {
-        for entry in std::fs::read_dir(&dir).map_err(|e| io(&dir, e))? {
-            let entry = entry.map_err(|e| io(&dir, e))?;
-            let child = entry.path();
-            // The entry's own type: a link is neither a folder nor a file here.
-            let kind = entry.file_type().map_err(|e| io(&child, e))?;
-            if kind.is_dir() {
-                folders.push(child);
-            } else if kind.is_file() {
-                if has_image_extension(&child) {
-                    out.push(child);
-                } else {
-                    ignored += 1;
+    let mut out = Vec::new();
+    let mut ignored = 0;
+    for (p, dir) in paths.iter().zip(is_dir) {
+        if !dir {
+            out.push(p.clone());
+            continue;
+        }
+        let mut found = Vec::new();
+        let mut folders = vec![p.clone()];
+        while let Some(dir) = folders.pop() {
+            for entry in std::fs::read_dir(&dir).map_err(|e| io(&dir, e))? {
+                let entry = entry.map_err(|e| io(&dir, e))?;
+                let child = entry.path();
+                // The entry's own type: a link is neither a folder nor a file here.
+                let kind = entry.file_type().map_err(|e| io(&child, e))?;
+                if kind.is_dir() {
+                    folders.push(child);
+                } else if kind.is_file() {
+                    if has_image_extension(&child) {
+                        found.push(child);
+                    } else {
+                        ignored += 1;
+                    }
                 }
             }
         }
+        found.sort();
+        out.extend(found);
     }
-    out.sort();
     Ok((out, ignored))
 }
 

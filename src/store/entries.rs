@@ -306,6 +306,53 @@ mod tests {
     }
 
     #[test]
+    fn an_interrupted_upgrade_carries_on_at_the_next_open() {
+        use sled::transaction::Transactional;
+        let dir = tempfile::tempdir().unwrap();
+        let images: [&[u8]; 3] = [b"one", b"two", b"three"];
+        {
+            let store = Store::open(dir.path(), true).unwrap();
+            // Three images as a format-2 store held them: inline bytes, format-1 entries.
+            for (i, bytes) in images.iter().enumerate() {
+                let key = (i as u64 + 1).to_be_bytes();
+                let record = super::super::ImageRecordRef {
+                    format: RECORD_V1,
+                    bytes,
+                };
+                store.images.insert(key, encode(&record)).unwrap();
+                store
+                    .entries
+                    .insert(key, encode_v1_entry(Some("l"), 1, 1))
+                    .unwrap();
+            }
+            // An upgrade that rewrote the first entry and was then killed.
+            let first = EntryRecord {
+                format: ENTRY_V2,
+                label: Some("l".into()),
+                width: 1,
+                height: 1,
+                source: None,
+                metadata: None,
+                hash: content_hash(images[0]),
+            };
+            (&store.entries, &store.hashes, &store.metadata_index)
+                .transaction(|(e, h, m)| put_entry_tx(e, h, m, ImageId(1), &first, None))
+                .unwrap();
+            store.meta.insert(META_UPGRADING, &[][..]).unwrap();
+            store.flush().unwrap();
+        }
+        let store = Store::open(dir.path(), true).unwrap();
+        assert!(!store.meta.contains_key(META_UPGRADING).unwrap());
+        for (i, bytes) in images.iter().enumerate() {
+            let id = ImageId(i as u64 + 1);
+            let e = store.entry(id).unwrap().unwrap();
+            assert_eq!(e.hash, content_hash(bytes));
+            assert_eq!(e.label.as_deref(), Some("l"));
+            assert_eq!(store.find_by_hash(&content_hash(bytes)).unwrap(), vec![id]);
+        }
+    }
+
+    #[test]
     fn only_short_scalars_are_indexed() {
         use serde_json::json;
         let e = entry(Some(
