@@ -116,8 +116,9 @@ pub(super) fn duplicates(
     }
     if !json {
         eprintln!(
-            "{} groups ({} images) within {}",
+            "{} {} ({} images) within {}",
             groups.len(),
+            if groups.len() == 1 { "group" } else { "groups" },
             groups.iter().map(|g| g.ids.len()).sum::<usize>(),
             max_distance.unwrap_or_else(|| db.default_duplicate_distance())
         );
