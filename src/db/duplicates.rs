@@ -14,6 +14,10 @@ const CHUNK: usize = 256;
 /// Neighbours asked for first; a vector whose neighbours are all within the distance is asked
 /// again for four times as many, until one is not.
 const FIRST_K: usize = 16;
+/// Neighbours asked for in one search at most (queries times k): a vector in a dense cluster
+/// can need k in the tens of thousands, and 256 such queries at k = 65,536 would ask for 0.4 GB
+/// of results.
+const RESULTS_PER_SEARCH: usize = 1 << 16;
 
 /// A group of near-identical images.
 #[derive(Debug, Clone, PartialEq)]
@@ -102,12 +106,18 @@ impl Db {
             chunk.clear();
             Ok(())
         };
-        for item in self.inner.store.embeddings(model.version, model.spec.dim) {
-            let (id, v) = item?;
-            if pos(id.0).is_none() {
-                continue; // stored by an insert that has not reached the catalogue yet
-            }
-            chunk.push((id.0, v));
+        // One embedding at a time by id: a sled iterator over the whole tree grew the process
+        // by 0.59 GB while it read the 0.96 GB of 100,000 embeddings of 2,408 dimensions;
+        // point reads of the same, by 0.16 GB.
+        for id in &ids {
+            let Some(v) =
+                self.inner
+                    .store
+                    .embedding(model.version, ImageId(*id), model.spec.dim)?
+            else {
+                continue; // removed since the ids were taken
+            };
+            chunk.push((*id, v));
             if chunk.len() == CHUNK {
                 flush(&mut chunk, &mut sets)?;
             }
@@ -158,24 +168,29 @@ impl Db {
         let mut todo: Vec<&(u64, Vec<f32>)> = chunk.iter().collect();
         let mut k = FIRST_K;
         while !todo.is_empty() {
-            let flat: Vec<f32> = todo.iter().flat_map(|(_, v)| v.iter().copied()).collect();
-            let found = {
-                let state = self.read_state()?;
-                if state.model.version != model.version {
-                    return Err(Error::ModelChanged);
-                }
-                // k + 1: the vector finds itself.
-                state.index.search_many(&flat, k + 1, Allow::All)?
-            };
             let mut wider = Vec::new();
-            for (item, hits) in todo.iter().zip(found) {
-                let id = item.0;
-                let within = hits.iter().filter(|h| h.distance <= max).count();
-                for h in hits.iter().filter(|h| h.distance <= max && h.id.0 != id) {
-                    join(id, h.id.0);
-                }
-                if within == hits.len() && hits.len() == k + 1 && k + 1 < total {
-                    wider.push(*item);
+            // Fewer queries per search as k grows: results (and FAISS's buffers) stay within
+            // RESULTS_PER_SEARCH neighbours, whatever k a dense cluster needs.
+            let per = (RESULTS_PER_SEARCH / (k + 1)).max(1);
+            for part in todo.chunks(per) {
+                let flat: Vec<f32> = part.iter().flat_map(|(_, v)| v.iter().copied()).collect();
+                let found = {
+                    let state = self.read_state()?;
+                    if state.model.version != model.version {
+                        return Err(Error::ModelChanged);
+                    }
+                    // k + 1: the vector finds itself.
+                    state.index.search_many(&flat, k + 1, Allow::All)?
+                };
+                for (item, hits) in part.iter().zip(found) {
+                    let id = item.0;
+                    let within = hits.iter().filter(|h| h.distance <= max).count();
+                    for h in hits.iter().filter(|h| h.distance <= max && h.id.0 != id) {
+                        join(id, h.id.0);
+                    }
+                    if within == hits.len() && hits.len() == k + 1 && k + 1 < total {
+                        wider.push(*item);
+                    }
                 }
             }
             todo = wider;
