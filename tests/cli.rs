@@ -358,6 +358,21 @@ fn a_scriptable_command_line() {
     assert_eq!(answers[0]["query"], format!("id {}", id_of(&a0)));
     assert_eq!(answers[1]["query"], b1.to_string_lossy().as_ref());
     assert_eq!(answers[2]["query"], a2.to_string_lossy().as_ref());
+    // A query file that is missing is that query's error; the others are answered (exit 1).
+    let (code, out, _) = run(args(&[
+        &os("query"),
+        db.as_os_str(),
+        dir.path().join("missing.png").as_os_str(),
+        b1.as_os_str(),
+        &os("--json"),
+    ]));
+    assert_eq!(code, Some(1));
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines[0]["kind"], "io", "{out}");
+    assert_eq!(lines[1]["hits"].as_array().unwrap().len(), 6);
     let top = &answers[1]["hits"][0];
     assert_eq!(top["source"], b1.to_string_lossy().as_ref());
     assert_eq!(top["metadata"]["shoot"], "s1");

@@ -60,7 +60,7 @@ pub(super) fn run(a: QueryArgs, json: bool) -> lookalike::Result<ExitCode> {
         let (k, v) = meta_filter(m)?;
         query = query.metadata(k, v);
     }
-    let (files, _) = collect(&a.images)?;
+    let mut files = inputs(&a.images)?;
     let db = existing(&a.db)?;
     let mut failed = 0usize;
     for id in &a.id {
@@ -74,9 +74,12 @@ pub(super) fn run(a: QueryArgs, json: bool) -> lookalike::Result<ExitCode> {
         let mut batch: Vec<(PathBuf, lookalike::Result<Vec<u8>>)> = Vec::new();
         let mut bytes = 0;
         while start < files.len() && batch.len() < QUERY_BATCH && bytes < QUERY_BATCH_BYTES {
-            let f = &files[start];
+            let (f, unusable) = &mut files[start];
             let mut buf = Vec::new();
-            let read = read_bounded(f, limit, &mut buf).map(|()| buf);
+            let read = match unusable.take() {
+                Some(e) => Err(e),
+                None => read_bounded(f, limit, &mut buf).map(|()| buf),
+            };
             bytes += read.as_ref().map(Vec::len).unwrap_or(0);
             batch.push((f.clone(), read));
             start += 1;
@@ -88,6 +91,37 @@ pub(super) fn run(a: QueryArgs, json: bool) -> lookalike::Result<ExitCode> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// Query files in the order given, folders walked as `add` walks them. A named path that is
+/// missing or not a regular file is kept with why, to be that query's error: one bad name does
+/// not stop the other queries.
+fn inputs(paths: &[PathBuf]) -> lookalike::Result<Vec<(PathBuf, Option<lookalike::Error>)>> {
+    let mut out = Vec::new();
+    for p in paths {
+        match std::fs::metadata(p) {
+            Ok(m) if m.is_dir() => {
+                let (files, _) = collect(std::slice::from_ref(p))?;
+                out.extend(files.into_iter().map(|f| (f, None)));
+            }
+            Ok(m) if m.is_file() => out.push((p.clone(), None)),
+            Ok(_) => out.push((
+                p.clone(),
+                Some(lookalike::Error::InvalidArgument(format!(
+                    "{} is not a regular file or a folder",
+                    p.display()
+                ))),
+            )),
+            Err(e) => out.push((
+                p.clone(),
+                Some(lookalike::Error::Io {
+                    path: p.clone(),
+                    source: e,
+                }),
+            )),
+        }
+    }
+    Ok(out)
 }
 
 /// Answers one batch of query files (decoded and embedded on every core); returns how many
