@@ -159,7 +159,7 @@ pub mod training;
 
 pub use db::{
     ContentHash, Db, DuplicateGroup, Hit, ImageInfo, ImageMeta, IndexInfo, IndexSource, InsertMode,
-    Inserted, Metadata, ModelInfo, Query, Rerank, LOCK_WAIT,
+    Inserted, Metadata, ModelInfo, Prepared, Query, Rerank, LOCK_WAIT,
 };
 pub use error::{Error, Result};
 pub use lookalike_plugin;

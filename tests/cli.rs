@@ -325,6 +325,26 @@ fn a_scriptable_command_line() {
     let copy = photos.join("b/copy.png").to_string_lossy().into_owned();
     assert_eq!(id_of(&copy), id_of(&a0), "the copy is the stored image");
 
+    // Ids follow file order, also across batches stored by different threads.
+    let small = dir.path().join("small-batches");
+    let (code, _, err) = run(args(&[
+        &os("add"),
+        small.as_os_str(),
+        photos.as_os_str(),
+        &os("--batch"),
+        &os("1"),
+    ]));
+    assert_eq!(code, Some(0), "{err}");
+    let (_, out, _) = run(args(&[&os("export"), small.as_os_str(), &os("--json")]));
+    let sources: Vec<String> = out
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["source"].to_string())
+        .collect();
+    let mut sorted = sources.clone();
+    sorted.sort();
+    assert_eq!(sources, sorted, "ids in file order");
+    assert_eq!(sources.len(), 6);
+
     // The same add again stores nothing and says so.
     let (code, out, _) = run(args(&[&os("add"), db.as_os_str(), photos.as_os_str()]));
     assert_eq!(code, Some(0));

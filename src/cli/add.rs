@@ -315,10 +315,10 @@ struct Added {
 
 /// Streams `files` through the database: a reader thread reads batches of at most `batch`
 /// files and [`BATCH_BYTES`] bytes (into buffers handed back after use), and [`INSERTERS`]
-/// threads insert them with `Db::insert_images_with`, each decoding on every core and
-/// storing in one write. Each file's outcome is printed (bad files always, on stderr; every
-/// file with `json`, on stdout, in the order batches finish). Ids ascend in file order
-/// within a batch; batches may be stored out of order.
+/// threads insert them, each preparing one (`Db::prepare_images_with`: decoding on every
+/// core) while the other stores, and storing in the order the batches were read
+/// (`Db::commit_prepared`), so ids follow file order. Each file's outcome is printed (bad
+/// files always, on stderr; every file with `json`, on stdout).
 fn stream(
     db: &Db,
     files: Vec<(PathBuf, ImageMeta)>,
@@ -336,35 +336,42 @@ fn stream(
         ProgressStyle::with_template("{bar:40} {pos}/{len} images, {per_sec}, eta {eta}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    let (tx, rx) = crossbeam_channel::bounded::<Vec<ReadFile>>(1);
+    let (tx, rx) = crossbeam_channel::bounded::<(u64, Vec<ReadFile>)>(1);
     let (give_back, buffers) = crossbeam_channel::unbounded::<Vec<u8>>();
     let reader = std::thread::spawn(move || {
         let mut items = Vec::new();
         let mut bytes = 0;
+        let mut seq = 0;
         for (f, meta) in files {
             let mut buf = buffers.try_recv().unwrap_or_default();
             let read = read_bounded(&f, limit, &mut buf).map(|()| buf);
             bytes += read.as_ref().map(Vec::len).unwrap_or(0);
             items.push((f, read, meta));
             if items.len() >= batch || bytes >= BATCH_BYTES {
-                if tx.send(std::mem::take(&mut items)).is_err() {
+                if tx.send((seq, std::mem::take(&mut items))).is_err() {
                     return;
                 }
+                seq += 1;
                 bytes = 0;
             }
         }
         if !items.is_empty() {
-            let _ = tx.send(items);
+            let _ = tx.send((seq, items));
         }
     });
     let counts = std::sync::Mutex::new(Added::default());
+    let turn = Turn::default();
     let outcome = std::thread::scope(|scope| {
         let workers: Vec<_> = (0..INSERTERS)
             .map(|_| {
                 let (rx, bar, counts, give_back) = (&rx, &bar, &counts, &give_back);
+                let turn = &turn;
                 scope.spawn(move || -> lookalike::Result<()> {
-                    for items in rx {
-                        let c = insert_batch(db, bar, &items, mode, json)?;
+                    for (seq, items) in rx {
+                        let Some(c) = insert_batch(db, bar, &items, mode, json, (turn, seq))?
+                        else {
+                            return Ok(()); // an earlier batch failed; its error is reported
+                        };
                         if let Ok(mut all) = counts.lock() {
                             all.added += c.added;
                             all.duplicates += c.duplicates;
@@ -401,14 +408,72 @@ fn stream(
     Ok(counts.into_inner().unwrap_or_default())
 }
 
-/// Inserts the readable files of one batch and reports each file's outcome.
+/// Whose turn it is to store: batches are decoded two at a time but stored in the order they
+/// were read, so ids follow file order.
+#[derive(Default)]
+struct Turn {
+    /// The next batch to store, and whether a batch failed (then no later one is stored).
+    next: std::sync::Mutex<(u64, bool)>,
+    moved: std::sync::Condvar,
+}
+
+impl Turn {
+    /// Waits for batch `seq`'s turn; false if an earlier batch failed.
+    fn wait(&self, seq: u64) -> bool {
+        let Ok(mut g) = self.next.lock() else {
+            return false;
+        };
+        while g.0 != seq && !g.1 {
+            g = match self.moved.wait(g) {
+                Ok(g) => g,
+                Err(_) => return false,
+            };
+        }
+        !g.1
+    }
+
+    /// Passes the turn on after batch `seq` (`ok`), or stops every later batch.
+    fn pass(&self, seq: u64, ok: bool) {
+        if let Ok(mut g) = self.next.lock() {
+            if ok && g.0 == seq {
+                g.0 += 1;
+            } else if !ok {
+                g.1 = true;
+            }
+        }
+        self.moved.notify_all();
+    }
+}
+
+/// Passes the turn on when dropped: a batch that fails or panics before storing must not
+/// leave the batches after it waiting.
+struct TurnGuard<'a> {
+    turn: &'a Turn,
+    seq: u64,
+    stored: bool,
+}
+
+impl Drop for TurnGuard<'_> {
+    fn drop(&mut self) {
+        self.turn.pass(self.seq, self.stored);
+    }
+}
+
+/// Inserts the readable files of one batch and reports each file's outcome: decoded at once
+/// with other batches, stored in its turn. `None` when an earlier batch failed.
 fn insert_batch(
     db: &Db,
     bar: &ProgressBar,
     items: &[ReadFile],
     mode: InsertMode,
     json: bool,
-) -> lookalike::Result<Added> {
+    (turn, seq): (&Turn, u64),
+) -> lookalike::Result<Option<Added>> {
+    let mut guard = TurnGuard {
+        turn,
+        seq,
+        stored: false,
+    };
     let mut c = Added::default();
     let mut skip = |f: &Path, e: &lookalike::Error| {
         c.skipped += 1;
@@ -429,7 +494,13 @@ fn insert_batch(
             Err(e) => skip(f, e),
         }
     }
-    let outcomes = db.insert_images_with(good.iter().map(|(_, b, m)| (*b, *m)), mode)?;
+    let prepared = db.prepare_images_with(good.iter().map(|(_, b, m)| (*b, *m)), mode)?;
+    if !turn.wait(seq) {
+        return Ok(None);
+    }
+    let outcomes = db.commit_prepared(prepared)?;
+    guard.stored = true;
+    drop(guard);
     for ((f, _, _), outcome) in good.iter().zip(outcomes) {
         match outcome {
             Ok(inserted) => {
@@ -454,5 +525,5 @@ fn insert_batch(
             Err(e) => skip(f, &e),
         }
     }
-    Ok(c)
+    Ok(Some(c))
 }

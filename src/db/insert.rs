@@ -13,6 +13,42 @@ use crate::preprocess;
 use crate::store::{EntryRecord, NewImage, ENTRY_V2};
 use crate::ImageId;
 
+/// A batch decoded and embedded by [`Db::prepare_images_with`], not stored yet.
+pub struct Prepared<'a> {
+    items: Vec<Item<'a>>,
+    /// Each item's metadata as JSON text.
+    texts: Vec<Option<String>>,
+    /// Each item's embedding, `None` when already decided, or why it was refused.
+    checked: Vec<Result<Option<Embedded>>>,
+    /// Outcomes known before decoding (stored copies under `SkipExisting`).
+    decided: Vec<Option<Result<Inserted>>>,
+    mode: InsertMode,
+    /// The model the embeddings were made with.
+    model: std::sync::Arc<Model>,
+}
+
+impl Prepared<'_> {
+    /// Number of items in the batch.
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    /// True for a batch of no items.
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+}
+
+impl std::fmt::Debug for Prepared<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Prepared")
+            .field("items", &self.items.len())
+            .field("mode", &self.mode)
+            .field("model", &self.model.version)
+            .finish()
+    }
+}
+
 /// One item of a batch on its way in.
 struct Item<'a> {
     bytes: &'a [u8],
@@ -105,6 +141,28 @@ impl Db {
         self.insert_batch(items, mode, false)
     }
 
+    /// The first half of [`Db::insert_images_with`]: checks, hashes, decodes and embeds a
+    /// batch on every core, storing nothing. [`Db::commit_prepared`] stores it. Ids are given
+    /// at the commit, in the batch's order, so a pipeline that prepares batches at once and
+    /// commits them in order stores them with ascending ids (`lookalike add` does).
+    pub fn prepare_images_with<'a, I>(&self, items: I, mode: InsertMode) -> Result<Prepared<'a>>
+    where
+        I: IntoIterator<Item = (&'a [u8], &'a ImageMeta)>,
+    {
+        let items = items
+            .into_iter()
+            .map(|(b, m)| (b, Cow::Borrowed(m)))
+            .collect();
+        self.prepare(items, mode, false)
+    }
+
+    /// Stores a prepared batch: each item's outcome, in order, as [`Db::insert_images_with`]
+    /// returns them. If the active model changed since the batch was prepared, its images are
+    /// embedded with the new one too.
+    pub fn commit_prepared(&self, batch: Prepared<'_>) -> Result<Vec<Result<Inserted>>> {
+        self.commit(batch)
+    }
+
     /// Checks, hashes, decodes, embeds and stores a batch; `all_or_nothing` fails it (storing
     /// nothing) at its first bad image, with [`Error::InBatch`].
     fn insert_batch(
@@ -113,10 +171,19 @@ impl Db {
         mode: InsertMode,
         all_or_nothing: bool,
     ) -> Result<Vec<Result<Inserted>>> {
+        let batch = self.prepare(items, mode, all_or_nothing)?;
+        self.commit(batch)
+    }
+
+    /// Everything of an insert before ids are given: see [`Db::prepare_images_with`].
+    fn prepare<'a>(
+        &self,
+        items: Vec<(&'a [u8], Cow<'a, ImageMeta>)>,
+        mode: InsertMode,
+        all_or_nothing: bool,
+    ) -> Result<Prepared<'a>> {
         self.check_poisoned()?;
-        if items.is_empty() {
-            return Ok(Vec::new());
-        }
+        let model = self.model();
         let n = items.len();
         let items: Vec<Item> = items
             .into_par_iter()
@@ -151,7 +218,6 @@ impl Db {
             .filter(|(_, d)| d.is_none())
             .map(|(i, _)| i.bytes)
             .collect();
-        let model = self.model();
         let mut embedded = self.embed_encoded(&model, &todo)?.into_iter();
         let mut checked: Vec<Result<Option<Embedded>>> = Vec::with_capacity(n);
         for d in &mut decided {
@@ -176,6 +242,28 @@ impl Db {
                 return Err(in_batch(i, n, e));
             }
         }
+        Ok(Prepared {
+            items,
+            texts,
+            checked,
+            decided,
+            mode,
+            model,
+        })
+    }
+
+    /// Gives ids and stores: see [`Db::commit_prepared`].
+    fn commit(&self, batch: Prepared<'_>) -> Result<Vec<Result<Inserted>>> {
+        self.check_poisoned()?;
+        let Prepared {
+            items,
+            texts,
+            checked,
+            decided,
+            mode,
+            model,
+        } = batch;
+        let n = items.len();
         let mut outcomes: Vec<Result<Inserted>> = Vec::with_capacity(n);
         let mut new = Vec::with_capacity(n);
         // Items stored by this batch, by hash, for SkipExisting within the batch.

@@ -27,6 +27,7 @@ mod meta;
 
 pub use duplicates::DuplicateGroup;
 use indexing::{kind_name, open_index};
+pub use insert::Prepared;
 pub use meta::{ContentHash, ImageInfo, ImageMeta, InsertMode, Inserted, Metadata};
 
 /// Images embedded per extractor call.
