@@ -291,7 +291,12 @@ pub(super) fn read_bounded(path: &Path, limit: u64, buf: &mut Vec<u8>) -> lookal
     buf.clear();
     let file = std::fs::File::open(path).map_err(io)?;
     let len = file.metadata().map(|m| m.len()).unwrap_or(0);
-    buf.reserve(usize::try_from(len.min(limit) + 1).unwrap_or(0));
+    // Capacity in powers of two: a reused buffer then seldom has to grow for the next file,
+    // and growing means fresh pages the kernel must zero.
+    let want = usize::try_from(len.min(limit) + 1).unwrap_or(0);
+    if buf.capacity() < want {
+        buf.reserve(want.next_power_of_two());
+    }
     file.take(limit.saturating_add(1))
         .read_to_end(buf)
         .map_err(io)?;
