@@ -455,4 +455,36 @@ fn a_scriptable_command_line() {
         err.contains("lookalike train") && err.contains("lookalike use"),
         "{err}"
     );
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    // So are weights that are not the model's, and bad --meta (nothing is created).
+    let (code, _, err) = run(args(&[
+        &os("add"),
+        db.as_os_str(),
+        photos.as_os_str(),
+        &os("--weights"),
+        photos.join("a/1.png").as_os_str(),
+    ]));
+    assert_eq!(code, Some(2));
+    assert!(err.contains("without weights"), "{err}");
+    let (code, _, err) = run(args(&[
+        &os("add"),
+        new.as_os_str(),
+        photos.as_os_str(),
+        &os("--meta"),
+        &os("[1, 2]"),
+        &os("--json"),
+    ]));
+    assert_eq!(code, Some(2));
+    let e: serde_json::Value = serde_json::from_str(err.trim()).unwrap();
+    assert_eq!(e["kind"], "invalid_argument", "{err}");
+    assert!(!new.exists());
+    let (code, _, err) = run(args(&[
+        &os("query"),
+        db.as_os_str(),
+        b1.as_os_str(),
+        &os("--meta"),
+        &os("shoot"),
+    ]));
+    assert_eq!(code, Some(2));
+    assert!(err.contains("KEY=VALUE"), "{err}");
 }

@@ -160,27 +160,37 @@ fn open_or_create(a: &AddArgs, options: Options) -> lookalike::Result<Db> {
     };
     if existed {
         let m = db.active_model();
+        let weights = match &a.weights {
+            Some(w) => {
+                let bytes = std::fs::read(w).map_err(|e| lookalike::Error::Io {
+                    path: w.clone(),
+                    source: e,
+                })?;
+                Some(lookalike::ContentHash::of(&bytes))
+            }
+            None => None,
+        };
         let differs = a.extractor.as_ref().is_some_and(|e| *e != m.extractor)
-            || a.config.as_ref().is_some_and(|c| *c != m.config);
+            || a.config.as_ref().is_some_and(|c| *c != m.config)
+            || weights.is_some_and(|w| Some(w) != m.weights);
         if differs {
             return Err(lookalike::Error::InvalidArgument(format!(
-                "{} already runs model v{} ({} {:?}); --extractor and --config only choose \
-                 the model of a new database. To change models: `lookalike train {} EXTRACTOR` \
-                 or `lookalike use {} VERSION` (see `lookalike models`)",
+                "{} already runs model v{} ({} {:?}, {}); --extractor, \
+                 --config and --weights only choose the model of a new database. To change \
+                 models: `lookalike train {} EXTRACTOR` or `lookalike use {} VERSION` (see \
+                 `lookalike models`)",
                 a.db.display(),
                 m.version,
                 m.extractor,
                 m.config,
+                if m.weights.is_some() {
+                    "with other weights"
+                } else {
+                    "without weights"
+                },
                 a.db.display(),
                 a.db.display()
             )));
-        }
-        if a.weights.is_some() {
-            eprintln!(
-                "note: --weights is read only when a database is created; {} keeps model v{}",
-                a.db.display(),
-                m.version
-            );
         }
     }
     Ok(db)

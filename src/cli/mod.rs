@@ -100,22 +100,30 @@ pub fn main() -> ExitCode {
     }
 }
 
-/// Prints an error on stderr: one line (and its causes) for people, a JSON object for
-/// programs.
+/// Prints an error on stderr: one line for people, a JSON object for programs.
 fn report(e: &lookalike::Error, json: bool) {
     if json {
         eprintln!(
             "{}",
-            serde_json::json!({"error": e.to_string(), "kind": e.kind()})
+            serde_json::json!({"error": one_line(e), "kind": e.kind()})
         );
         return;
     }
-    eprintln!("error: {e}");
+    eprintln!("error: {}", one_line(e));
+}
+
+/// An error and the causes its message does not already include, on one line.
+fn one_line(e: &lookalike::Error) -> String {
+    let mut line = e.to_string();
     let mut source = std::error::Error::source(e);
     while let Some(s) = source {
-        eprintln!("  caused by: {s}");
+        let cause = s.to_string();
+        if !line.contains(&cause) {
+            line = format!("{line}: {cause}");
+        }
         source = s.source();
     }
+    line.replace('\n', " ")
 }
 
 /// Opens a database that must exist.

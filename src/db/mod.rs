@@ -165,6 +165,9 @@ pub struct ModelInfo {
     pub dim: usize,
     /// Distance metric.
     pub metric: Metric,
+    /// BLAKE3 of its weights (safetensors) as stored; `None` for a training-free extractor.
+    /// Tells whether a weights file is the one a model runs.
+    pub weights: Option<ContentHash>,
 }
 
 /// How the index was obtained at open.
@@ -270,8 +273,13 @@ impl Model {
             config: self.record.config.clone(),
             dim: self.spec.dim,
             metric: self.spec.metric,
+            weights: weights_hash(&self.record),
         }
     }
+}
+
+fn weights_hash(record: &ModelRecord) -> Option<ContentHash> {
+    (!record.weights.is_empty()).then(|| ContentHash::of(&record.weights))
 }
 
 pub(crate) fn now_unix() -> u64 {
@@ -894,6 +902,7 @@ impl Db {
                     config: r.config.clone(),
                     dim: r.dim as usize,
                     metric: metric_from_str(&r.metric, version)?,
+                    weights: weights_hash(&r),
                 });
             }
         }
