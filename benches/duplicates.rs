@@ -31,6 +31,10 @@ use lookalike::datasets::{fashion_mnist, Split};
 use lookalike::{Db, Durability, ImageId, ImageMeta, InsertMode, Options};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
+#[path = "../tests/support/mosaic.rs"]
+mod mosaic;
+use mosaic::{jpeg, mosaic};
+
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
 struct Args {
@@ -56,36 +60,6 @@ fn args() -> Args {
         }
     }
     a
-}
-
-fn jpeg(img: &RgbImage, quality: u8) -> Res<Vec<u8>> {
-    let mut out = std::io::Cursor::new(Vec::new());
-    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, quality).encode_image(img)?;
-    Ok(out.into_inner())
-}
-
-/// A 256 x 256 photo-like image from four Fashion-MNIST images.
-fn photo(tiles: &[Vec<u8>], rng: &mut StdRng) -> RgbImage {
-    let mut small = RgbImage::new(56, 56);
-    for q in 0..4u32 {
-        let t = &tiles[rng.random_range(0..tiles.len())];
-        let tint: [f32; 3] = [
-            rng.random_range(0.3..1.0),
-            rng.random_range(0.3..1.0),
-            rng.random_range(0.3..1.0),
-        ];
-        for (i, v) in t.iter().enumerate() {
-            let (x, y) = ((q % 2) * 28 + i as u32 % 28, (q / 2) * 28 + i as u32 / 28);
-            small.put_pixel(x, y, image::Rgb(tint.map(|k| (f32::from(*v) * k) as u8)));
-        }
-    }
-    let mut big = imageops::resize(&small, 256, 256, imageops::CatmullRom);
-    for p in big.pixels_mut() {
-        for c in &mut p.0 {
-            *c = (i16::from(*c) + rng.random_range(-6i16..=6)).clamp(0, 255) as u8;
-        }
-    }
-    big
 }
 
 /// The kinds of near copy: one change alone, or all four.
@@ -142,7 +116,7 @@ fn near_copy(img: &RgbImage, kind: usize, rng: &mut StdRng) -> Res<Vec<u8>> {
     } else {
         95
     };
-    jpeg(&out, quality)
+    Ok(jpeg(&out, quality))
 }
 
 fn percentile(sorted: &[f32], p: f64) -> f32 {
@@ -158,10 +132,10 @@ fn quality(args: &Args, options: Options) -> Res<()> {
     let n = args.originals;
     let (mut originals, mut copies, mut others) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..n {
-        let img = photo(&test.pixels, &mut rng);
+        let img = mosaic(&test.pixels, 256, &mut rng);
         copies.push(near_copy(&img, i % KINDS.len(), &mut rng)?);
-        originals.push(jpeg(&img, 90)?);
-        others.push(jpeg(&photo(&test.pixels, &mut rng), 90)?);
+        originals.push(jpeg(&img, 90));
+        others.push(jpeg(&mosaic(&test.pixels, 256, &mut rng), 90));
     }
     let dir = tempfile::tempdir()?;
     let db = Db::open_with(dir.path().join("db"), options)?;

@@ -271,6 +271,13 @@ fn acknowledged_inserts_were_fsynced_first() {
     }
 }
 
+/// Every line of `out` as JSON.
+fn json_lines(out: &str) -> Vec<serde_json::Value> {
+    out.lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
 /// Sources, byte-identical files, JSON output for scripts, many queries in one process,
 /// duplicates and export, and what a failed or mismatched `add` leaves.
 #[test]
@@ -303,10 +310,7 @@ fn a_scriptable_command_line() {
         &os("--json"),
     ]));
     assert_eq!(code, Some(0), "{err}");
-    let lines: Vec<serde_json::Value> = out
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = json_lines(&out);
     // One line per file, then the summary.
     assert_eq!(lines.len(), 8, "{out}");
     let summary = &lines[7]["summary"];
@@ -370,10 +374,7 @@ fn a_scriptable_command_line() {
         &os("--json"),
     ]));
     assert_eq!(code, Some(0), "{err}");
-    let answers: Vec<serde_json::Value> = out
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let answers = json_lines(&out);
     assert_eq!(answers.len(), 3);
     assert_eq!(answers[0]["query"], format!("id {}", id_of(&a0)));
     assert_eq!(answers[1]["query"], b1.to_string_lossy().as_ref());
@@ -387,10 +388,7 @@ fn a_scriptable_command_line() {
         &os("--json"),
     ]));
     assert_eq!(code, Some(1));
-    let lines: Vec<serde_json::Value> = out
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = json_lines(&out);
     assert_eq!(lines[0]["kind"], "io", "{out}");
     assert_eq!(lines[1]["hits"].as_array().unwrap().len(), 6);
     let top = &answers[1]["hits"][0];
@@ -400,10 +398,7 @@ fn a_scriptable_command_line() {
 
     // export: every image with its source and hash; duplicates: byte-identical ones group.
     let (_, out, _) = run(args(&[&os("export"), db.as_os_str(), &os("--json")]));
-    let rows: Vec<serde_json::Value> = out
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let rows = json_lines(&out);
     assert_eq!(rows.len(), 6);
     assert!(rows.iter().all(|r| r["hash"].as_str().unwrap().len() == 64));
     std::fs::write(photos.join("b/again.png"), class_png(0, 0)).unwrap();

@@ -3,6 +3,8 @@
 #![allow(clippy::unwrap_used)]
 
 mod common;
+#[path = "support/mosaic.rs"]
+mod mosaic;
 
 mod api;
 mod cli;

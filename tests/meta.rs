@@ -4,6 +4,7 @@ use lookalike::{ContentHash, Error, ImageId, ImageMeta, InsertMode, Inserted, Qu
 use serde_json::json;
 
 use crate::common::{class_png, noise_png, open, relaxed, tempdir};
+use crate::mosaic::{jpeg, mosaic};
 
 fn meta(label: &str, source: &str, metadata: serde_json::Value) -> ImageMeta {
     ImageMeta::label(label)
@@ -221,38 +222,10 @@ fn concurrent_skip_existing_inserts_store_bytes_once() {
     assert_eq!(db.len(), 40);
 }
 
-/// A 128 x 128 photo-like image: four sample images side by side, tinted, upscaled, noisy.
-fn photo(tiles: &[image::RgbImage], seed: u64) -> image::RgbImage {
-    use rand::{rngs::StdRng, Rng, SeedableRng};
-    let mut rng = StdRng::seed_from_u64(seed);
-    let mut small = image::RgbImage::new(56, 56);
-    for q in 0..4u32 {
-        let t = &tiles[rng.random_range(0..tiles.len())];
-        let tint: [f32; 3] = [
-            rng.random_range(0.3..1.0),
-            rng.random_range(0.3..1.0),
-            rng.random_range(0.3..1.0),
-        ];
-        for (x, y, p) in t.enumerate_pixels() {
-            let px = image::Rgb([0, 1, 2].map(|c| (f32::from(p.0[c]) * tint[c]) as u8));
-            small.put_pixel((q % 2) * 28 + x, (q / 2) * 28 + y, px);
-        }
-    }
-    let mut big = image::imageops::resize(&small, 128, 128, image::imageops::CatmullRom);
-    for p in big.pixels_mut() {
-        for c in &mut p.0 {
-            *c = (i16::from(*c) + rng.random_range(-6i16..=6)).clamp(0, 255) as u8;
-        }
-    }
-    big
-}
-
-fn jpeg(img: &image::RgbImage, quality: u8) -> Vec<u8> {
-    let mut out = std::io::Cursor::new(Vec::new());
-    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, quality)
-        .encode_image(img)
-        .unwrap();
-    out.into_inner()
+/// A 128 x 128 photo-like image from the sample's tiles.
+fn photo(tiles: &[Vec<u8>], seed: u64) -> image::RgbImage {
+    use rand::SeedableRng;
+    mosaic(tiles, 128, &mut rand::rngs::StdRng::seed_from_u64(seed))
 }
 
 /// A copy as a user's collection has them: re-encoded at quality 75, then by `variant` also
@@ -286,7 +259,12 @@ fn near_identical_images_group_and_different_ones_do_not() {
     let mut tiles = Vec::new();
     for label in ["bag", "sandal", "trouser", "sneaker", "dress"] {
         for e in std::fs::read_dir(sample.join(label)).unwrap() {
-            tiles.push(image::open(e.unwrap().path()).unwrap().to_rgb8());
+            tiles.push(
+                image::open(e.unwrap().path())
+                    .unwrap()
+                    .to_luma8()
+                    .into_raw(),
+            );
         }
     }
     let originals: Vec<image::RgbImage> = (0..20).map(|s| photo(&tiles, s)).collect();

@@ -16,12 +16,6 @@ use crate::ImageId;
 /// A batch decoded and embedded by [`Db::prepare_images_with`], not stored yet.
 pub struct Prepared<'a> {
     items: Vec<Item<'a>>,
-    /// Each item's metadata as JSON text.
-    texts: Vec<Option<String>>,
-    /// Each item's embedding, `None` when already decided, or why it was refused.
-    checked: Vec<Result<Option<Embedded>>>,
-    /// Outcomes known before decoding (stored copies under `SkipExisting`).
-    decided: Vec<Option<Result<Inserted>>>,
     mode: InsertMode,
     /// The model the embeddings were made with.
     model: std::sync::Arc<Model>,
@@ -54,6 +48,21 @@ struct Item<'a> {
     bytes: &'a [u8],
     meta: Cow<'a, ImageMeta>,
     hash: [u8; 32],
+    /// The metadata object as JSON text, once checked.
+    text: Option<String>,
+    stage: Stage,
+}
+
+/// How far an item got before ids are given.
+enum Stage {
+    /// Checked, to be decoded.
+    Pending,
+    /// Refused (metadata, decoding): nothing of it is stored.
+    Refused(Error),
+    /// Its bytes are stored already, under this id (`InsertMode::SkipExisting`).
+    Stored(ImageId),
+    /// Decoded and embedded, to be stored.
+    Embedded(Embedded),
 }
 
 impl Db {
@@ -134,11 +143,8 @@ impl Db {
     where
         I: IntoIterator<Item = (&'a [u8], &'a ImageMeta)>,
     {
-        let items = items
-            .into_iter()
-            .map(|(b, m)| (b, Cow::Borrowed(m)))
-            .collect();
-        self.insert_batch(items, mode, false)
+        let batch = self.prepare_images_with(items, mode)?;
+        self.commit_prepared(batch)
     }
 
     /// The first half of [`Db::insert_images_with`]: checks, hashes, decodes and embeds a
@@ -160,132 +166,27 @@ impl Db {
     /// returns them. If the active model changed since the batch was prepared, its images are
     /// embedded with the new one too.
     pub fn commit_prepared(&self, batch: Prepared<'_>) -> Result<Vec<Result<Inserted>>> {
-        self.commit(batch)
-    }
-
-    /// Checks, hashes, decodes, embeds and stores a batch; `all_or_nothing` fails it (storing
-    /// nothing) at its first bad image, with [`Error::InBatch`].
-    fn insert_batch(
-        &self,
-        items: Vec<(&[u8], Cow<'_, ImageMeta>)>,
-        mode: InsertMode,
-        all_or_nothing: bool,
-    ) -> Result<Vec<Result<Inserted>>> {
-        let batch = self.prepare(items, mode, all_or_nothing)?;
-        self.commit(batch)
-    }
-
-    /// Everything of an insert before ids are given: see [`Db::prepare_images_with`].
-    fn prepare<'a>(
-        &self,
-        items: Vec<(&'a [u8], Cow<'a, ImageMeta>)>,
-        mode: InsertMode,
-        all_or_nothing: bool,
-    ) -> Result<Prepared<'a>> {
         self.check_poisoned()?;
-        let model = self.model();
-        let n = items.len();
-        let items: Vec<Item> = items
-            .into_par_iter()
-            .map(|(bytes, meta)| Item {
-                hash: ContentHash::of(bytes).0,
-                bytes,
-                meta,
-            })
-            .collect();
-        // What is decided before decoding: bad metadata, and images already stored.
-        let mut decided: Vec<Option<Result<Inserted>>> = Vec::with_capacity(n);
-        let mut texts = Vec::with_capacity(n);
-        for item in &items {
-            match check_meta(&item.meta) {
-                Err(e) => {
-                    decided.push(Some(Err(e)));
-                    texts.push(None);
-                }
-                Ok(text) => {
-                    let existing = match mode {
-                        InsertMode::SkipExisting => self.stored_copy(&item.hash)?,
-                        InsertMode::Always => None,
-                    };
-                    decided.push(existing.map(|id| Ok(Inserted::Existing(id))));
-                    texts.push(text);
-                }
-            }
-        }
-        let todo: Vec<&[u8]> = items
-            .iter()
-            .zip(&decided)
-            .filter(|(_, d)| d.is_none())
-            .map(|(i, _)| i.bytes)
-            .collect();
-        let mut embedded = self.embed_encoded(&model, &todo)?.into_iter();
-        let mut checked: Vec<Result<Option<Embedded>>> = Vec::with_capacity(n);
-        for d in &mut decided {
-            checked.push(match d.take() {
-                Some(Ok(existing)) => {
-                    *d = Some(Ok(existing));
-                    Ok(None)
-                }
-                Some(Err(e)) => Err(e),
-                None => embedded
-                    .next()
-                    .ok_or_else(|| Error::InvalidArgument("an image was not embedded".into()))?
-                    .map(Some),
-            });
-        }
-        if all_or_nothing {
-            if let Some(i) = checked.iter().position(Result::is_err) {
-                let e = match checked.swap_remove(i) {
-                    Err(e) => e,
-                    Ok(_) => Error::InvalidArgument("a failed item had no error".into()),
-                };
-                return Err(in_batch(i, n, e));
-            }
-        }
-        Ok(Prepared {
-            items,
-            texts,
-            checked,
-            decided,
-            mode,
-            model,
-        })
-    }
-
-    /// Gives ids and stores: see [`Db::commit_prepared`].
-    fn commit(&self, batch: Prepared<'_>) -> Result<Vec<Result<Inserted>>> {
-        self.check_poisoned()?;
-        let Prepared {
-            items,
-            texts,
-            checked,
-            decided,
-            mode,
-            model,
-        } = batch;
+        let Prepared { items, mode, model } = batch;
         let n = items.len();
         let mut outcomes: Vec<Result<Inserted>> = Vec::with_capacity(n);
         let mut new = Vec::with_capacity(n);
         // Items stored by this batch, by hash, for SkipExisting within the batch.
         let mut first_of: std::collections::HashMap<[u8; 32], ImageId> = Default::default();
-        for ((item, text), (c, d)) in items
-            .iter()
-            .zip(texts)
-            .zip(checked.into_iter().zip(decided))
-        {
-            let e = match (c, d) {
-                (Err(e), _) => {
+        for item in items {
+            let e = match item.stage {
+                Stage::Embedded(e) => e,
+                Stage::Refused(e) => {
                     outcomes.push(Err(e));
                     continue;
                 }
-                (Ok(None), Some(done)) => {
-                    outcomes.push(done);
+                Stage::Stored(id) => {
+                    outcomes.push(Ok(Inserted::Existing(id)));
                     continue;
                 }
-                (Ok(Some(e)), _) => e,
-                (Ok(None), None) => {
+                Stage::Pending => {
                     outcomes.push(Err(Error::InvalidArgument(
-                        "an image was neither stored nor refused".into(),
+                        "an image was not embedded".into(),
                     )));
                     continue;
                 }
@@ -308,7 +209,7 @@ impl Db {
                     width: e.width,
                     height: e.height,
                     source: item.meta.source.clone(),
-                    metadata: text,
+                    metadata: item.text,
                     hash: item.hash,
                 },
                 vector: e.vector,
@@ -341,6 +242,78 @@ impl Db {
             self.store_new(&model, new)?;
         }
         Ok(outcomes)
+    }
+
+    /// Checks, hashes, decodes, embeds and stores a batch; `all_or_nothing` fails it (storing
+    /// nothing) at its first bad image, with [`Error::InBatch`].
+    fn insert_batch(
+        &self,
+        items: Vec<(&[u8], Cow<'_, ImageMeta>)>,
+        mode: InsertMode,
+        all_or_nothing: bool,
+    ) -> Result<Vec<Result<Inserted>>> {
+        let batch = self.prepare(items, mode, all_or_nothing)?;
+        self.commit_prepared(batch)
+    }
+
+    /// Everything of an insert before ids are given: see [`Db::prepare_images_with`].
+    fn prepare<'a>(
+        &self,
+        items: Vec<(&'a [u8], Cow<'a, ImageMeta>)>,
+        mode: InsertMode,
+        all_or_nothing: bool,
+    ) -> Result<Prepared<'a>> {
+        self.check_poisoned()?;
+        let model = self.model();
+        let n = items.len();
+        let mut items: Vec<Item> = items
+            .into_par_iter()
+            .map(|(bytes, meta)| Item {
+                hash: ContentHash::of(bytes).0,
+                bytes,
+                meta,
+                text: None,
+                stage: Stage::Pending,
+            })
+            .collect();
+        // What is decided before decoding: bad metadata, and images already stored.
+        for item in &mut items {
+            match check_meta(&item.meta) {
+                Err(e) => item.stage = Stage::Refused(e),
+                Ok(text) => {
+                    item.text = text;
+                    if mode == InsertMode::SkipExisting {
+                        if let Some(id) = self.stored_copy(&item.hash)? {
+                            item.stage = Stage::Stored(id);
+                        }
+                    }
+                }
+            }
+        }
+        let pending = |i: &&mut Item| matches!(i.stage, Stage::Pending);
+        let todo: Vec<&[u8]> = items
+            .iter()
+            .filter(|i| matches!(i.stage, Stage::Pending))
+            .map(|i| i.bytes)
+            .collect();
+        let embedded = self.embed_encoded(&model, &todo)?;
+        for (item, e) in items.iter_mut().filter(pending).zip(embedded) {
+            item.stage = match e {
+                Ok(e) => Stage::Embedded(e),
+                Err(e) => Stage::Refused(e),
+            };
+        }
+        if all_or_nothing {
+            if let Some(i) = items
+                .iter()
+                .position(|i| matches!(i.stage, Stage::Refused(_)))
+            {
+                if let Stage::Refused(e) = std::mem::replace(&mut items[i].stage, Stage::Pending) {
+                    return Err(in_batch(i, n, e));
+                }
+            }
+        }
+        Ok(Prepared { items, mode, model })
     }
 
     /// The smallest id of a stored image with these bytes.

@@ -28,7 +28,7 @@ pub(crate) const MAX_SOURCE_BYTES: usize = 4096;
 pub(crate) const MAX_METADATA_BYTES: usize = 16 << 10;
 /// Metadata keys and values (as JSON text) longer than this are stored but not indexed, so a
 /// query cannot filter on them.
-pub(crate) const MAX_INDEXED_BYTES: usize = 256;
+const MAX_INDEXED_BYTES: usize = 256;
 /// `meta` key present while format-1 entries are being rewritten.
 pub(crate) const META_UPGRADING: &[u8] = b"upgrading_entries";
 
@@ -85,11 +85,7 @@ fn hash_key(hash: &[u8; 32], id: ImageId) -> [u8; 40] {
 
 /// The `metadata_index` key of one metadata field: key length (u16 BE), key, value length
 /// (u16 BE), value as compact JSON, id (u64 BE); `None` for a field that is not indexed.
-pub(crate) fn meta_key(
-    key: &str,
-    value: &serde_json::Value,
-    id: Option<ImageId>,
-) -> Option<Vec<u8>> {
+fn meta_key(key: &str, value: &serde_json::Value, id: Option<ImageId>) -> Option<Vec<u8>> {
     let text = indexed_value(value)?;
     if key.len() > MAX_INDEXED_BYTES {
         return None;
@@ -107,7 +103,7 @@ pub(crate) fn meta_key(
 
 /// The JSON text under which a metadata value is indexed: strings, numbers and booleans up to
 /// [`MAX_INDEXED_BYTES`]; `None` for the rest.
-pub(crate) fn indexed_value(value: &serde_json::Value) -> Option<String> {
+fn indexed_value(value: &serde_json::Value) -> Option<String> {
     use serde_json::Value;
     match value {
         Value::String(_) | Value::Number(_) | Value::Bool(_) => {
