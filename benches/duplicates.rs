@@ -31,8 +31,11 @@ use lookalike::datasets::{fashion_mnist, Split};
 use lookalike::{Db, Durability, ImageId, ImageMeta, InsertMode, Options};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
+#[path = "support/fashion_db.rs"]
+mod fashion_db;
 #[path = "../tests/support/mosaic.rs"]
 mod mosaic;
+use fashion_db::cached_db;
 use mosaic::{jpeg, mosaic};
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
@@ -247,51 +250,9 @@ fn quality(args: &Args, options: Options) -> Res<()> {
     Ok(())
 }
 
-/// `n` Fashion-MNIST images as PNGs: train, test, then mirrored train images.
-fn fashion_pngs(data: &Path, n: usize) -> Res<Vec<Vec<u8>>> {
-    let train = fashion_mnist(data.join("fashion-mnist"), Split::Train)?;
-    let test = fashion_mnist(data.join("fashion-mnist"), Split::Test)?;
-    let mut out = Vec::with_capacity(n);
-    for set in [&train, &test] {
-        for i in 0..set.len() {
-            if out.len() == n {
-                return Ok(out);
-            }
-            out.push(set.png(i)?);
-        }
-    }
-    for px in &train.pixels {
-        if out.len() == n {
-            break;
-        }
-        let img = image::GrayImage::from_raw(28, 28, px.clone()).ok_or("bad pixels")?;
-        let mut c = std::io::Cursor::new(Vec::new());
-        imageops::flip_horizontal(&img).write_to(&mut c, image::ImageFormat::Png)?;
-        out.push(c.into_inner());
-    }
-    Ok(out)
-}
-
 fn scale(args: &Args, root: &Path) -> Res<()> {
     let n = args.scale;
-    let path = root.join(format!("target/bench-duplicates/db-{n}"));
-    let ready = path.join("READY");
-    if !ready.exists() {
-        let _ = std::fs::remove_dir_all(&path);
-        let pngs = fashion_pngs(&args.data, n)?;
-        let started = Instant::now();
-        let db = Db::open_with(&path, Options::default().durability(Durability::Relaxed))?;
-        for chunk in pngs.chunks(1000) {
-            db.insert_images(chunk.iter().map(|b| (&b[..], None)))?;
-        }
-        db.flush()?;
-        drop(db);
-        std::fs::write(&ready, b"")?;
-        println!(
-            "made a database of {n} images in {:.0} s",
-            started.elapsed().as_secs_f64()
-        );
-    }
+    let path = cached_db(root, &args.data, n)?;
     let bin = root.join("target/release/lookalike");
     let out = Command::new("/usr/bin/time")
         .args(["-f", "%e %M"])

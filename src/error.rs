@@ -233,6 +233,21 @@ impl Error {
         }
     }
 
+    /// The message with the causes it does not already include, on one line: what the CLI
+    /// prints and what `lookalike serve` answers as `{"error": ...}`.
+    pub fn message(&self) -> String {
+        let mut line = self.to_string();
+        let mut source = std::error::Error::source(self);
+        while let Some(s) = source {
+            let cause = s.to_string();
+            if !line.contains(&cause) {
+                line = format!("{line}: {cause}");
+            }
+            source = s.source();
+        }
+        line.replace('\n', " ")
+    }
+
     pub(crate) fn plugin(name: &str, source: lookalike_plugin::PluginError) -> Self {
         Error::Plugin {
             name: name.to_string(),

@@ -106,6 +106,7 @@
 //! * `simnet` (default): the multi-scale Siamese `simnet` extractor ([`simnet`]).
 //! * `mlp-diff` (default): the |x1 - x2| pair scorer used by [`Query::rerank`] and
 //!   [`Db::same`] ([`mlp_diff`]).
+//! * `serve` (default): [`serve`], the HTTP API and page of `lookalike serve` (axum, tokio).
 //! * `gpu`: candle's CUDA backend and FAISS's GPU build (needs CUDA; never needed by tests;
 //!   not yet checked on a GPU machine).
 //!
@@ -154,6 +155,8 @@ mod index;
 mod options;
 mod preprocess;
 mod registry;
+#[cfg(feature = "serve")]
+pub mod serve;
 mod store;
 pub mod training;
 

@@ -20,4 +20,5 @@ mod photos;
 mod pretrained;
 mod robustness;
 mod scorer;
+mod serve;
 mod training;

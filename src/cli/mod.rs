@@ -4,6 +4,8 @@
 mod add;
 mod inspect;
 mod query;
+#[cfg(feature = "serve")]
+mod serve;
 mod train;
 
 use std::path::{Path, PathBuf};
@@ -64,6 +66,9 @@ enum Command {
         /// The model version.
         version: u32,
     },
+    /// Serve the HTTP API and the page (http://127.0.0.1:7878 by default).
+    #[cfg(feature = "serve")]
+    Serve(serve::ServeArgs),
     /// Remove images by id.
     Remove {
         /// The database directory.
@@ -105,25 +110,11 @@ fn report(e: &lookalike::Error, json: bool) {
     if json {
         eprintln!(
             "{}",
-            serde_json::json!({"error": one_line(e), "kind": e.kind()})
+            serde_json::json!({"error": e.message(), "kind": e.kind()})
         );
         return;
     }
-    eprintln!("error: {}", one_line(e));
-}
-
-/// An error and the causes its message does not already include, on one line.
-fn one_line(e: &lookalike::Error) -> String {
-    let mut line = e.to_string();
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        let cause = s.to_string();
-        if !line.contains(&cause) {
-            line = format!("{line}: {cause}");
-        }
-        source = s.source();
-    }
-    line.replace('\n', " ")
+    eprintln!("error: {}", e.message());
 }
 
 /// Opens a database that must exist.
@@ -149,6 +140,8 @@ fn run(cli: Cli) -> lookalike::Result<ExitCode> {
         Command::Stats { db } => inspect::stats(&existing(&db)?, json),
         Command::Export { db } => inspect::export(&existing(&db)?, json),
         Command::Train(args) => train::run(args, json),
+        #[cfg(feature = "serve")]
+        Command::Serve(args) => serve::run(args),
         Command::Models { db } => inspect::models(&existing(&db)?, json),
         Command::Use { db, version } => {
             existing(&db)?.use_model(version)?;

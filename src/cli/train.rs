@@ -146,6 +146,26 @@ fn train(
                 p.loss, p.images_per_second, p.pairs_per_second
             ));
         }
+        Phase::Baseline => {
+            if let (Some(m), true) = (&p.validation, json) {
+                out!(
+                    "{}",
+                    serde_json::json!({"epoch": 0, "accuracy_at_1": m.accuracy_at_1,
+                                       "map_at_10": m.map_at_10})
+                );
+            } else if let Some(m) = &p.validation {
+                b.suspend(|| {
+                    out!(
+                        "before training: validation accuracy@1 {:.2} %, mAP@10 {:.2} %",
+                        m.accuracy_at_1 * 100.0,
+                        m.map_at_10 * 100.0
+                    )
+                });
+            } else {
+                b.set_prefix("evaluating");
+                b.set_message("the active model");
+            }
+        }
         Phase::Evaluating => {
             if let (Some(m), true) = (&p.validation, json) {
                 out!(

@@ -777,6 +777,60 @@ impl Db {
         ids
     }
 
+    /// Up to `limit` ids in ascending order after `after` (from the start when `None`), of
+    /// the images labelled `label` (every image when `None`): pages through a database or a
+    /// label without listing all of it. The next page starts after the last id returned.
+    ///
+    /// ```
+    /// # fn main() -> lookalike::Result<()> {
+    /// # let dir = tempfile::tempdir().map_err(|e| lookalike::Error::InvalidArgument(e.to_string()))?;
+    /// let db = lookalike::Db::open(dir.path().join("pages.db"))?;
+    /// assert!(db.browse(Some("bag"), None, 20).is_empty());
+    /// # Ok(()) }
+    /// ```
+    pub fn browse(
+        &self,
+        label: Option<&str>,
+        after: Option<ImageId>,
+        limit: usize,
+    ) -> Vec<ImageId> {
+        let Ok(state) = self.read_state() else {
+            return Vec::new();
+        };
+        let start = after.map_or(std::ops::Bound::Unbounded, |a| {
+            std::ops::Bound::Excluded(a.0)
+        });
+        match label {
+            Some(l) => state.by_label.get(l).map_or_else(Vec::new, |ids| {
+                ids.range((start, std::ops::Bound::Unbounded))
+                    .take(limit)
+                    .map(|i| ImageId(*i))
+                    .collect()
+            }),
+            None => {
+                // The id map is unordered: one pass keeps the `limit` smallest ids after `after`.
+                let mut heap = std::collections::BinaryHeap::with_capacity(limit.min(4096) + 1);
+                let floor = after.map_or(0, |a| a.0.saturating_add(1));
+                for id in state.labels.keys().copied().filter(|i| *i >= floor) {
+                    if heap.len() < limit {
+                        heap.push(id);
+                    } else if heap.peek().is_some_and(|top| id < *top) {
+                        heap.pop();
+                        heap.push(id);
+                    }
+                }
+                let mut ids: Vec<ImageId> = heap.into_iter().map(ImageId).collect();
+                ids.sort();
+                ids
+            }
+        }
+    }
+
+    /// The options this handle was opened with.
+    pub fn options(&self) -> &Options {
+        &self.inner.options
+    }
+
     /// Registry names of the extractor plugins this handle knows.
     pub fn extractors(&self) -> Vec<String> {
         self.inner.registry.names()

@@ -67,6 +67,11 @@ pub(crate) struct Thumb {
 }
 
 impl Thumb {
+    /// The fitted pixels: `height x width x channels` bytes of the spec it was fitted to.
+    pub(crate) fn into_pixels(self) -> Vec<u8> {
+        self.pixels
+    }
+
     /// Appends the `C x H x W` normalised values (`(x / 255 - mean) / std`) to `out`.
     pub(crate) fn normalised_into(&self, spec: &InputSpec, out: &mut Vec<f32>) {
         let c = spec.channels as usize;

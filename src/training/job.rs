@@ -290,18 +290,19 @@ pub(crate) fn train_extractor(db: &Db, name: &str, opts: TrainOptions) -> Result
             }
         }
         None => {
-            report(progress_at(
-                Phase::Evaluating,
-                0,
-                0,
-                steps,
-                0.0,
-                None,
-                (0, 0),
-            ));
+            report(progress_at(Phase::Baseline, 0, 0, steps, 0.0, None, (0, 0)));
             evalset.evaluate_active(db)?
         }
     };
+    report(progress_at(
+        Phase::Baseline,
+        0,
+        0,
+        steps,
+        0.0,
+        Some(before),
+        (0, 0),
+    ));
     let resumed_from = checkpoint.as_ref().map(|_| start_epoch);
     let run_started = Instant::now();
     let (run_images0, run_pairs0) = (images_seen, pairs_seen);
@@ -522,9 +523,10 @@ pub(crate) fn train_extractor(db: &Db, name: &str, opts: TrainOptions) -> Result
     let after = match last_eval {
         Some((e, m)) if e == epochs_done && !out_of_time => m,
         _ => {
+            // The last epoch, cut short by the time budget (or not yet evaluated).
             report(progress_at(
                 Phase::Evaluating,
-                epochs_done,
+                epochs_done.saturating_sub(1),
                 0,
                 steps,
                 0.0,
@@ -533,6 +535,15 @@ pub(crate) fn train_extractor(db: &Db, name: &str, opts: TrainOptions) -> Result
             ));
             let m = evalset.evaluate(db, name, frozen.as_ref(), &spec)?;
             history.push((train_seconds / 60.0, m.accuracy_at_1, m.map_at_10));
+            report(progress_at(
+                Phase::Evaluating,
+                epochs_done.saturating_sub(1),
+                steps,
+                steps,
+                0.0,
+                Some(m),
+                (0, 0),
+            ));
             m
         }
     };

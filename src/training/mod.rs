@@ -167,7 +167,11 @@ impl Default for Augment {
 /// What a job is doing when it reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
-    /// Evaluating a model on the held-out split.
+    /// Evaluating the active model on the held-out split before training: the report after
+    /// it carries its metrics (the start of the validation curve; also reported on resume).
+    Baseline,
+    /// Evaluating the model being trained on the held-out split; `epoch` is the epoch just
+    /// finished (from 0).
     Evaluating,
     /// Optimiser steps.
     Training,
