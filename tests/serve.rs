@@ -744,3 +744,97 @@ async fn training_jobs_stream_events_switch_models_and_cancel() {
     assert_eq!(call(&app, back).await.json(), json!({"active": 1}));
     assert_eq!(db.active_model().version, 1);
 }
+
+/// One HTTP/1.1 request over a fresh connection: the raw answer.
+fn http(addr: &str, request: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+#[test]
+fn the_server_stops_on_sigterm_with_a_job_running_and_a_stream_open() {
+    use std::io::{Read, Write};
+    let dir = tempdir();
+    let path = dir.path().join("db");
+    {
+        let db = Db::open_with(&path, relaxed()).unwrap();
+        let sample = crate::training::sample();
+        db.insert_images(sample.iter().map(|(b, l)| (b.as_slice(), Some(l.as_str()))))
+            .unwrap();
+    }
+    let addr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let mut server = std::process::Command::new(env!("CARGO_BIN_EXE_lookalike"))
+        .arg("serve")
+        .arg(&path)
+        .args(["--addr", &addr])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while std::net::TcpStream::connect(&addr).is_err() {
+        assert!(
+            started.elapsed().as_secs() < 20,
+            "the server did not come up"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let body = r#"{"extractor": "simnet", "config": "cpu-gray", "epochs": 500}"#;
+    let answer = http(
+        &addr,
+        &format!(
+            "POST /api/train HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        ),
+    );
+    assert!(answer.starts_with("HTTP/1.1 202"), "{answer}");
+    // A page following the job: its stream stays open until the shutdown ends it.
+    let mut stream = std::net::TcpStream::connect(&addr).unwrap();
+    stream
+        .write_all(b"GET /api/train/1/events HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut first = [0u8; 64];
+    let n = stream.read(&mut first).unwrap();
+    assert!(String::from_utf8_lossy(&first[..n]).starts_with("HTTP/1.1 200"));
+    std::thread::sleep(std::time::Duration::from_millis(500));
+
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &server.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let stopped = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = server.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            stopped.elapsed().as_secs() < 30,
+            "the server did not stop within 30 s of SIGTERM"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    server
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(status.success(), "{status:?}: {err}");
+    assert!(err.contains("stopped; the database is closed"), "{err}");
+    // The stream was ended, the job cancelled: the database is as it was, and opens.
+    let mut rest = Vec::new();
+    let _ = stream.read_to_end(&mut rest);
+    let db = Db::open(&path).unwrap();
+    assert_eq!(db.len(), 300);
+    assert_eq!(db.models().unwrap().len(), 1);
+    assert_eq!(db.active_model().extractor, "classic");
+}

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use lookalike::serve::{router, ServeOptions};
+use lookalike::serve::ServeOptions;
 
 use super::existing;
 
@@ -53,7 +53,6 @@ pub(super) fn run(a: ServeArgs) -> lookalike::Result<ExitCode> {
             a.addr
         );
     }
-    let app = router(db, options);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -66,6 +65,7 @@ pub(super) fn run(a: ServeArgs) -> lookalike::Result<ExitCode> {
         a.db.display(),
         a.addr
     );
-    runtime.block_on(lookalike::serve::serve(app, a.addr))?;
+    runtime.block_on(lookalike::serve::serve(db, options, a.addr))?;
+    eprintln!("stopped; the database is closed");
     Ok(ExitCode::SUCCESS)
 }

@@ -28,12 +28,53 @@ use crate::{CancelToken, Db, Error, Metrics, Phase, Progress, TrainOptions, Trai
 const PROGRESS_EVERY: Duration = Duration::from_millis(500);
 
 /// The training jobs this server started, and the held-out metrics of the models they made.
-#[derive(Default)]
 pub(crate) struct Jobs {
     next: AtomicU64,
     jobs: Mutex<HashMap<u64, Arc<Job>>>,
     /// Model version -> {"before", "after"} metrics of the job that made it.
     metrics: Mutex<HashMap<u32, Value>>,
+    /// The jobs' threads, joined at shutdown.
+    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    /// Set when the server shuts down: event streams end, so that the shutdown does not wait
+    /// for a long job's stream.
+    closing: tokio::sync::watch::Sender<bool>,
+}
+
+impl Default for Jobs {
+    fn default() -> Self {
+        Jobs {
+            next: AtomicU64::new(0),
+            jobs: Mutex::default(),
+            metrics: Mutex::default(),
+            threads: Mutex::default(),
+            closing: tokio::sync::watch::channel(false).0,
+        }
+    }
+}
+
+impl Jobs {
+    /// Ends every event stream and asks every running job to stop at its next step (a job
+    /// cancelled changes nothing; its checkpoint of finished epochs stays for a resume).
+    pub(crate) fn shut_down(&self) {
+        self.closing.send_replace(true);
+        if let Ok(jobs) = self.jobs.lock() {
+            for job in jobs.values() {
+                job.cancel.cancel();
+            }
+        }
+    }
+
+    /// Waits for the jobs' threads to end.
+    pub(crate) fn join(&self) {
+        let threads = self
+            .threads
+            .lock()
+            .map(|mut t| std::mem::take(&mut *t))
+            .unwrap_or_default();
+        for t in threads {
+            let _ = t.join();
+        }
+    }
 }
 
 /// One training job.
@@ -209,10 +250,14 @@ pub(super) async fn start(
     };
     let opts = opts.cancel_token(job.cancel.clone());
     let (db, state, j) = (s.db.clone(), Arc::clone(&s), Arc::clone(&job));
-    std::thread::Builder::new()
+    let thread = std::thread::Builder::new()
         .name(format!("train-{}", job.id))
         .spawn(move || run(&db, &state, &j, opts))
         .map_err(|e| Error::io("training thread", e))?;
+    if let Ok(mut threads) = s.jobs.threads.lock() {
+        threads.retain(|t| !t.is_finished());
+        threads.push(thread);
+    }
     Ok((
         StatusCode::ACCEPTED,
         Json(json!({"job": job.id, "events": format!("/api/train/{}/events", job.id)})),
@@ -370,9 +415,10 @@ pub(super) async fn events(
     Path(id): Path<String>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let job = job(&s, &id)?;
-    let rx = job.tick.subscribe();
-    let stream =
-        futures_util::stream::unfold((job, 0usize, rx), |(job, next, mut rx)| async move {
+    let start = (job.tick.subscribe(), s.jobs.closing.subscribe(), 0usize);
+    let stream = futures_util::stream::unfold(start, move |(mut rx, mut closing, next)| {
+        let job = Arc::clone(&job);
+        async move {
             loop {
                 let (item, ended) = match job.log.lock() {
                     Ok(l) => (l.events.get(next).cloned(), l.ended.is_some()),
@@ -380,12 +426,17 @@ pub(super) async fn events(
                 };
                 if let Some((name, data)) = item {
                     let event = Event::default().event(name).data(data.to_string());
-                    return Some((Ok(event), (job, next + 1, rx)));
+                    return Some((Ok(event), (rx, closing, next + 1)));
                 }
-                if ended || rx.changed().await.is_err() {
+                if ended || *closing.borrow() {
                     return None;
                 }
+                tokio::select! {
+                    changed = rx.changed() => if changed.is_err() { return None },
+                    _ = closing.changed() => return None,
+                }
             }
-        });
+        }
+    });
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
 }

@@ -9,11 +9,17 @@
 //!
 //! ```no_run
 //! # fn main() -> lookalike::Result<()> {
+//! use lookalike::serve::{router, serve, ServeOptions};
+//!
 //! let db = lookalike::Db::open("shop.db")?;
-//! let app = lookalike::serve::router(db, lookalike::serve::ServeOptions::default());
-//! // Mount `app` in your own axum server, or run it alone:
-//! // lookalike::serve::serve(app, "127.0.0.1:7878".parse().unwrap()).await
-//! # let _ = app; Ok(()) }
+//! // Mount the API and the page in your own axum server under some path...
+//! let app = axum::Router::new().nest("/images", router(db.clone(), ServeOptions::default()));
+//! # let _ = app;
+//! // ...or run them alone until Ctrl-C:
+//! let runtime = tokio::runtime::Runtime::new()
+//!     .map_err(|e| lookalike::Error::InvalidArgument(e.to_string()))?;
+//! runtime.block_on(serve(db, ServeOptions::default(), ([127, 0, 0, 1], 7878).into()))?;
+//! # Ok(()) }
 //! ```
 
 mod api;
@@ -78,8 +84,13 @@ pub(crate) struct State {
 
 pub(crate) type Shared = Arc<State>;
 
-/// The HTTP API and the page over `db`: mount it in an axum server or run it with [`serve`].
+/// The HTTP API and the page over `db`, to mount in an axum server ([`serve`] runs one).
 pub fn router(db: Db, options: ServeOptions) -> Router {
+    app(db, options).0
+}
+
+/// The router and the state its handlers share.
+fn app(db: Db, options: ServeOptions) -> (Router, Shared) {
     // An upload is the image plus its multipart framing and form fields.
     let max_body = usize::try_from(db.options().image_byte_limit())
         .unwrap_or(usize::MAX)
@@ -112,23 +123,35 @@ pub fn router(db: Db, options: ServeOptions) -> Router {
         .route("/train/{job}", delete(jobs::cancel))
         .fallback(api::not_found)
         .layer(DefaultBodyLimit::max(max_body));
-    Router::new()
+    let router = Router::new()
         .nest("/api", api)
         .merge(page::routes())
         .layer(tower_http::compression::CompressionLayer::new())
-        .with_state(state)
+        .with_state(Arc::clone(&state));
+    (router, state)
 }
 
-/// Serves `app` on `addr` until Ctrl-C (or SIGTERM), then returns after the requests in
-/// flight are answered. Binding is the caller's choice: see `docs/serve.md` on exposure.
-pub async fn serve(app: Router, addr: SocketAddr) -> Result<()> {
+/// Serves the API and the page over `db` on `addr` until Ctrl-C or SIGTERM. Then it stops
+/// accepting connections, ends the training event streams, asks running training jobs to stop
+/// (a cancelled job changes nothing), answers the requests in flight, waits for the jobs and
+/// returns, so that the last handle closes the database cleanly. Binding is the caller's
+/// choice: the API has no authentication (see `docs/serve.md`).
+pub async fn serve(db: Db, options: ServeOptions, addr: SocketAddr) -> Result<()> {
+    let (router, state) = app(db, options);
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| Error::io(format!("{addr}"), e))?;
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown())
+    let s = Arc::clone(&state);
+    axum::serve(listener, router)
+        .with_graceful_shutdown(async move {
+            shutdown().await;
+            s.jobs.shut_down();
+        })
         .await
-        .map_err(|e| Error::io(format!("{addr}"), e))
+        .map_err(|e| Error::io(format!("{addr}"), e))?;
+    tokio::task::spawn_blocking(move || state.jobs.join())
+        .await
+        .map_err(|e| Error::InvalidArgument(format!("a training job failed to stop: {e}")))
 }
 
 /// Resolves at Ctrl-C or SIGTERM.
