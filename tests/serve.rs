@@ -743,6 +743,42 @@ async fn training_jobs_stream_events_switch_models_and_cancel() {
         .unwrap();
     assert_eq!(call(&app, back).await.json(), json!({"active": 1}));
     assert_eq!(db.active_model().version, 1);
+
+    // Re-ranking with a pair scorer the server was given: hits carry P(same), highest first.
+    let scorer = db
+        .train_scorer(
+            "mlp-diff",
+            lookalike::ScorerTrainOptions {
+                epochs: 2,
+                pairs_per_epoch: 1024,
+                pairs_per_case: 100,
+                seed: 3,
+                ..Default::default()
+            },
+        )
+        .unwrap()
+        .scorer;
+    let ranked = router(
+        db.clone(),
+        ServeOptions {
+            scorer: Some(scorer),
+            ..ServeOptions::default()
+        },
+    );
+    let a = call(
+        &ranked,
+        post_json("/api/query", &json!({"id": 10, "k": 5, "rerank": 30})),
+    )
+    .await
+    .json();
+    let scores: Vec<f64> = a["hits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["score"].as_f64().unwrap())
+        .collect();
+    assert_eq!(scores.len(), 5);
+    assert!(scores.windows(2).all(|w| w[0] >= w[1]), "{scores:?}");
 }
 
 /// One HTTP/1.1 request over a fresh connection: the raw answer.
@@ -837,4 +873,21 @@ fn the_server_stops_on_sigterm_with_a_job_running_and_a_stream_open() {
     assert_eq!(db.len(), 300);
     assert_eq!(db.models().unwrap().len(), 1);
     assert_eq!(db.active_model().extractor, "classic");
+}
+
+#[test]
+fn serving_beyond_loopback_needs_a_flag() {
+    let dir = tempdir();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lookalike"))
+        .arg("serve")
+        .arg(dir.path().join("db"))
+        .args(["--addr", "0.0.0.0:0"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--allow-remote") && err.contains("no authentication"),
+        "{err}"
+    );
 }
