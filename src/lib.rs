@@ -168,8 +168,8 @@ pub use error::{Error, Result};
 pub use lookalike_plugin;
 pub use options::{Durability, IndexKind, Options};
 pub use training::{
-    Augment, CancelToken, CaseAccuracy, Metrics, OptimiserKind, Phase, Progress, ScorerReport,
-    ScorerTrainOptions, TrainOptions, TrainReport,
+    Activate, Augment, CancelToken, CaseAccuracy, Metrics, OptimiserKind, Phase, Progress,
+    ScorerReport, ScorerTrainOptions, TrainOptions, TrainReport,
 };
 
 /// The EfficientNet-Lite0 (and fused-backbone) plugin crate.

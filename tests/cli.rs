@@ -193,10 +193,12 @@ fn train_models_use() {
         "1".as_ref(),
         "--seed".as_ref(),
         "3".as_ref(),
+        "--activate".as_ref(),
+        "always".as_ref(),
     ]);
     assert!(ok, "{err}");
     assert!(
-        out.contains("model v2 (simnet") && out.contains("now active"),
+        out.contains("model v2 (simnet") && out.contains("activated as asked (always)"),
         "{out}"
     );
     assert!(out.contains("held-out accuracy@1"), "{out}");

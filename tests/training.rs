@@ -5,7 +5,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use lookalike::{CancelToken, Db, Error, OptimiserKind, Options, Phase, TrainOptions};
+use lookalike::{Activate, CancelToken, Db, Error, OptimiserKind, Options, Phase, TrainOptions};
 
 use crate::common::{open, relaxed, tempdir};
 
@@ -79,13 +79,16 @@ fn trains_switches_and_keeps_old_versions() {
     let report = db
         .train_extractor_with(
             "simnet",
-            quick().epochs(3).on_progress(move |p| {
-                let mut s = seen.lock().unwrap();
-                if s.last() != Some(&p.phase) {
-                    s.push(p.phase);
-                }
-                assert!(p.loss.is_finite());
-            }),
+            quick()
+                .epochs(3)
+                .activate(Activate::Always)
+                .on_progress(move |p| {
+                    let mut s = seen.lock().unwrap();
+                    if s.last() != Some(&p.phase) {
+                        s.push(p.phase);
+                    }
+                    assert!(p.loss.is_finite());
+                }),
         )
         .unwrap();
     stop.store(true, Ordering::Relaxed);
@@ -203,7 +206,10 @@ fn every_miner_trains_through_the_job() {
     let db = filled(dir.path(), relaxed());
     for miner in lookalike::training::miners::MINERS {
         let r = db
-            .train_extractor_with("simnet", quick().epochs(1).miner(*miner).activate(false))
+            .train_extractor_with(
+                "simnet",
+                quick().epochs(1).miner(*miner).activate(Activate::Never),
+            )
             .unwrap_or_else(|e| panic!("{miner}: {e}"));
         assert_eq!(r.miner, *miner);
         assert!(r.pairs_seen > 0, "{miner} saw no pairs");
@@ -213,7 +219,10 @@ fn every_miner_trains_through_the_job() {
     let r = db
         .train_extractor_with(
             "simnet",
-            quick().epochs(1).proxy_weight(0.0).activate(false),
+            quick()
+                .epochs(1)
+                .proxy_weight(0.0)
+                .activate(Activate::Never),
         )
         .unwrap();
     assert!(r.after.accuracy_at_1.is_finite());
@@ -387,21 +396,20 @@ fn scorer_training_reports_the_papers_cases() {
 }
 
 #[test]
-fn activate_if_better_keeps_a_worse_model_inactive() {
+fn by_default_a_worse_model_is_stored_but_not_activated() {
     let dir = tempdir();
     let db = filled(dir.path(), relaxed());
     // One tiny epoch cannot beat the default extractor on this sample.
     let r = db
-        .train_extractor_with(
-            "simnet",
-            quick()
-                .epochs(1)
-                .steps_per_epoch(1)
-                .activate_if_better(true),
-        )
+        .train_extractor_with("simnet", quick().epochs(1).steps_per_epoch(1))
         .unwrap();
     assert!(r.after.accuracy_at_1 <= r.before.accuracy_at_1, "{r:?}");
     assert!(!r.activated);
+    assert!(
+        r.decision.starts_with("stored, not activated: not better"),
+        "{}",
+        r.decision
+    );
     assert_eq!(db.active_model().version, 1);
     assert_eq!(
         db.models().unwrap().len(),

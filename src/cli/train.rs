@@ -53,12 +53,24 @@ pub(super) struct TrainArgs {
     /// Resume the interrupted job stored in the database (same options).
     #[arg(long)]
     resume: bool,
-    /// Store the new model without making it active.
-    #[arg(long)]
+    /// When the new model becomes active: if-better (it must beat the active model's held-out
+    /// accuracy@1, mAP@10 breaking a tie), always, or never (stored only; `use` activates it).
+    #[arg(long, value_enum, default_value_t = ActivateArg::IfBetter)]
+    activate: ActivateArg,
+    /// The same as --activate never (kept for scripts written before --activate).
+    #[arg(long, hide = true)]
     no_activate: bool,
-    /// Make the new model active only if it beats the active one on the held-out split.
-    #[arg(long)]
+    /// The default now (kept for scripts written before --activate).
+    #[arg(long, hide = true)]
     if_better: bool,
+}
+
+/// `--activate`'s values.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum ActivateArg {
+    IfBetter,
+    Always,
+    Never,
 }
 
 pub(super) fn run(a: TrainArgs, json: bool) -> lookalike::Result<ExitCode> {
@@ -77,9 +89,15 @@ pub(super) fn run(a: TrainArgs, json: bool) -> lookalike::Result<ExitCode> {
         constant_lr,
         seed,
         resume,
+        activate,
         no_activate,
-        if_better,
+        if_better: _,
     } = a;
+    let activate = match (no_activate, activate) {
+        (true, _) | (_, ActivateArg::Never) => lookalike::Activate::Never,
+        (_, ActivateArg::Always) => lookalike::Activate::Always,
+        (_, ActivateArg::IfBetter) => lookalike::Activate::IfBetter,
+    };
     let db = existing(&db)?;
     let mut optimiser = if adam {
         lookalike::OptimiserKind::DEFAULT_ADAM
@@ -106,8 +124,7 @@ pub(super) fn run(a: TrainArgs, json: bool) -> lookalike::Result<ExitCode> {
         .cosine(!constant_lr)
         .seed(seed)
         .resume(resume)
-        .activate(!no_activate)
-        .activate_if_better(if_better);
+        .activate(activate);
     if let Some(m) = minutes {
         opts = opts.max_minutes(m);
     }
@@ -201,7 +218,7 @@ fn train(
             "{}",
             serde_json::json!({"model": {
                 "version": r.version, "extractor": r.extractor, "config": r.config,
-                "miner": r.miner, "activated": r.activated,
+                "miner": r.miner, "activated": r.activated, "decision": r.decision,
                 "before": {"accuracy_at_1": r.before.accuracy_at_1, "map_at_10": r.before.map_at_10},
                 "after": {"accuracy_at_1": r.after.accuracy_at_1, "map_at_10": r.after.map_at_10,
                           "queries": r.after.queries},
@@ -213,16 +230,12 @@ fn train(
         return Ok(());
     }
     out!(
-        "model v{} ({} {:?}, miner {}){}",
+        "model v{} ({} {:?}, miner {}) {}",
         r.version,
         r.extractor,
         r.config,
         r.miner,
-        if r.activated {
-            ", now active"
-        } else {
-            ", stored"
-        }
+        r.decision
     );
     out!(
         "held-out accuracy@1 {:.2} % -> {:.2} %, mAP@10 {:.2} % -> {:.2} % ({} queries)",

@@ -22,7 +22,9 @@ use serde_json::{json, Value};
 
 use super::errors::{blocking, ApiError};
 use super::Shared;
-use crate::{CancelToken, Db, Error, Metrics, Phase, Progress, TrainOptions, TrainReport};
+use crate::{
+    Activate, CancelToken, Db, Error, Metrics, Phase, Progress, TrainOptions, TrainReport,
+};
 
 /// Training progress is sent at most this often (epoch ends and phase changes always).
 const PROGRESS_EVERY: Duration = Duration::from_millis(500);
@@ -181,7 +183,7 @@ pub(super) struct TrainRequest {
     /// Stop after this many minutes of training.
     minutes: Option<f64>,
     seed: Option<u64>,
-    /// `"always"`, `"if_better"` or `"never"` (store only); the library's default otherwise.
+    /// `"if_better"` (the default), `"always"` or `"never"` (store only).
     activate: Option<String>,
 }
 
@@ -212,9 +214,9 @@ pub(super) async fn start(
     }
     match r.activate.as_deref() {
         None => {}
-        Some("always") => opts = opts.activate(true).activate_if_better(false),
-        Some("if_better") => opts = opts.activate(true).activate_if_better(true),
-        Some("never") => opts = opts.activate(false),
+        Some("always") => opts = opts.activate(Activate::Always),
+        Some("if_better") => opts = opts.activate(Activate::IfBetter),
+        Some("never") => opts = opts.activate(Activate::Never),
         Some(other) => {
             return Err(ApiError::bad_request(format!(
                 "activate is \"always\", \"if_better\" or \"never\", not {other:?}"
@@ -354,7 +356,8 @@ fn training_json(p: &Progress, max_seconds: Option<f64>) -> Value {
 }
 
 fn report_json(r: &TrainReport) -> Value {
-    json!({"version": r.version, "activated": r.activated, "extractor": r.extractor,
+    json!({"version": r.version, "activated": r.activated, "decision": r.decision,
+           "extractor": r.extractor,
            "config": r.config, "miner": r.miner, "before": metrics_json(&r.before),
            "after": metrics_json(&r.after), "epochs": r.epochs, "steps": r.steps,
            "train_seconds": r.train_seconds, "total_seconds": r.total_seconds})

@@ -577,8 +577,7 @@ pub(crate) fn train_extractor(db: &Db, name: &str, opts: TrainOptions) -> Result
             return Err(e);
         }
     };
-    let activate =
-        opts.activate && (!opts.activate_if_better || after.accuracy_at_1 > before.accuracy_at_1);
+    let (activate, decision) = opts.activate.decide(&before, &after);
     if activate {
         db.use_model(version)?;
     }
@@ -600,6 +599,7 @@ pub(crate) fn train_extractor(db: &Db, name: &str, opts: TrainOptions) -> Result
     Ok(TrainReport {
         version,
         activated: activate,
+        decision,
         extractor: name.to_string(),
         config: opts.config.clone(),
         miner: miner.name().to_string(),

@@ -211,6 +211,70 @@ pub struct Progress {
 /// A progress callback.
 pub type ProgressFn = Arc<dyn Fn(&Progress) + Send + Sync>;
 
+/// When a finished job's model becomes the active one. Whatever the choice, the model is
+/// evaluated on the held-out split, stored and listed first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Activate {
+    /// Only when it beats the active model on the held-out split: a higher accuracy@1, or the
+    /// same accuracy@1 and a higher mAP@10 (the default).
+    #[default]
+    IfBetter,
+    /// Always, even when it scored worse.
+    Always,
+    /// Never: [`crate::Db::use_model`] activates it later.
+    Never,
+}
+
+impl Activate {
+    /// Whether a model scoring `after` replaces one scoring `before`, and why, in words.
+    ///
+    /// ```
+    /// use lookalike::{Activate, Metrics};
+    /// let m = |acc, map| Metrics { accuracy_at_1: acc, map_at_10: map, queries: 100 };
+    /// assert!(Activate::IfBetter.decide(&m(0.80, 0.70), &m(0.81, 0.60)).0);
+    /// assert!(!Activate::IfBetter.decide(&m(0.80, 0.70), &m(0.79, 0.90)).0);
+    /// // Equal accuracy@1: mAP@10 breaks the tie; equal both: not better.
+    /// assert!(Activate::IfBetter.decide(&m(0.80, 0.70), &m(0.80, 0.71)).0);
+    /// assert!(!Activate::IfBetter.decide(&m(0.80, 0.70), &m(0.80, 0.70)).0);
+    /// assert!(Activate::Always.decide(&m(0.80, 0.70), &m(0.10, 0.10)).0);
+    /// assert!(!Activate::Never.decide(&m(0.10, 0.10), &m(0.80, 0.70)).0);
+    /// ```
+    pub fn decide(self, before: &Metrics, after: &Metrics) -> (bool, String) {
+        let pct = |x: f64| format!("{:.2} %", x * 100.0);
+        let better = after.accuracy_at_1 > before.accuracy_at_1
+            || (after.accuracy_at_1 == before.accuracy_at_1 && after.map_at_10 > before.map_at_10);
+        let comparison = if after.accuracy_at_1 != before.accuracy_at_1 {
+            format!(
+                "held-out accuracy@1 {} against the active model's {}",
+                pct(after.accuracy_at_1),
+                pct(before.accuracy_at_1)
+            )
+        } else {
+            format!(
+                "held-out accuracy@1 equal ({}), mAP@10 {} against {}",
+                pct(after.accuracy_at_1),
+                pct(after.map_at_10),
+                pct(before.map_at_10)
+            )
+        };
+        match (self, better) {
+            (Activate::IfBetter, true) => (true, format!("activated: better, {comparison}")),
+            (Activate::IfBetter, false) => (
+                false,
+                format!(
+                    "stored, not activated: not better, {comparison} (switch to it with \
+                     Db::use_model or `lookalike use`)"
+                ),
+            ),
+            (Activate::Always, _) => (true, format!("activated as asked (always): {comparison}")),
+            (Activate::Never, _) => (
+                false,
+                format!("stored, not activated as asked (never): {comparison}"),
+            ),
+        }
+    }
+}
+
 /// How a training job runs. `TrainOptions::default()` suits the `cpu` presets.
 #[derive(Clone)]
 pub struct TrainOptions {
@@ -275,12 +339,10 @@ pub struct TrainOptions {
     /// Continue from the stored checkpoint of an interrupted job with the same plugin,
     /// configuration and options. Without it a new job discards any old checkpoint.
     pub resume: bool,
-    /// Make the new model active when the job ends (otherwise it is stored and listed, and
-    /// [`crate::Db::use_model`] activates it).
-    pub activate: bool,
-    /// Only activate the new model when its held-out accuracy@1 beats the active model's
-    /// (it is stored and listed either way; [`TrainReport::activated`] says what happened).
-    pub activate_if_better: bool,
+    /// When the new model becomes the active one ([`Activate::IfBetter`] by default: never a
+    /// worse database without a word). It is stored and listed either way;
+    /// [`TrainReport::activated`] and [`TrainReport::decision`] say what happened and why.
+    pub activate: Activate,
     /// Called with progress reports (from the job's thread).
     pub progress: Option<ProgressFn>,
     /// Cancels the job from another thread.
@@ -322,8 +384,7 @@ impl Default for TrainOptions {
             seed: 0,
             workers: 1,
             resume: false,
-            activate: true,
-            activate_if_better: false,
+            activate: Activate::IfBetter,
             progress: None,
             cancel: None,
         }
@@ -424,15 +485,9 @@ impl TrainOptions {
         self
     }
 
-    /// Whether to activate the new model at the end.
-    pub fn activate(mut self, activate: bool) -> Self {
+    /// When the new model becomes the active one (see [`Activate`]).
+    pub fn activate(mut self, activate: Activate) -> Self {
         self.activate = activate;
-        self
-    }
-
-    /// Activate the new model only if it beats the active one on the held-out split.
-    pub fn activate_if_better(mut self, yes: bool) -> Self {
-        self.activate_if_better = yes;
         self
     }
 
@@ -502,6 +557,8 @@ pub struct TrainReport {
     pub version: u32,
     /// Whether it is now the active model.
     pub activated: bool,
+    /// Why it was activated or not, in words (see [`Activate::decide`]).
+    pub decision: String,
     /// The extractor plugin and configuration trained.
     pub extractor: String,
     /// Its configuration.

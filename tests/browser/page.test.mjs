@@ -139,7 +139,7 @@ try {
   await page.waitForFunction(() => document.querySelector("#train-status").dataset.state, null, { timeout: 300000 });
   const state = await page.$eval("#train-status", (s) => [s.dataset.state, s.textContent]);
   check(state[0] === "done", `the job ended and switched: ${state[1]}`);
-  check(/now active/.test(state[1]), "the status says the new model is active");
+  check(/activated as asked/.test(state[1]), "the status says the new model is active, and why");
   check((await page.$$("#curve circle")).length === 2, "the curve has the points before and after the epoch");
   await page.waitForFunction(() => document.querySelectorAll("#models tbody tr").length === 2);
   check(await page.$eval("#models tr.active td", (td) => td.textContent) === "v2", "v2 is marked active");

@@ -337,9 +337,8 @@ function followJob(job) {
   on("done", (d) => {
     finish();
     $("#train-progress").value = 1;
-    const what = d.activated ? "now active" : "stored but not active (use it from the table)";
-    status.textContent = `model v${d.version} trained: held-out accuracy@1 ${pct(d.before.accuracy_at_1)} → ` +
-      `${pct(d.after.accuracy_at_1)}, mAP@10 ${pct(d.before.map_at_10)} → ${pct(d.after.map_at_10)}; ${what}`;
+    status.textContent = `model v${d.version} trained, ${d.decision}; mAP@10 ` +
+      `${pct(d.before.map_at_10)} → ${pct(d.after.map_at_10)}`;
     status.dataset.state = "done";
     models();
     loadSummary();
