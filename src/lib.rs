@@ -168,7 +168,7 @@ pub use error::{Error, Result};
 pub use lookalike_plugin;
 pub use options::{Durability, IndexKind, Options};
 pub use training::{
-    Activate, Augment, CancelToken, CaseAccuracy, Metrics, OptimiserKind, Phase, Progress,
+    Activate, Augment, CancelToken, CaseAccuracy, Holdout, Metrics, OptimiserKind, Phase, Progress,
     ScorerReport, ScorerTrainOptions, TrainOptions, TrainReport,
 };
 

@@ -332,6 +332,22 @@ fn bad_requests_are_typed_errors() {
     }
     let e = db.train_extractor("simnet").unwrap_err();
     assert!(matches!(e, Error::NotEnoughData(_)), "{e}");
+    // Every label with one image; one label only: nothing to learn similarity from.
+    for (dir, labels) in [
+        (
+            tempdir(),
+            (0..20).map(|i| format!("l{i}")).collect::<Vec<_>>(),
+        ),
+        (tempdir(), vec!["one".to_string(); 20]),
+    ] {
+        let db = open(dir.path(), relaxed());
+        for (i, l) in labels.iter().enumerate() {
+            db.insert_image(&data[i * 13].0, Some(l)).unwrap();
+        }
+        let e = db.train_extractor("simnet").unwrap_err();
+        assert!(matches!(e, Error::NotEnoughData(_)), "{e}");
+        assert_eq!(db.models().unwrap().len(), 1);
+    }
 }
 
 #[test]
@@ -534,4 +550,43 @@ fn images_removed_during_a_job_are_skipped_not_fatal() {
     assert_eq!(db.len(), 200);
     // The new model holds exactly the images that are left.
     assert_eq!(db.index_info().len, 200);
+}
+
+/// Many labels with three images each, every label one object in three styles: the shape of
+/// product photos per SKU or the same icon in several themes.
+#[test]
+fn few_images_per_label_train_on_more_labels_and_hold_out_whole_labels() {
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+    let dir = tempdir();
+    let db = open(dir.path(), relaxed());
+    for label in 0..40u64 {
+        let mut rng = StdRng::seed_from_u64(label);
+        let cells: Vec<[u8; 3]> = (0..16).map(|_| rng.random()).collect();
+        for style in 0..3u32 {
+            let img = image::RgbImage::from_fn(32, 32, |x, y| {
+                let c = cells[((y / 8) * 4 + x / 8) as usize];
+                match style {
+                    0 => image::Rgb(c),
+                    1 => image::Rgb(c.map(|v| v / 2 + 64)),
+                    _ => image::Rgb(c.map(|v| v.saturating_add(((x + y) % 7) as u8 * 6))),
+                }
+            });
+            let png = crate::common::encode(&img, image::ImageFormat::Png);
+            db.insert_image(&png, Some(&format!("sku-{label}")))
+                .unwrap();
+        }
+    }
+    // Two images of a label that has no third: a negative-only label would have one.
+    db.insert_image(&crate::common::noise_png(5, 32), Some("single"))
+        .unwrap();
+    let r = db
+        .train_extractor_with("simnet", quick().epochs(2).activate(Activate::Never))
+        .unwrap();
+    assert_eq!(r.holdout, lookalike::Holdout::Labels);
+    // 10 % of the 40 labels with pairs, one query each against its two other images.
+    assert_eq!(r.after.queries, 4);
+    assert_eq!(r.before.queries, 4);
+    assert_eq!(r.epochs, 2);
+    assert!(r.images_seen > 0 && r.pairs_seen > 0);
+    assert!(r.decision.contains("never"), "{}", r.decision);
 }

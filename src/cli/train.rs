@@ -222,6 +222,7 @@ fn train(
                 "before": {"accuracy_at_1": r.before.accuracy_at_1, "map_at_10": r.before.map_at_10},
                 "after": {"accuracy_at_1": r.after.accuracy_at_1, "map_at_10": r.after.map_at_10,
                           "queries": r.after.queries},
+                "holdout": holdout_name(r.holdout),
                 "epochs": r.epochs, "steps": r.steps, "pairs": r.pairs_seen,
                 "train_seconds": r.train_seconds, "total_seconds": r.total_seconds,
                 "vanished": r.vanished,
@@ -238,12 +239,16 @@ fn train(
         r.decision
     );
     out!(
-        "held-out accuracy@1 {:.2} % -> {:.2} %, mAP@10 {:.2} % -> {:.2} % ({} queries)",
+        "held-out accuracy@1 {:.2} % -> {:.2} %, mAP@10 {:.2} % -> {:.2} % ({} queries, {})",
         r.before.accuracy_at_1 * 100.0,
         r.after.accuracy_at_1 * 100.0,
         r.before.map_at_10 * 100.0,
         r.after.map_at_10 * 100.0,
-        r.after.queries
+        r.after.queries,
+        match r.holdout {
+            lookalike::Holdout::Images => "held-out images of every label",
+            lookalike::Holdout::Labels => "held-out labels, each against its other images",
+        }
     );
     out!(
         "{} epochs, {} steps, {} pairs in {:.1} min of training ({:.1} min in all)",
@@ -260,4 +265,12 @@ fn train(
         );
     }
     Ok(())
+}
+
+/// The held-out split's kind as JSON text.
+fn holdout_name(h: lookalike::Holdout) -> &'static str {
+    match h {
+        lookalike::Holdout::Images => "images",
+        lookalike::Holdout::Labels => "labels",
+    }
 }

@@ -23,19 +23,82 @@ pub struct Metrics {
     pub queries: usize,
 }
 
-/// Training images by label, and validation images with their labels.
-pub(crate) type Split = (BTreeMap<u32, Vec<ImageId>>, Vec<(ImageId, u32)>);
+/// How the held-out split was made (see [`split`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Holdout {
+    /// Some images of every label: queries of labels the model trained on.
+    Images,
+    /// Whole labels: each held-out label's first image queries its other images, which the
+    /// model never saw (the case of new labels).
+    Labels,
+}
 
-/// A stratified split: per label, `share` of its images (at least one when it has two or
-/// more) go to validation, the rest to training; but the share shrinks so that about `most`
-/// images in all are held out when `share` would hold out more (rounded per label). Seeded.
-pub(crate) fn split(labelled: &[(ImageId, u32)], share: f64, most: usize, seed: u64) -> Split {
-    let share = share.min(most as f64 / labelled.len().max(1) as f64);
+/// A job's training images and its held-out queries.
+#[derive(Debug, Clone)]
+pub(crate) struct Split {
+    /// Training images by label (labels with one image serve as negatives only).
+    pub train: BTreeMap<u32, Vec<ImageId>>,
+    /// Validation queries.
+    pub queries: Vec<(ImageId, u32)>,
+    /// Held-out images the gallery must hold: the answers of whole-label queries.
+    pub answers: Vec<(ImageId, u32)>,
+    /// How it was made.
+    pub holdout: Holdout,
+}
+
+/// The held-out split. When most labels hold fewer than `per_label` images (the median
+/// label), whole labels are held out: `share` of the labels with two or more images (at least
+/// one, at most `most`, and never so many that fewer than two such labels are left to train
+/// on), each giving one query and its other images as answers. Otherwise the split is
+/// stratified: per label, `share` of its images (at least one when it has two or more) go to
+/// validation, but the share shrinks so that about `most` images in all are held out when
+/// `share` would hold out more (rounded per label). Seeded.
+pub(crate) fn split(
+    labelled: &[(ImageId, u32)],
+    share: f64,
+    most: usize,
+    per_label: usize,
+    seed: u64,
+) -> Split {
     let mut by_label: BTreeMap<u32, Vec<ImageId>> = BTreeMap::new();
     for (id, l) in labelled {
         by_label.entry(*l).or_default().push(*id);
     }
     let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed_5911);
+    let mut counts: Vec<usize> = by_label.values().map(Vec::len).collect();
+    counts.sort_unstable();
+    let median = counts.get(counts.len() / 2).copied().unwrap_or(0);
+    let pairs = counts.iter().filter(|n| **n >= 2).count();
+    if median < per_label && pairs >= 3 {
+        let mut candidates: Vec<u32> = by_label
+            .iter()
+            .filter(|(_, ids)| ids.len() >= 2)
+            .map(|(l, _)| *l)
+            .collect();
+        candidates.shuffle(&mut rng);
+        let held = ((pairs as f64 * share).round() as usize)
+            .max(1)
+            .min(most.max(1))
+            .min(pairs - 2);
+        let mut queries = Vec::with_capacity(held);
+        let mut answers = Vec::new();
+        for l in &candidates[..held] {
+            if let Some(mut ids) = by_label.remove(l) {
+                ids.shuffle(&mut rng);
+                queries.push((ids[0], *l));
+                answers.extend(ids[1..].iter().map(|id| (*id, *l)));
+            }
+        }
+        queries.sort();
+        answers.sort();
+        return Split {
+            train: by_label,
+            queries,
+            answers,
+            holdout: Holdout::Labels,
+        };
+    }
+    let share = share.min(most as f64 / labelled.len().max(1) as f64);
     let mut train = BTreeMap::new();
     let mut val = Vec::new();
     for (l, mut ids) in by_label {
@@ -49,7 +112,12 @@ pub(crate) fn split(labelled: &[(ImageId, u32)], share: f64, most: usize, seed: 
         train.insert(l, ids[n_val..].to_vec());
     }
     val.sort();
-    (train, val)
+    Split {
+        train,
+        queries: val,
+        answers: Vec::new(),
+        holdout: Holdout::Images,
+    }
 }
 
 /// A seeded sample of at most `n` items.
@@ -215,23 +283,63 @@ mod tests {
     fn split_is_stratified_and_seeded() {
         let labelled: Vec<(ImageId, u32)> =
             (0..100).map(|i| (ImageId(i), (i % 4) as u32)).collect();
-        let (train, val) = split(&labelled, 0.2, 1000, 9);
+        let s = split(&labelled, 0.2, 1000, 8, 9);
+        assert_eq!(s.holdout, Holdout::Images);
+        assert!(s.answers.is_empty());
+        let (train, val) = (s.train, s.queries);
         assert_eq!(val.len(), 20);
         for l in 0..4 {
             assert_eq!(val.iter().filter(|v| v.1 == l).count(), 5);
             assert_eq!(train[&l].len(), 20);
         }
-        assert_eq!(split(&labelled, 0.2, 1000, 9).1, val);
-        assert_ne!(split(&labelled, 0.2, 1000, 10).1, val);
+        assert_eq!(split(&labelled, 0.2, 1000, 8, 9).queries, val);
+        assert_ne!(split(&labelled, 0.2, 1000, 8, 10).queries, val);
         // At most 8 held out (for 8 queries): 2 per label, the other 92 train.
-        let (train, val) = split(&labelled, 0.2, 8, 9);
-        assert_eq!(val.len(), 8);
+        let s = split(&labelled, 0.2, 8, 8, 9);
+        assert_eq!(s.queries.len(), 8);
         for l in 0..4 {
-            assert_eq!(val.iter().filter(|v| v.1 == l).count(), 2);
-            assert_eq!(train[&l].len(), 23);
+            assert_eq!(s.queries.iter().filter(|v| v.1 == l).count(), 2);
+            assert_eq!(s.train[&l].len(), 23);
         }
         // Never fewer than one per label.
-        assert_eq!(split(&labelled, 0.2, 0, 9).1.len(), 4);
+        assert_eq!(split(&labelled, 0.2, 0, 8, 9).queries.len(), 4);
+    }
+
+    #[test]
+    fn few_images_per_label_hold_out_whole_labels() {
+        // 50 labels of 3 images, 10 of 1 image.
+        let mut labelled: Vec<(ImageId, u32)> =
+            (0..150).map(|i| (ImageId(i), (i / 3) as u32)).collect();
+        labelled.extend((0..10).map(|i| (ImageId(1000 + i), 100 + i as u32)));
+        let s = split(&labelled, 0.1, 1000, 8, 3);
+        assert_eq!(s.holdout, Holdout::Labels);
+        assert_eq!(s.queries.len(), 5, "10 % of the 50 labels with pairs");
+        assert_eq!(s.answers.len(), 10, "each query's two other images");
+        for (q, l) in &s.queries {
+            assert!(
+                !s.train.contains_key(l),
+                "a held-out label is not trained on"
+            );
+            assert_eq!(s.answers.iter().filter(|a| a.1 == *l).count(), 2);
+            assert!(!s.answers.iter().any(|a| a.0 == *q));
+        }
+        assert_eq!(
+            s.train.len(),
+            55,
+            "45 labels with pairs and the 10 singletons"
+        );
+        assert_eq!(split(&labelled, 0.1, 1000, 8, 3).queries, s.queries);
+        // At most `most` queries; at least two labels with pairs left to train on.
+        assert_eq!(split(&labelled, 0.1, 2, 8, 3).queries.len(), 2);
+        let three: Vec<(ImageId, u32)> = (0..9).map(|i| (ImageId(i), (i / 3) as u32)).collect();
+        let s = split(&three, 0.9, 1000, 8, 3);
+        assert_eq!(
+            (s.holdout, s.queries.len(), s.train.len()),
+            (Holdout::Labels, 1, 2)
+        );
+        // Too few labels with pairs to hold any out whole: stratified.
+        let two: Vec<(ImageId, u32)> = (0..6).map(|i| (ImageId(i), (i / 3) as u32)).collect();
+        assert_eq!(split(&two, 0.5, 1000, 8, 3).holdout, Holdout::Images);
     }
 
     #[test]

@@ -159,42 +159,50 @@ pub(crate) fn train_extractor(db: &Db, name: &str, opts: TrainOptions) -> Result
     for (_, l) in &labelled {
         *counts.entry(l.clone()).or_default() += 1;
     }
-    let usable: Vec<&String> = counts
-        .iter()
-        .filter(|(_, n)| **n >= 3)
-        .map(|(l, _)| l)
-        .collect();
-    if usable.len() < 2 {
-        return Err(Error::NotEnoughData(format!(
-            "{} labelled images with {} labels; training needs at least two labels with three or \
-             more images each (one for validation, two for a positive pair)",
-            labelled.len(),
-            counts.len()
-        )));
-    }
-    for (i, l) in usable.iter().enumerate() {
-        label_index.insert((*l).clone(), i as u32);
+    // Every label takes part: one with a single image as a negative for the others.
+    for (i, l) in counts.keys().enumerate() {
+        label_index.insert(l.clone(), i as u32);
     }
     let indexed: Vec<(ImageId, u32)> = labelled
         .iter()
         .filter_map(|(id, l)| label_index.get(l).map(|i| (*id, *i)))
         .collect();
     // At most `eval_queries` held out: more would be training images no query uses.
-    let (train, val) = eval::split(
+    let split = eval::split(
         &indexed,
         opts.validation_share,
         opts.eval_queries,
+        opts.per_label,
         opts.seed,
     );
+    let with_pairs = split.train.values().filter(|ids| ids.len() >= 2).count();
+    if with_pairs < 2 || split.queries.is_empty() {
+        return Err(Error::NotEnoughData(format!(
+            "{} labelled images with {} labels; training needs at least two labels with two or \
+             more training images each (a positive pair) besides the held-out images (at least \
+             one label with three or more images, or three labels with two or more)",
+            labelled.len(),
+            counts.len()
+        )));
+    }
+    let train = split.train;
     let train_all: Vec<(ImageId, u32)> = train
         .iter()
         .flat_map(|(l, ids)| ids.iter().map(move |id| (*id, *l)))
         .collect();
+    // Whole-label queries need their answers in the gallery; training images fill the rest.
+    let mut gallery = split.answers;
+    gallery.extend(eval::sample(
+        &train_all,
+        opts.eval_gallery.saturating_sub(gallery.len()),
+        opts.seed ^ 2,
+    ));
     let evalset = EvalSet {
-        queries: eval::sample(&val, opts.eval_queries, opts.seed ^ 1),
-        gallery: eval::sample(&train_all, opts.eval_gallery, opts.seed ^ 2),
+        queries: eval::sample(&split.queries, opts.eval_queries, opts.seed ^ 1),
+        gallery,
     };
-    let labels_per = ((opts.batch_size - opts.random) / opts.per_label).min(train.len());
+    let holdout = split.holdout;
+    let labelled_per_batch = opts.batch_size.saturating_sub(opts.random);
     let steps = opts
         .steps_per_epoch
         .unwrap_or_else(|| train_all.len().div_ceil(opts.batch_size))
@@ -325,7 +333,7 @@ pub(crate) fn train_extractor(db: &Db, name: &str, opts: TrainOptions) -> Result
                 opts.seed,
                 epoch,
                 steps,
-                labels_per,
+                labelled_per_batch,
                 opts.per_label,
                 opts.random,
             );
@@ -600,6 +608,7 @@ pub(crate) fn train_extractor(db: &Db, name: &str, opts: TrainOptions) -> Result
         version,
         activated: activate,
         decision,
+        holdout,
         extractor: name.to_string(),
         config: opts.config.clone(),
         miner: miner.name().to_string(),

@@ -43,21 +43,25 @@ pub(crate) fn derive_seed(seed: u64, epoch: usize, batch: usize, purpose: u64) -
     z ^ (z >> 31)
 }
 
-/// The batches of one epoch: `steps` batches of `per_label` images from each of `labels_per`
-/// labels (labels taken round-robin in a shuffled order, images in a shuffled order per label,
-/// wrapping around) plus `random` images from anywhere in the training split.
+/// The batches of one epoch: `steps` batches of `labelled` images in groups of `per_label`
+/// from one label each (labels taken round-robin in a shuffled order, images in a shuffled
+/// order per label), plus `random` images from anywhere in the training split (and any room a
+/// group could not fill). A label with fewer than `per_label` images gives all it has (never
+/// an image twice in a batch) and the batch takes more labels; a label with one image is never
+/// a group (it has no positive pair), only a random image, a negative for the others.
 pub(crate) fn plan_epoch(
     train: &BTreeMap<u32, Vec<ImageId>>,
     seed: u64,
     epoch: usize,
     steps: usize,
-    labels_per: usize,
+    labelled: usize,
     per_label: usize,
     random: usize,
 ) -> Vec<Vec<(ImageId, u32)>> {
     let mut rng = StdRng::seed_from_u64(derive_seed(seed, epoch, 0, 1));
     let mut pools: Vec<(u32, Vec<ImageId>, usize)> = train
         .iter()
+        .filter(|(_, ids)| ids.len() >= 2)
         .map(|(l, ids)| {
             let mut ids = ids.clone();
             ids.shuffle(&mut rng);
@@ -71,11 +75,13 @@ pub(crate) fn plan_epoch(
     let mut order: Vec<usize> = (0..pools.len()).collect();
     order.shuffle(&mut rng);
     let mut next_label = 0;
+    let per_label = per_label.max(2);
     let mut batches = Vec::with_capacity(steps);
     for _ in 0..steps {
-        let mut batch = Vec::with_capacity(labels_per * per_label + random);
-        let mut used = Vec::with_capacity(labels_per);
-        for _ in 0..labels_per.min(pools.len()) {
+        let mut batch = Vec::with_capacity(labelled + random);
+        let mut used = Vec::new();
+        let mut room = labelled;
+        while room >= 2 && used.len() < pools.len() {
             // The next label in the round-robin order that this batch does not hold yet
             // (a reshuffle in the middle of a batch could repeat one).
             let pick = loop {
@@ -91,17 +97,21 @@ pub(crate) fn plan_epoch(
             };
             used.push(pick);
             let (label, ids, cursor) = &mut pools[pick];
-            for _ in 0..per_label {
-                if *cursor == ids.len() {
-                    ids.shuffle(&mut rng);
-                    *cursor = 0;
-                }
-                batch.push((ids[*cursor], *label));
-                *cursor += 1;
+            let take = per_label.min(ids.len()).min(room);
+            // Too few left in this pass over the label: a fresh order, so that a group never
+            // holds an image twice.
+            if ids.len() - *cursor < take {
+                ids.shuffle(&mut rng);
+                *cursor = 0;
             }
+            batch.extend(ids[*cursor..*cursor + take].iter().map(|id| (*id, *label)));
+            *cursor += take;
+            room -= take;
         }
-        for _ in 0..random {
-            batch.push(all[rng.random_range(0..all.len())]);
+        if !all.is_empty() {
+            for _ in 0..random + room {
+                batch.push(all[rng.random_range(0..all.len())]);
+            }
         }
         batches.push(batch);
     }
@@ -324,9 +334,9 @@ mod tests {
         for l in 0..5u32 {
             train.insert(l, (0..20).map(|i| ImageId(l as u64 * 100 + i)).collect());
         }
-        let a = plan_epoch(&train, 42, 3, 10, 4, 3, 2);
-        let b = plan_epoch(&train, 42, 3, 10, 4, 3, 2);
-        let c = plan_epoch(&train, 42, 4, 10, 4, 3, 2);
+        let a = plan_epoch(&train, 42, 3, 10, 12, 3, 2);
+        let b = plan_epoch(&train, 42, 3, 10, 12, 3, 2);
+        let c = plan_epoch(&train, 42, 4, 10, 12, 3, 2);
         assert_eq!(a, b);
         assert_ne!(a, c);
         for batch in &a {
@@ -334,6 +344,52 @@ mod tests {
             let labels: std::collections::BTreeSet<u32> = batch[..12].iter().map(|x| x.1).collect();
             assert_eq!(labels.len(), 4);
         }
+    }
+
+    #[test]
+    fn few_images_per_label_give_all_they_have_and_singletons_are_negatives_only() {
+        // 30 labels of 3 images, 5 of 2, 10 of 1.
+        let mut train = BTreeMap::new();
+        for l in 0..45u32 {
+            let n = match l {
+                0..30 => 3,
+                30..35 => 2,
+                _ => 1,
+            };
+            train.insert(l, (0..n).map(|i| ImageId(u64::from(l) * 100 + i)).collect());
+        }
+        let plan = plan_epoch(&train, 7, 0, 20, 24, 8, 4);
+        let mut seen = std::collections::BTreeSet::new();
+        for batch in &plan {
+            assert_eq!(batch.len(), 28, "labelled room and random picks filled");
+            // The groups are the runs of one label at the start (a room of one left at the
+            // end goes to random picks).
+            let mut groups: Vec<(u32, usize)> = Vec::new();
+            for (_, l) in &batch[..24] {
+                match groups.last_mut() {
+                    Some((last, n)) if last == l => *n += 1,
+                    _ => groups.push((*l, 1)),
+                }
+            }
+            if groups.last().is_some_and(|g| g.1 == 1) {
+                groups.pop();
+            }
+            let in_groups: usize = groups.iter().map(|g| g.1).sum();
+            assert!(in_groups >= 23, "{groups:?}");
+            let ids: std::collections::BTreeSet<ImageId> =
+                batch[..in_groups].iter().map(|x| x.0).collect();
+            assert_eq!(ids.len(), in_groups, "no image twice among the groups");
+            // Each label gives all it has (3 or 2; the last one maybe fewer) and never one.
+            assert!(groups.len() >= 8, "more labels per batch: {groups:?}");
+            assert!(
+                groups.iter().all(|g| g.0 < 35),
+                "a singleton is never a group"
+            );
+            assert!(groups.iter().all(|g| g.1 >= 2 && g.1 <= 3));
+            seen.extend(groups.iter().map(|g| g.0));
+        }
+        // Every label with a pair is a group somewhere in the epoch.
+        assert_eq!(seen.len(), 35);
     }
 
     #[test]

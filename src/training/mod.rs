@@ -20,7 +20,7 @@ mod scorer;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-pub use eval::Metrics;
+pub use eval::{Holdout, Metrics};
 pub(crate) use job::train_extractor;
 pub(crate) use scorer::train_scorer;
 pub use scorer::{CaseAccuracy, ScorerReport, ScorerTrainOptions};
@@ -565,6 +565,9 @@ pub struct TrainReport {
     pub config: String,
     /// The miner used.
     pub miner: String,
+    /// How the held-out split was made: some images of every label, or whole labels (when
+    /// most labels have fewer images than [`TrainOptions::per_label`]).
+    pub holdout: Holdout,
     /// The active model's metrics on the held-out split before the job.
     pub before: Metrics,
     /// The new model's metrics on the same queries and gallery.
