@@ -1,0 +1,239 @@
+//! Cross-style identity on the icon-theme development set (issue 18): the same icon names drawn
+//! by Debian's icon themes (`scripts/icon-set.py` makes the set; it is not shipped).
+//!
+//! ```text
+//! python3 scripts/icon-set.py target/icon-set
+//! cargo bench --bench icons [-- --dir target/icon-set --held-out 360 --minutes 0 --seed 1
+//!                               --data ../shared/data]
+//! ```
+//!
+//! Names are split, seeded: `--held-out` names are new labels, the rest train. Every icon of a
+//! training name is stored labelled with its name. For each held-out name two of the themes
+//! that draw it are drawn at random: one icon is stored unlabelled (the answer), the other is
+//! the query. Identity@1: the nearest stored image of a query is its answer (the training icons
+//! are distractors). Measured with the default extractor, with EfficientNet-Lite0 untrained
+//! (when its weights are in `--data`), and, with `--minutes M`, after a SimNet (`cpu`) job of
+//! M minutes on the default-extractor database (activated whatever it scored, to measure it;
+//! the decision the default rule would have made is printed).
+//!
+//! Prints figures only.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use lookalike::{Activate, Db, Durability, ImageMeta, Options, TrainOptions};
+use rand::seq::SliceRandom;
+use rand::{rngs::StdRng, SeedableRng};
+
+type Res<T> = Result<T, Box<dyn std::error::Error>>;
+
+struct Args {
+    dir: PathBuf,
+    held_out: usize,
+    minutes: f64,
+    seed: u64,
+    data: PathBuf,
+}
+
+fn args() -> Args {
+    let mut a = Args {
+        dir: PathBuf::from("target/icon-set"),
+        held_out: 360,
+        minutes: 0.0,
+        seed: 1,
+        data: PathBuf::from("../shared/data"),
+    };
+    let argv: Vec<String> = std::env::args().collect();
+    let mut i = 1;
+    while i < argv.len() {
+        let v = argv.get(i + 1).cloned().unwrap_or_default();
+        match argv[i].as_str() {
+            "--dir" => a.dir = PathBuf::from(v),
+            "--held-out" => a.held_out = v.parse().unwrap_or(a.held_out),
+            "--minutes" => a.minutes = v.parse().unwrap_or(a.minutes),
+            "--seed" => a.seed = v.parse().unwrap_or(a.seed),
+            "--data" => a.data = PathBuf::from(v),
+            _ => {
+                i += 1;
+                continue;
+            }
+        }
+        i += 2;
+    }
+    a
+}
+
+/// name -> [(theme, PNG bytes)], themes in name order.
+type Icons = BTreeMap<String, Vec<(String, Vec<u8>)>>;
+
+fn load(dir: &Path) -> Res<Icons> {
+    let mut icons: Icons = BTreeMap::new();
+    let mut themes: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_dir())
+        .collect();
+    themes.sort();
+    for t in themes {
+        let theme = t
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        for f in std::fs::read_dir(&t)? {
+            let p = f?.path();
+            if let Some(name) = p.file_stem().map(|s| s.to_string_lossy().into_owned()) {
+                icons
+                    .entry(name)
+                    .or_default()
+                    .push((theme.clone(), std::fs::read(&p)?));
+            }
+        }
+    }
+    icons.retain(|_, v| v.len() >= 2);
+    Ok(icons)
+}
+
+/// The held-out queries: (name, query bytes); and what to store: (bytes, meta).
+struct Set {
+    queries: Vec<(String, Vec<u8>)>,
+    stored: Vec<(Vec<u8>, ImageMeta)>,
+    train_names: usize,
+}
+
+fn make_set(icons: &Icons, held_out: usize, seed: u64) -> Set {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut names: Vec<&String> = icons.keys().collect();
+    names.shuffle(&mut rng);
+    let held = held_out.min(names.len() / 2);
+    let mut queries = Vec::new();
+    let mut stored = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let mut variants: Vec<&(String, Vec<u8>)> = icons[*name].iter().collect();
+        if i < held {
+            variants.shuffle(&mut rng);
+            let (answer, query) = (variants[0], variants[1]);
+            queries.push(((*name).clone(), query.1.clone()));
+            stored.push((
+                answer.1.clone(),
+                ImageMeta::default().source(format!("{}/{name}", answer.0)),
+            ));
+        } else {
+            for (theme, bytes) in variants {
+                stored.push((
+                    bytes.clone(),
+                    ImageMeta::label((*name).clone()).source(format!("{theme}/{name}")),
+                ));
+            }
+        }
+    }
+    Set {
+        queries,
+        stored,
+        train_names: names.len() - held,
+    }
+}
+
+/// Share of queries whose nearest stored image is the same name (in another theme).
+fn identity_at_1(db: &Db, queries: &[(String, Vec<u8>)]) -> Res<f64> {
+    let q = lookalike::Query::k(1);
+    let images: Vec<&[u8]> = queries.iter().map(|(_, b)| b.as_slice()).collect();
+    let mut hits = 0;
+    for ((name, _), r) in queries.iter().zip(db.nearest_batch(&images, &q)?) {
+        let found = r?
+            .first()
+            .and_then(|h| h.source.clone())
+            .and_then(|s| s.split_once('/').map(|(_, n)| n.to_string()));
+        if found.as_deref() == Some(name.as_str()) {
+            hits += 1;
+        }
+    }
+    Ok(hits as f64 / queries.len().max(1) as f64)
+}
+
+fn fill(path: &Path, options: Options, set: &Set) -> Res<Db> {
+    let _ = std::fs::remove_dir_all(path);
+    let db = Db::open_with(path, options.durability(Durability::Relaxed))?;
+    for chunk in set.stored.chunks(512) {
+        db.insert_images_with(
+            chunk.iter().map(|(b, m)| (b.as_slice(), m)),
+            lookalike::InsertMode::Always,
+        )?;
+    }
+    Ok(db)
+}
+
+fn main() -> Res<()> {
+    let a = args();
+    if !a.dir.is_dir() {
+        println!(
+            "SKIP: no icon set in {} (make it with scripts/icon-set.py)",
+            a.dir.display()
+        );
+        return Ok(());
+    }
+    let icons = load(&a.dir)?;
+    let set = make_set(&icons, a.held_out, a.seed);
+    println!(
+        "{} names drawn by 2+ themes: {} training names ({} icons stored labelled), {} held-out \
+         names (one icon stored unlabelled, another as the query)",
+        icons.len(),
+        set.train_names,
+        set.stored.len() - set.queries.len(),
+        set.queries.len()
+    );
+    let work = tempfile::tempdir()?;
+    println!();
+    println!(
+        "| model (seed {}) | cross-style identity@1 on held-out names |",
+        a.seed
+    );
+    println!("|---|---|");
+    let classic = fill(&work.path().join("classic.db"), Options::default(), &set)?;
+    let base = identity_at_1(&classic, &set.queries)?;
+    println!("| `classic` (default, untrained) | {:.1} % |", base * 100.0);
+    let weights = a
+        .data
+        .join("efficientnet-lite0/efficientnet-lite0.safetensors");
+    if weights.exists() {
+        let opts = Options::default()
+            .extractor("efficientnet-lite0", "")
+            .extractor_weights(&weights);
+        let effnet = fill(&work.path().join("effnet.db"), opts, &set)?;
+        let e = identity_at_1(&effnet, &set.queries)?;
+        println!(
+            "| `efficientnet-lite0` (pretrained, untrained here) | {:.1} % |",
+            e * 100.0
+        );
+    }
+    if a.minutes > 0.0 {
+        let started = Instant::now();
+        let r = classic.train_extractor_with(
+            "simnet",
+            TrainOptions::default()
+                .config("cpu")
+                .max_minutes(a.minutes)
+                .seed(a.seed)
+                .activate(Activate::Always),
+        )?;
+        let trained = identity_at_1(&classic, &set.queries)?;
+        println!(
+            "| `simnet cpu` trained {:.1} min on the `classic` database ({} epochs) | {:.1} % |",
+            r.train_seconds / 60.0,
+            r.epochs,
+            trained * 100.0
+        );
+        println!();
+        println!(
+            "job: held-out split by {:?}, its own validation accuracy@1 {:.1} % -> {:.1} % \
+             ({} queries); the default rule would have said: {} ({:.0} s in all)",
+            r.holdout,
+            r.before.accuracy_at_1 * 100.0,
+            r.after.accuracy_at_1 * 100.0,
+            r.after.queries,
+            Activate::IfBetter.decide(&r.before, &r.after).1,
+            started.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
+}
