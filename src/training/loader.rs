@@ -271,7 +271,7 @@ impl Augment {
                 let dp = &mut px[ch * plane..(ch + 1) * plane];
                 for y in 0..h {
                     for x in 0..w {
-                        // Output (x, y) samples the input at the inverse transform; outside is 0.
+                        // Output (x, y) samples the input at the inverse transform (the border repeats).
                         let xo = if flip { w - 1 - x } else { x } as f32 - dx as f32 - cx;
                         let yo = y as f32 - dy as f32 - cy;
                         let xs = cos * xo + sin * yo + cx;
@@ -306,17 +306,15 @@ impl Augment {
 }
 
 fn bilinear(p: &[f32], w: usize, h: usize, x: f32, y: f32) -> f32 {
-    if x < -1.0 || y < -1.0 || x > w as f32 || y > h as f32 {
-        return 0.0;
-    }
+    // Outside the image the nearest border pixel repeats: black around a Fashion-MNIST
+    // garment, the composited background (white by default) around a transparent icon, the
+    // same as the images queries bring.
+    let (x, y) = (x.clamp(0.0, (w - 1) as f32), y.clamp(0.0, (h - 1) as f32));
     let (x0, y0) = (x.floor(), y.floor());
     let (fx, fy) = (x - x0, y - y0);
     let at = |xi: f32, yi: f32| -> f32 {
-        if xi < 0.0 || yi < 0.0 || xi >= w as f32 || yi >= h as f32 {
-            0.0
-        } else {
-            p[yi as usize * w + xi as usize]
-        }
+        let (xi, yi) = ((xi as usize).min(w - 1), (yi as usize).min(h - 1));
+        p[yi * w + xi]
     };
     at(x0, y0) * (1.0 - fx) * (1.0 - fy)
         + at(x0 + 1.0, y0) * fx * (1.0 - fy)
@@ -390,6 +388,34 @@ mod tests {
         }
         // Every label with a pair is a group somewhere in the epoch.
         assert_eq!(seen.len(), 35);
+    }
+
+    #[test]
+    fn shifts_and_rotations_repeat_the_border_instead_of_black() {
+        // A white icon background with a dark centre (composited transparency is white).
+        let spec = InputSpec::rgb(8, 8);
+        let mut px = vec![1.0f32; 3 * 64];
+        for ch in 0..3 {
+            px[ch * 64 + 3 * 8 + 3] = 0.0;
+        }
+        let moved = Augment {
+            shift: 3,
+            rotate_degrees: 20.0,
+            ..Augment::none()
+        };
+        for seed in 0..8 {
+            let mut out = px.clone();
+            moved.apply(&mut out, &spec, &mut StdRng::seed_from_u64(seed));
+            // The corners are never in the dark centre's reach: white, not black fill.
+            for ch in 0..3 {
+                for i in [0, 7, 56, 63] {
+                    assert!(
+                        (out[ch * 64 + i] - 1.0).abs() < 1e-5,
+                        "seed {seed}: {out:?}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -102,7 +102,9 @@ impl OptimiserKind {
 /// [0, 1] pixel scale before the extractor's normalisation.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Augment {
-    /// Random shift (a random crop of the zero-padded image) by up to this many pixels.
+    /// Random shift by up to this many pixels (a random crop of the image padded by repeating
+    /// its border: black around a Fashion-MNIST garment, the composited background around a
+    /// transparent icon).
     pub shift: u32,
     /// Random horizontal flip.
     pub flip: bool,
