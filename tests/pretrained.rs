@@ -82,3 +82,42 @@ fn efficientnet_without_weights_is_a_typed_error() {
     .unwrap_err();
     assert!(matches!(err, Error::Io { .. }), "{err}");
 }
+
+#[test]
+fn weights_of_another_architecture_are_a_typed_error_and_create_nothing() {
+    use lookalike::lookalike_plugin::candle_core::{Device, Tensor};
+    let dir = tempdir();
+    // A well-formed safetensors file whose tensors are not EfficientNet-Lite0's (as a SimNet
+    // or fused model's weights would be), and one that is not safetensors at all.
+    let other = dir.path().join("other.safetensors");
+    let t = Tensor::zeros(
+        (4, 3),
+        lookalike::lookalike_plugin::candle_core::DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    lookalike::lookalike_plugin::candle_core::safetensors::save(
+        &std::collections::HashMap::from([("conv1.weight".to_string(), t)]),
+        &other,
+    )
+    .unwrap();
+    let garbage = dir.path().join("garbage.safetensors");
+    std::fs::write(&garbage, b"not a safetensors file at all").unwrap();
+    for (i, weights) in [other, garbage].into_iter().enumerate() {
+        let path = dir.path().join(format!("db{i}"));
+        let err = Db::open_with(
+            &path,
+            Options::default()
+                .extractor("efficientnet-lite0", "")
+                .extractor_weights(&weights),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&err, Error::Plugin { name, .. } if name == "efficientnet-lite0"),
+            "{err}"
+        );
+        // The database it would have created holds no model: opening it plainly works.
+        let db = Db::open(&path).unwrap();
+        assert_eq!(db.active_model().extractor, "classic");
+    }
+}
