@@ -590,3 +590,32 @@ fn few_images_per_label_train_on_more_labels_and_hold_out_whole_labels() {
     assert!(r.images_seen > 0 && r.pairs_seen > 0);
     assert!(r.decision.contains("never"), "{}", r.decision);
 }
+
+#[test]
+fn initial_weights_of_another_architecture_stop_the_job_before_training() {
+    let dir = tempdir();
+    let db = filled(dir.path(), relaxed());
+    for weights in [b"not safetensors".to_vec(), {
+        // Well-formed safetensors with tensors SimNet does not have.
+        use lookalike::lookalike_plugin::candle_core::{DType, Device, Tensor};
+        let t = Tensor::zeros((2, 2), DType::F32, &Device::Cpu).unwrap();
+        let f = dir.path().join("other.safetensors");
+        lookalike::lookalike_plugin::candle_core::safetensors::save(
+            &std::collections::HashMap::from([("features.0.weight".to_string(), t)]),
+            &f,
+        )
+        .unwrap();
+        std::fs::read(&f).unwrap()
+    }] {
+        let e = db
+            .train_extractor_with("simnet", quick().initial_weights(weights))
+            .unwrap_err();
+        assert!(matches!(e, Error::Plugin { .. }), "{e}");
+        assert_eq!(
+            db.models().unwrap().len(),
+            1,
+            "no model stored, none activated"
+        );
+        assert_eq!(db.pending_job().unwrap(), None);
+    }
+}

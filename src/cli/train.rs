@@ -53,6 +53,10 @@ pub(super) struct TrainArgs {
     /// Resume the interrupted job stored in the database (same options).
     #[arg(long)]
     resume: bool,
+    /// Start from these weights (safetensors): a pretrained backbone for presets that need one
+    /// (`fused --config effnet` takes the EfficientNet-Lite0 file), or a model to fine-tune.
+    #[arg(long)]
+    weights: Option<PathBuf>,
     /// When the new model becomes active: if-better (it must beat the active model's held-out
     /// accuracy@1, mAP@10 breaking a tie), always, or never (stored only; `use` activates it).
     #[arg(long, value_enum, default_value_t = ActivateArg::IfBetter)]
@@ -89,6 +93,7 @@ pub(super) fn run(a: TrainArgs, json: bool) -> lookalike::Result<ExitCode> {
         constant_lr,
         seed,
         resume,
+        weights,
         activate,
         no_activate,
         if_better: _,
@@ -127,6 +132,10 @@ pub(super) fn run(a: TrainArgs, json: bool) -> lookalike::Result<ExitCode> {
         .activate(activate);
     if let Some(m) = minutes {
         opts = opts.max_minutes(m);
+    }
+    if let Some(path) = weights {
+        let bytes = std::fs::read(&path).map_err(|source| lookalike::Error::Io { path, source })?;
+        opts = opts.initial_weights(bytes);
     }
     train(&db, &extractor, opts, json).map(|()| ExitCode::SUCCESS)
 }

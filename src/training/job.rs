@@ -227,7 +227,10 @@ pub(crate) fn train_extractor(db: &Db, name: &str, opts: TrainOptions) -> Result
         db.store().clear_checkpoint()?;
         None
     };
-    let weights = checkpoint.as_ref().map(|c| c.weights.as_slice());
+    let weights = match &checkpoint {
+        Some(c) => Some(c.weights.as_slice()),
+        None => opts.initial_weights.as_deref().map(Vec::as_slice),
+    };
     // Built under the job's seed, so that one seed gives one initial model.
     let trainable: Box<dyn Trainable> =
         lookalike_plugin::nn::with_init_seed(opts.seed, || plugin.trainable(&opts.config, weights))

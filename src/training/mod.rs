@@ -345,6 +345,11 @@ pub struct TrainOptions {
     /// worse database without a word). It is stored and listed either way;
     /// [`TrainReport::activated`] and [`TrainReport::decision`] say what happened and why.
     pub activate: Activate,
+    /// Weights (safetensors) the trainable starts from when the job does not resume: the
+    /// pretrained backbone of a preset that needs one (`fused`'s `effnet` takes the
+    /// EfficientNet-Lite0 file that `efficientnet-lite0` runs on) or an earlier model's
+    /// weights to fine-tune. `None`: the plugin's own initialisation.
+    pub initial_weights: Option<Arc<Vec<u8>>>,
     /// Called with progress reports (from the job's thread).
     pub progress: Option<ProgressFn>,
     /// Cancels the job from another thread.
@@ -387,6 +392,7 @@ impl Default for TrainOptions {
             workers: 1,
             resume: false,
             activate: Activate::IfBetter,
+            initial_weights: None,
             progress: None,
             cancel: None,
         }
@@ -499,6 +505,13 @@ impl TrainOptions {
         self
     }
 
+    /// Starts the trainable from these weights (safetensors; see
+    /// [`TrainOptions::initial_weights`]).
+    pub fn initial_weights(mut self, weights: Vec<u8>) -> Self {
+        self.initial_weights = Some(Arc::new(weights));
+        self
+    }
+
     /// Sets the progress callback.
     pub fn on_progress(mut self, f: impl Fn(&Progress) + Send + Sync + 'static) -> Self {
         self.progress = Some(Arc::new(f));
@@ -514,11 +527,18 @@ impl TrainOptions {
     /// The options that decide a job's course, as text: a checkpoint resumes only under the
     /// same fingerprint.
     pub(crate) fn fingerprint(&self) -> String {
-        // "/capped": the split rule changed (at most `eval_queries` held out), so checkpoints
-        // of the old rule, whose split differs under the same options, do not resume.
+        // "/capped": the split rule changed (at most `eval_queries` held out); "/labels": whole
+        // labels held out when labels are small, and batches planned without repeats. So
+        // checkpoints of an older rule, whose split or plan differs under the same options, do
+        // not resume. "init": the initial weights' hash (they decide the run as much as the
+        // seed).
+        let init = self
+            .initial_weights
+            .as_ref()
+            .map(|w| blake3::hash(w).to_hex().to_string());
         format!(
             "config={:?} epochs={} batch={}/{}/{} steps={:?} miner={} proxy={} optimiser={:?} decay={:?} \
-             cosine={} warmup={} validation={}/capped eval={}/{}/{} augment={:?} seed={}",
+             cosine={} warmup={} validation={}/capped/labels eval={}/{}/{} augment={:?} seed={} init={:?}",
             self.config,
             self.epochs,
             self.batch_size,
@@ -536,7 +556,8 @@ impl TrainOptions {
             self.eval_gallery,
             self.eval_every_epoch,
             self.augment,
-            self.seed
+            self.seed,
+            init
         )
     }
 }
