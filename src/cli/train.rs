@@ -231,7 +231,7 @@ fn train(
                 "before": {"accuracy_at_1": r.before.accuracy_at_1, "map_at_10": r.before.map_at_10},
                 "after": {"accuracy_at_1": r.after.accuracy_at_1, "map_at_10": r.after.map_at_10,
                           "queries": r.after.queries},
-                "holdout": holdout_name(r.holdout),
+                "holdout": r.holdout.as_str(),
                 "epochs": r.epochs, "steps": r.steps, "pairs": r.pairs_seen,
                 "train_seconds": r.train_seconds, "total_seconds": r.total_seconds,
                 "vanished": r.vanished,
@@ -274,12 +274,4 @@ fn train(
         );
     }
     Ok(())
-}
-
-/// The held-out split's kind as JSON text.
-fn holdout_name(h: lookalike::Holdout) -> &'static str {
-    match h {
-        lookalike::Holdout::Images => "images",
-        lookalike::Holdout::Labels => "labels",
-    }
 }

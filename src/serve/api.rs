@@ -70,10 +70,10 @@ pub(super) struct QueryRequest {
     rerank: Option<usize>,
 }
 
-/// What a query searches with.
+/// What a query searches with: a stored image, or image bytes and their content hash.
 enum Probe {
     Stored(ImageId),
-    Bytes(Arc<Vec<u8>>),
+    Bytes(Arc<Vec<u8>>, String),
 }
 
 /// `POST /api/query`: multipart with an `image` file (and optional `k`, `labels` as a JSON
@@ -110,9 +110,9 @@ pub(super) async fn query(State(s): State<Shared>, req: Request) -> Result<Respo
         let bytes = Arc::new(image.to_vec());
         let hash = ContentHash::of(&bytes).to_string();
         if let Ok(mut uploads) = s.uploads.lock() {
-            uploads.put(hash, Arc::clone(&bytes));
+            uploads.put(hash.clone(), Arc::clone(&bytes));
         }
-        (Probe::Bytes(bytes), fields)
+        (Probe::Bytes(bytes, hash), fields)
     } else {
         let Json(q): Json<QueryRequest> =
             Json::from_request(req, &s)
@@ -125,7 +125,7 @@ pub(super) async fn query(State(s): State<Shared>, req: Request) -> Result<Respo
                 })?;
         let probe = match (q.id, &q.upload) {
             (Some(id), None) => Probe::Stored(ImageId(id)),
-            (None, Some(hash)) => Probe::Bytes(uploaded(&s, hash)?),
+            (None, Some(hash)) => Probe::Bytes(uploaded(&s, hash)?, hash.clone()),
             _ => {
                 return Err(ApiError::bad_request(
                     "a JSON query names exactly one of `id` (a stored image) or `upload`",
@@ -136,13 +136,13 @@ pub(super) async fn query(State(s): State<Shared>, req: Request) -> Result<Respo
     };
     let query = to_query(&s, &fields)?;
     let upload = match &probe {
-        Probe::Bytes(b) => Some(ContentHash::of(b).to_string()),
+        Probe::Bytes(_, hash) => Some(hash.clone()),
         Probe::Stored(_) => None,
     };
     let db = s.db.clone();
     let result = tokio::task::spawn_blocking(move || match probe {
         Probe::Stored(id) => db.nearest_to_with(id, &query),
-        Probe::Bytes(b) => db.nearest_with(&b, &query),
+        Probe::Bytes(b, _) => db.nearest_with(&b, &query),
     })
     .await?;
     let hits = match result {

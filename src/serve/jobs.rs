@@ -356,12 +356,8 @@ fn training_json(p: &Progress, max_seconds: Option<f64>) -> Value {
 }
 
 fn report_json(r: &TrainReport) -> Value {
-    let holdout = match r.holdout {
-        crate::Holdout::Images => "images",
-        crate::Holdout::Labels => "labels",
-    };
     json!({"version": r.version, "activated": r.activated, "decision": r.decision,
-           "holdout": holdout,
+           "holdout": r.holdout.as_str(),
            "extractor": r.extractor,
            "config": r.config, "miner": r.miner, "before": metrics_json(&r.before),
            "after": metrics_json(&r.after), "epochs": r.epochs, "steps": r.steps,

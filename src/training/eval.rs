@@ -33,6 +33,16 @@ pub enum Holdout {
     Labels,
 }
 
+impl Holdout {
+    /// `"images"` or `"labels"`, as JSON output spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Holdout::Images => "images",
+            Holdout::Labels => "labels",
+        }
+    }
+}
+
 /// A job's training images and its held-out queries.
 #[derive(Debug, Clone)]
 pub(crate) struct Split {
