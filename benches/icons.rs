@@ -38,6 +38,7 @@ struct Args {
     data: PathBuf,
     extractor: String,
     config: String,
+    cache: Option<PathBuf>,
 }
 
 fn args() -> Args {
@@ -49,6 +50,7 @@ fn args() -> Args {
         data: PathBuf::from("../shared/data"),
         extractor: "simnet".into(),
         config: "cpu".into(),
+        cache: None,
     };
     let argv: Vec<String> = std::env::args().collect();
     let mut i = 1;
@@ -62,6 +64,7 @@ fn args() -> Args {
             "--data" => a.data = PathBuf::from(v),
             "--extractor" => a.extractor = v,
             "--config" => a.config = v,
+            "--cache" => a.cache = Some(PathBuf::from(v)),
             _ => {
                 i += 1;
                 continue;
@@ -159,16 +162,49 @@ fn identity_at_1(db: &Db, queries: &[(String, Vec<u8>)]) -> Res<f64> {
     Ok(hits as f64 / queries.len().max(1) as f64)
 }
 
-fn fill(path: &Path, options: Options, set: &Set) -> Res<Db> {
+/// The database at `path` holding `set`, filled afresh; or, with a cache folder, a copy of
+/// the one filled there by an earlier run with the same seed and split (filling the
+/// EfficientNet-Lite0 one takes minutes).
+fn fill(path: &Path, options: Options, set: &Set, cache: Option<(&Path, String)>) -> Res<Db> {
     let _ = std::fs::remove_dir_all(path);
-    let db = Db::open_with(path, options.durability(Durability::Relaxed))?;
+    let options = options.durability(Durability::Relaxed);
+    let cached = cache.map(|(dir, key)| dir.join(key));
+    if let Some(c) = &cached {
+        if c.join("READY").exists() {
+            copy_dir(c, path)?;
+            return Ok(Db::open_with(path, options)?);
+        }
+    }
+    let db = Db::open_with(path, options.clone())?;
     for chunk in set.stored.chunks(512) {
         db.insert_images_with(
             chunk.iter().map(|(b, m)| (b.as_slice(), m)),
             lookalike::InsertMode::Always,
         )?;
     }
+    if let Some(c) = &cached {
+        db.flush()?;
+        drop(db); // the last handle closes the database
+        let _ = std::fs::remove_dir_all(c);
+        copy_dir(path, c)?;
+        std::fs::write(c.join("READY"), b"")?;
+        return Ok(Db::open_with(path, options)?);
+    }
     Ok(db)
+}
+
+fn copy_dir(from: &Path, to: &Path) -> Res<()> {
+    std::fs::create_dir_all(to)?;
+    for e in std::fs::read_dir(from)? {
+        let e = e?;
+        let target = to.join(e.file_name());
+        if e.file_type()?.is_dir() {
+            copy_dir(&e.path(), &target)?;
+        } else if e.file_name() != "READY" {
+            std::fs::copy(e.path(), &target)?;
+        }
+    }
+    Ok(())
 }
 
 fn main() -> Res<()> {
@@ -197,7 +233,17 @@ fn main() -> Res<()> {
         a.seed
     );
     println!("|---|---|");
-    let classic = fill(&work.path().join("classic.db"), Options::default(), &set)?;
+    let cache = |what: &str| {
+        a.cache
+            .as_deref()
+            .map(|d| (d, format!("{what}-seed{}-held{}", a.seed, a.held_out)))
+    };
+    let classic = fill(
+        &work.path().join("classic.db"),
+        Options::default(),
+        &set,
+        cache("classic"),
+    )?;
     let base = identity_at_1(&classic, &set.queries)?;
     println!("| `classic` (default, untrained) | {:.1} % |", base * 100.0);
     let weights = a
@@ -208,7 +254,7 @@ fn main() -> Res<()> {
         let opts = Options::default()
             .extractor("efficientnet-lite0", "")
             .extractor_weights(&weights);
-        let db = fill(&work.path().join("effnet.db"), opts, &set)?;
+        let db = fill(&work.path().join("effnet.db"), opts, &set, cache("effnet"))?;
         let e = identity_at_1(&db, &set.queries)?;
         println!(
             "| `efficientnet-lite0` (pretrained, untrained here) | {:.1} % |",
@@ -228,10 +274,16 @@ fn main() -> Res<()> {
                     .initial_weights(std::fs::read(&weights)?)
                     .batch(40, 4, 8),
             ),
+            // `auto` on the EfficientNet-Lite0 database: the job chooses (a trained head).
+            (Some(db), "auto") => (db, "efficientnet-lite0", TrainOptions::default()),
             _ => (&classic, "classic", TrainOptions::default()),
         };
+        let opts = if a.extractor == "auto" {
+            opts
+        } else {
+            opts.config(a.config.clone())
+        };
         let opts = opts
-            .config(a.config.clone())
             .max_minutes(a.minutes)
             .seed(a.seed)
             .activate(Activate::Always);
@@ -239,9 +291,10 @@ fn main() -> Res<()> {
         let r = db.train_extractor_with(&a.extractor, opts)?;
         let trained = identity_at_1(db, &set.queries)?;
         println!(
-            "| `{} {}` trained {:.1} min on the `{base_name}` database ({} epochs) | {:.1} % |",
+            "| `{}` (`{} {}`) trained {:.1} min on the `{base_name}` database ({} epochs) | {:.1} % |",
             a.extractor,
-            a.config,
+            r.extractor,
+            r.config,
             r.train_seconds / 60.0,
             r.epochs,
             trained * 100.0
@@ -257,6 +310,22 @@ fn main() -> Res<()> {
             Activate::IfBetter.decide(&r.before, &r.after).1,
             started.elapsed().as_secs_f64()
         );
+        if let Some(why) = &r.chosen {
+            println!("auto chose {} {}: {why}", r.extractor, r.config);
+        }
+        println!();
+        println!("| training minutes | job's validation accuracy@1 | mAP@10 |");
+        println!("|---|---|---|");
+        let before = std::iter::once((0.0, Some(r.before)));
+        for (minutes, m) in before.chain(r.history.iter().map(|e| (e.minutes, e.validation))) {
+            if let Some(m) = m {
+                println!(
+                    "| {minutes:.2} | {:.1} % | {:.1} % |",
+                    m.accuracy_at_1 * 100.0,
+                    m.map_at_10 * 100.0
+                );
+            }
+        }
     }
     Ok(())
 }

@@ -619,3 +619,103 @@ fn initial_weights_of_another_architecture_stop_the_job_before_training() {
         assert_eq!(db.pending_job().unwrap(), None);
     }
 }
+
+/// Random EfficientNet-Lite0 weights of the right architecture, as a file.
+fn random_effnet(dir: &std::path::Path) -> std::path::PathBuf {
+    use lookalike::lookalike_plugin::nn;
+    let (varmap, vb) = nn::new_varmap();
+    nn::with_init_seed(9, || {
+        lookalike_fused::efficientnet::EfficientNetLite0::new(vb)
+    })
+    .unwrap();
+    let f = dir.join("effnet.safetensors");
+    std::fs::write(&f, nn::save_varmap(&varmap).unwrap()).unwrap();
+    f
+}
+
+#[test]
+fn auto_chooses_simnet_presets_by_the_images() {
+    // The bundled Fashion-MNIST sample: greyscale, 28 x 28.
+    let dir = tempdir();
+    let db = filled(dir.path(), relaxed());
+    let r = db.train_extractor_with("auto", quick()).unwrap();
+    assert_eq!(
+        (r.extractor.as_str(), r.config.as_str()),
+        ("simnet", "cpu-gray")
+    );
+    assert!(r.chosen.as_deref().unwrap().contains("greyscale"), "{r:?}");
+    // Colour images: SimNet cpu.
+    let dir = tempdir();
+    let db = open(dir.path(), relaxed());
+    let images: Vec<(Vec<u8>, String)> = (0..48)
+        .map(|i| {
+            (
+                crate::common::class_png(i % 4, i.into()),
+                format!("c{}", i % 4),
+            )
+        })
+        .collect();
+    db.insert_images(images.iter().map(|(b, l)| (b.as_slice(), Some(l.as_str()))))
+        .unwrap();
+    let r = db.train_extractor_with("auto", quick()).unwrap();
+    assert_eq!((r.extractor.as_str(), r.config.as_str()), ("simnet", "cpu"));
+    assert!(r.chosen.as_deref().unwrap().contains("colour"), "{r:?}");
+    // A named extractor is not a choice.
+    let r = db.train_extractor_with("simnet", quick()).unwrap();
+    assert_eq!(r.chosen, None);
+}
+
+#[test]
+fn auto_on_an_efficientnet_database_trains_a_head_on_frozen_features() {
+    let dir = tempdir();
+    let weights = random_effnet(dir.path());
+    let path = dir.path().join("db");
+    let images: Vec<(Vec<u8>, String)> = (0..24)
+        .map(|i| {
+            (
+                crate::common::class_png(i % 4, i.into()),
+                format!("c{}", i % 4),
+            )
+        })
+        .collect();
+    let phases = Arc::new(Mutex::new(Vec::new()));
+    let seen = phases.clone();
+    let r = {
+        let db = Db::open_with(
+            &path,
+            relaxed()
+                .extractor("efficientnet-lite0", "")
+                .extractor_weights(&weights),
+        )
+        .unwrap();
+        db.insert_images(images.iter().map(|(b, l)| (b.as_slice(), Some(l.as_str()))))
+            .unwrap();
+        let opts = quick()
+            .batch(16, 3, 4)
+            .activate(Activate::Always)
+            .on_progress(move |p| seen.lock().unwrap().push((p.phase, p.embedded)));
+        db.train_extractor_with("auto", opts).unwrap()
+    };
+    assert_eq!(
+        (r.extractor.as_str(), r.config.as_str()),
+        ("efficientnet-lite0", "head")
+    );
+    assert!(r.chosen.as_deref().unwrap().contains("EfficientNet-Lite0"));
+    assert!(r.activated && r.steps > 0 && r.images_seen > 0);
+    let phases = phases.lock().unwrap();
+    // The frozen features were computed once per view, before any step.
+    let features: Vec<_> = phases.iter().filter(|p| p.0 == Phase::Features).collect();
+    assert!(!features.is_empty());
+    let first_step = phases.iter().position(|p| p.0 == Phase::Training).unwrap();
+    let last_features = phases.iter().rposition(|p| p.0 == Phase::Features).unwrap();
+    assert!(last_features < first_step);
+    // Stored, active and usable after reopening without the weights file.
+    let db = Db::open(&path).unwrap();
+    let m = db.active_model();
+    assert_eq!(
+        (m.extractor.as_str(), m.config.as_str(), m.dim),
+        ("efficientnet-lite0", "head", 1280)
+    );
+    let hits = db.nearest(&images[5].0, 1).unwrap();
+    assert!(hits[0].distance < 1e-4, "an image finds itself: {hits:?}");
+}

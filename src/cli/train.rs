@@ -13,7 +13,9 @@ use super::{existing, out};
 pub(super) struct TrainArgs {
     /// The database directory.
     db: PathBuf,
-    /// The extractor plugin to train (for example simnet or fused).
+    /// The extractor plugin to train (for example simnet or fused), or auto: the job chooses
+    /// for the database (a head on EfficientNet-Lite0 features where that model runs or its
+    /// weights are given with --weights, SimNet otherwise) and says why.
     extractor: String,
     /// The plugin's configuration (preset).
     #[arg(long, default_value = "")]
@@ -213,6 +215,12 @@ fn train(
                 b.set_message("");
             }
         }
+        Phase::Features => {
+            b.set_prefix("features");
+            b.set_length(p.embedded.1 as u64);
+            b.set_position(p.embedded.0 as u64);
+            b.set_message("images through the frozen layers");
+        }
         Phase::Embedding => {
             b.set_prefix("embedding");
             b.set_length(p.embedded.1 as u64);
@@ -234,10 +242,13 @@ fn train(
                 "holdout": r.holdout.as_str(),
                 "epochs": r.epochs, "steps": r.steps, "pairs": r.pairs_seen,
                 "train_seconds": r.train_seconds, "total_seconds": r.total_seconds,
-                "vanished": r.vanished,
+                "vanished": r.vanished, "chosen": r.chosen,
             }})
         );
         return Ok(());
+    }
+    if let Some(why) = &r.chosen {
+        out!("auto chose {} {:?}: {why}", r.extractor, r.config);
     }
     out!(
         "model v{} ({} {:?}, miner {}) {}",

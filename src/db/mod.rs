@@ -1038,6 +1038,11 @@ impl Db {
     }
 
     /// Every labelled image with its label, in id order.
+    /// The active model's stored weights (safetensors; empty for a training-free extractor).
+    pub(crate) fn active_weights(&self) -> Vec<u8> {
+        self.model().record.weights.clone()
+    }
+
     pub(crate) fn labelled(&self) -> Result<Vec<(ImageId, String)>> {
         let state = self.read_state()?;
         let mut out: Vec<(ImageId, String)> = state

@@ -176,7 +176,7 @@ pub(super) async fn use_model(
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct TrainRequest {
-    /// The trainable extractor (`simnet`, `fused`).
+    /// The trainable extractor (`simnet`, `fused`), or `auto` (the job chooses).
     extractor: String,
     config: Option<String>,
     epochs: Option<usize>,
@@ -223,7 +223,7 @@ pub(super) async fn start(
             )))
         }
     }
-    if !s.db.extractors().contains(&r.extractor) {
+    if r.extractor != "auto" && !s.db.extractors().contains(&r.extractor) {
         return Err(Error::UnknownExtractor {
             name: r.extractor.clone(),
             known: s.db.extractors(),
@@ -298,15 +298,20 @@ fn run(db: &Db, state: &Shared, job: &Arc<Job>, opts: TrainOptions) {
                 *last = Instant::now();
                 j.push("progress", training_json(p, max_seconds));
             }
-            (Phase::Embedding, _) => {
+            (Phase::Embedding | Phase::Features, _) => {
                 let (done, total) = p.embedded;
                 if done != total && last.elapsed() < PROGRESS_EVERY {
                     return;
                 }
                 *last = Instant::now();
+                let phase = if p.phase == Phase::Features {
+                    "features"
+                } else {
+                    "embedding"
+                };
                 j.push(
                     "phase",
-                    json!({"phase": "embedding", "embedded": done, "total": total,
+                    json!({"phase": phase, "embedded": done, "total": total,
                            "elapsed_seconds": p.elapsed_seconds}),
                 );
             }
@@ -361,7 +366,8 @@ fn report_json(r: &TrainReport) -> Value {
            "extractor": r.extractor,
            "config": r.config, "miner": r.miner, "before": metrics_json(&r.before),
            "after": metrics_json(&r.after), "epochs": r.epochs, "steps": r.steps,
-           "train_seconds": r.train_seconds, "total_seconds": r.total_seconds})
+           "train_seconds": r.train_seconds, "total_seconds": r.total_seconds,
+           "chosen": r.chosen})
 }
 
 fn job(s: &Shared, id: &str) -> Result<Arc<Job>, ApiError> {

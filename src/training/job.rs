@@ -10,8 +10,9 @@ use lookalike_plugin::{Extractor, ExtractorSpec, Trainable, TrainingBatch};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
+use super::bank::FeatureBank;
 use super::eval::{self, Metrics};
-use super::loader::{derive_seed, plan_epoch, Loader};
+use super::loader::{derive_seed, plan_epoch, Batch, Loader};
 use super::miners::{self, Distances, Mined};
 use super::{EpochRecord, OptimiserKind, Phase, Progress, TrainOptions, TrainReport};
 use crate::db::now_unix;
@@ -52,6 +53,56 @@ impl EvalSet {
                 .collect())
         };
         eval::retrieval(&embed(&self.queries)?, &embed(&self.gallery)?, spec.metric)
+    }
+
+    /// Metrics of the head of a trainable with frozen layers, on the bank's unaugmented rows.
+    fn evaluate_bank(
+        &self,
+        name: &str,
+        bank: &FeatureBank,
+        trainable: &dyn Trainable,
+        metric: lookalike_plugin::Metric,
+    ) -> Result<Metrics> {
+        let embed = |items: &[(ImageId, u32)]| -> Result<Vec<(Vec<f32>, u32)>> {
+            let labels: BTreeMap<ImageId, u32> = items.iter().copied().collect();
+            let ids: Vec<ImageId> = items.iter().map(|x| x.0).collect();
+            let (found, rows) = bank.plain(&ids);
+            let x = Tensor::from_vec(rows, (found.len(), bank.dim()), &Device::Cpu)
+                .map_err(candle_err(name))?;
+            let emb = trainable
+                .forward_features(&x, false)
+                .map_err(plugin_err(name))?;
+            let dim = emb.dim(1).map_err(candle_err(name))?;
+            let values: Vec<f32> = emb
+                .flatten_all()
+                .and_then(|t| t.to_vec1())
+                .map_err(candle_err(name))?;
+            Ok(found
+                .iter()
+                .zip(values.chunks_exact(dim))
+                .filter_map(|(id, v)| labels.get(id).map(|l| (v.to_vec(), *l)))
+                .collect())
+        };
+        eval::retrieval(&embed(&self.queries)?, &embed(&self.gallery)?, metric)
+    }
+
+    /// Metrics of the model being trained: on the feature bank when there is one, otherwise
+    /// embedding the images afresh.
+    fn evaluate_trained(
+        &self,
+        db: &Db,
+        name: &str,
+        trainable: &dyn Trainable,
+        spec: &ExtractorSpec,
+        bank: Option<&FeatureBank>,
+    ) -> Result<Metrics> {
+        match bank {
+            Some(b) => self.evaluate_bank(name, b, trainable, spec.metric),
+            None => {
+                let frozen = trainable.freeze().map_err(plugin_err(name))?;
+                self.evaluate(db, name, frozen.as_ref(), spec)
+            }
+        }
     }
 
     /// Metrics of the active model from its stored embeddings.
@@ -124,6 +175,13 @@ fn check_options(o: &TrainOptions) -> Result<()> {
 /// Runs a training job for extractor `name`; see [`crate::Db::train_extractor_with`].
 pub(crate) fn train_extractor(db: &Db, name: &str, opts: TrainOptions) -> Result<TrainReport> {
     let _guard = db.start_job()?;
+    let (name, opts, chosen) = if name == AUTO {
+        let c = super::auto::choose(db, opts)?;
+        (c.extractor, c.options, Some(c.reason))
+    } else {
+        (name.to_string(), opts, None)
+    };
+    let name = name.as_str();
     let started = Instant::now();
     check_options(&opts)?;
     let plugin = db.registry().plugin(name)?.clone();
@@ -237,6 +295,20 @@ pub(crate) fn train_extractor(db: &Db, name: &str, opts: TrainOptions) -> Result
             .ok_or_else(|| Error::NotTrainable(name.to_string()))?
             .map_err(plugin_err(name))?;
     let spec = trainable.freeze().map_err(plugin_err(name))?.spec();
+    // Frozen pretrained layers: their features are computed once per image and view.
+    let input = &spec.input;
+    let probe = Tensor::zeros(
+        (
+            1,
+            input.channels as usize,
+            input.height as usize,
+            input.width as usize,
+        ),
+        lookalike_plugin::candle_core::DType::F32,
+        &Device::Cpu,
+    )
+    .map_err(candle_err(name))?;
+    let has_frozen = trainable.frozen_features(&probe).is_some();
     // The proxy loss's label proxies: trained with the network, after its parameters in the
     // optimiser's order, and checkpointed with it.
     let proxies = if opts.proxy_weight > 0.0 {
@@ -314,6 +386,42 @@ pub(crate) fn train_extractor(db: &Db, name: &str, opts: TrainOptions) -> Result
         Some(before),
         (0, 0),
     ));
+    let bank = if has_frozen {
+        let t = Instant::now();
+        let train_ids: Vec<ImageId> = train_all.iter().map(|x| x.0).collect();
+        let eval_ids: Vec<ImageId> = evalset
+            .queries
+            .iter()
+            .chain(&evalset.gallery)
+            .map(|x| x.0)
+            .collect();
+        let bank = FeatureBank::build(
+            db,
+            name,
+            trainable.as_ref(),
+            &spec,
+            &opts,
+            &train_ids,
+            &eval_ids,
+            &cancelled,
+            &mut |done, total| {
+                report(progress_at(
+                    Phase::Features,
+                    start_epoch,
+                    0,
+                    steps,
+                    0.0,
+                    None,
+                    (done, total),
+                ))
+            },
+        )?;
+        // The bank is the slow part of such a job: it counts as training time (the budget).
+        train_seconds += t.elapsed().as_secs_f64();
+        Some(bank)
+    } else {
+        None
+    };
     let resumed_from = checkpoint.as_ref().map(|_| start_epoch);
     let run_started = Instant::now();
     let (run_images0, run_pairs0) = (images_seen, pairs_seen);
@@ -340,15 +448,22 @@ pub(crate) fn train_extractor(db: &Db, name: &str, opts: TrainOptions) -> Result
                 opts.per_label,
                 opts.random,
             );
-            let mut loader = Loader::start(
-                db.clone(),
-                spec.input.clone(),
-                opts.augment,
-                plan,
-                opts.seed,
-                epoch,
-                opts.workers,
-            );
+            let mut loader = match &bank {
+                Some(bank) => Batches::Bank {
+                    bank,
+                    plan: plan.into_iter(),
+                    seed: derive_seed(opts.seed, epoch, 0, 6),
+                },
+                None => Batches::Images(Loader::start(
+                    db.clone(),
+                    spec.input.clone(),
+                    opts.augment,
+                    plan,
+                    opts.seed,
+                    epoch,
+                    opts.workers,
+                )),
+            };
             for step in 0..steps {
                 if cancelled() {
                     return Err(Error::Cancelled);
@@ -377,9 +492,19 @@ pub(crate) fn train_extractor(db: &Db, name: &str, opts: TrainOptions) -> Result
                     continue;
                 }
                 trainable.reseed(derive_seed(opts.seed, epoch, step, 3));
-                let x =
-                    Tensor::from_vec(batch.pixels, (n, c, h, w), &Device::Cpu).map_err(&c_err)?;
-                let emb = trainable.forward_train(&x).map_err(plugin_err(name))?;
+                let emb = match &bank {
+                    Some(b) => {
+                        let x = Tensor::from_vec(batch.pixels, (n, b.dim()), &Device::Cpu)
+                            .map_err(&c_err)?;
+                        trainable.forward_features(&x, true)
+                    }
+                    None => {
+                        let x = Tensor::from_vec(batch.pixels, (n, c, h, w), &Device::Cpu)
+                            .map_err(&c_err)?;
+                        trainable.forward_train(&x)
+                    }
+                }
+                .map_err(plugin_err(name))?;
                 let dim = emb.dim(1).map_err(&c_err)?;
                 let flat: Vec<f32> = emb
                     .detach()
@@ -462,8 +587,8 @@ pub(crate) fn train_extractor(db: &Db, name: &str, opts: TrainOptions) -> Result
                     None,
                     (0, 0),
                 ));
-                let frozen = trainable.freeze().map_err(plugin_err(name))?;
-                let m = evalset.evaluate(db, name, frozen.as_ref(), &spec)?;
+                let m =
+                    evalset.evaluate_trained(db, name, trainable.as_ref(), &spec, bank.as_ref())?;
                 last_eval = Some((epochs_done, m));
                 history.push((train_seconds / 60.0, m.accuracy_at_1, m.map_at_10));
                 report(progress_at(
@@ -544,7 +669,7 @@ pub(crate) fn train_extractor(db: &Db, name: &str, opts: TrainOptions) -> Result
                 None,
                 (0, 0),
             ));
-            let m = evalset.evaluate(db, name, frozen.as_ref(), &spec)?;
+            let m = evalset.evaluate_trained(db, name, trainable.as_ref(), &spec, bank.as_ref())?;
             history.push((train_seconds / 60.0, m.accuracy_at_1, m.map_at_10));
             report(progress_at(
                 Phase::Evaluating,
@@ -631,7 +756,43 @@ pub(crate) fn train_extractor(db: &Db, name: &str, opts: TrainOptions) -> Result
         resumed_from,
         history,
         vanished,
+        chosen,
     })
+}
+
+/// The extractor name that asks the job to choose ([`super::auto`]).
+pub(crate) const AUTO: &str = "auto";
+
+/// Where an epoch's batches come from: images decoded and augmented on loader threads, or
+/// rows of the feature bank (one random view per image).
+enum Batches<'a> {
+    Images(Loader),
+    Bank {
+        bank: &'a FeatureBank,
+        plan: std::vec::IntoIter<Vec<(ImageId, u32)>>,
+        seed: u64,
+    },
+}
+
+impl Batches<'_> {
+    fn next_batch(&mut self) -> Option<Result<Batch>> {
+        match self {
+            Batches::Images(l) => l.next_batch(),
+            Batches::Bank { bank, plan, seed } => {
+                let items = plan.next()?;
+                *seed = derive_seed(*seed, 0, 0, 7);
+                let (pixels, labels) = bank.gather(&items, &mut StdRng::seed_from_u64(*seed));
+                Some(Ok(Batch { pixels, labels }))
+            }
+        }
+    }
+
+    fn vanished(&self) -> usize {
+        match self {
+            Batches::Images(l) => l.vanished(),
+            Batches::Bank { .. } => 0,
+        }
+    }
 }
 
 /// The learning rate `done` (0 to 1) of the way through a run: rising linearly from 0 over

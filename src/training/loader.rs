@@ -256,13 +256,18 @@ impl Augment {
         } else {
             (0, 0)
         };
+        let zoom = if self.zoom > 0.0 {
+            1.0 + rng.random_range(0.0..=self.zoom)
+        } else {
+            1.0
+        };
         let angle = if self.rotate_degrees > 0.0 {
             rng.random_range(-self.rotate_degrees..=self.rotate_degrees)
                 .to_radians()
         } else {
             0.0
         };
-        if flip || dx != 0 || dy != 0 || angle != 0.0 {
+        if flip || dx != 0 || dy != 0 || angle != 0.0 || zoom != 1.0 {
             let (sin, cos) = angle.sin_cos();
             let (cx, cy) = ((w as f32 - 1.0) / 2.0, (h as f32 - 1.0) / 2.0);
             let src = px.to_vec();
@@ -272,8 +277,8 @@ impl Augment {
                 for y in 0..h {
                     for x in 0..w {
                         // Output (x, y) samples the input at the inverse transform (the border repeats).
-                        let xo = if flip { w - 1 - x } else { x } as f32 - dx as f32 - cx;
-                        let yo = y as f32 - dy as f32 - cy;
+                        let xo = (if flip { w - 1 - x } else { x } as f32 - dx as f32 - cx) / zoom;
+                        let yo = (y as f32 - dy as f32 - cy) / zoom;
                         let xs = cos * xo + sin * yo + cx;
                         let ys = -sin * xo + cos * yo + cy;
                         dp[y * w + x] = bilinear(sp, w, h, xs, ys);
@@ -286,6 +291,14 @@ impl Augment {
             let k = 1.0 + rng.random_range(-self.jitter..=self.jitter);
             px.iter_mut()
                 .for_each(|v| *v = ((*v - 0.5) * k + 0.5 + b).clamp(0.0, 1.0));
+        }
+        if self.colour > 0.0 {
+            for ch in 0..c {
+                let k = 1.0 + rng.random_range(-self.colour..=self.colour);
+                px[ch * plane..(ch + 1) * plane]
+                    .iter_mut()
+                    .for_each(|v| *v = (*v * k).clamp(0.0, 1.0));
+            }
         }
         if self.noise > 0.0 {
             for v in px.iter_mut() {

@@ -11,6 +11,8 @@
 //! a checkpoint in the store -> at the end, a new model version, re-embedding, index, switch.
 //! See `docs/training.md`.
 
+mod auto;
+mod bank;
 pub mod eval;
 mod job;
 pub(crate) mod loader;
@@ -114,6 +116,12 @@ pub struct Augment {
     pub jitter: f32,
     /// Gaussian noise with this standard deviation.
     pub noise: f32,
+    /// Per-channel colour jitter: each of R, G and B scaled by its own factor within 1 +- this
+    /// fraction (a colour cast; brightness and contrast are [`Augment::jitter`]'s).
+    pub colour: f32,
+    /// Random zoom-in by up to this fraction (1 + zoom times larger, the centre moved by the
+    /// shift): a random crop of 1 / (1 + zoom) of the side or more, resized back.
+    pub zoom: f32,
 }
 
 impl Augment {
@@ -125,7 +133,40 @@ impl Augment {
             rotate_degrees: 0.0,
             jitter: 0.0,
             noise: 0.0,
+            colour: 0.0,
+            zoom: 0.0,
         }
+    }
+
+    /// For colour images (icons, photos, products): flips, shifts of up to 4 % of the side,
+    /// zoom-ins of up to 15 %, brightness and contrast within 10 % and a colour cast within
+    /// 10 % per channel. The views of a feature bank (pretrained features) use it.
+    pub fn colour(width: u32) -> Self {
+        Augment {
+            flip: true,
+            shift: (width as f32 * 0.04).round() as u32,
+            zoom: 0.15,
+            jitter: 0.1,
+            colour: 0.1,
+            ..Augment::none()
+        }
+    }
+
+    /// The augmentation as the checkpoint fingerprint spells it: the fields before
+    /// `colour` and `zoom` as they always were, those two only when used (so that a
+    /// checkpoint written before they existed still resumes).
+    fn fingerprint(&self) -> String {
+        let mut s = format!(
+            "Augment {{ shift: {:?}, flip: {:?}, rotate_degrees: {:?}, jitter: {:?}, noise: {:?}",
+            self.shift, self.flip, self.rotate_degrees, self.jitter, self.noise
+        );
+        if self.colour != 0.0 || self.zoom != 0.0 {
+            s.push_str(&format!(
+                ", colour: {:?}, zoom: {:?}",
+                self.colour, self.zoom
+            ));
+        }
+        s + " }"
     }
 
     /// The default: horizontal flips only. Measured on Fashion-MNIST (docs/benchmarks.md): the
@@ -156,6 +197,7 @@ impl Augment {
             rotate_degrees: 10.0,
             jitter: 0.2,
             noise: 0.02,
+            ..Augment::none()
         }
     }
 }
@@ -179,6 +221,10 @@ pub enum Phase {
     Training,
     /// Embedding every stored image with the new model.
     Embedding,
+    /// Computing the frozen pretrained layers' features of the training and validation images
+    /// once per view, before training (a head on a pretrained backbone, see
+    /// [`TrainOptions::feature_views`]); `embedded` counts the images of the view under way.
+    Features,
 }
 
 /// A progress report, passed to [`TrainOptions::on_progress`]'s callback.
@@ -334,6 +380,12 @@ pub struct TrainOptions {
     pub eval_every_epoch: bool,
     /// Data augmentation.
     pub augment: Augment,
+    /// For a trainable with frozen pretrained layers (a head on EfficientNet-Lite0): how many
+    /// views of each training image the feature bank holds, the first unaugmented, the others
+    /// drawn from [`TrainOptions::augment`]. Fewer when they would not fit in 1 GiB or, with
+    /// [`TrainOptions::max_minutes`], when the next view would end past half of the budget.
+    /// Default 4.
+    pub feature_views: usize,
     /// The seed of everything random in the job.
     pub seed: u64,
     /// Loader threads.
@@ -388,6 +440,7 @@ impl Default for TrainOptions {
             eval_gallery: 10_000,
             eval_every_epoch: true,
             augment: Augment::flips(),
+            feature_views: 4,
             seed: 0,
             workers: 1,
             resume: false,
@@ -468,6 +521,12 @@ impl TrainOptions {
         self
     }
 
+    /// Sets the number of feature-bank views (see [`TrainOptions::feature_views`]).
+    pub fn feature_views(mut self, views: usize) -> Self {
+        self.feature_views = views;
+        self
+    }
+
     /// Sets the augmentation.
     pub fn augment(mut self, augment: Augment) -> Self {
         self.augment = augment;
@@ -538,7 +597,7 @@ impl TrainOptions {
             .map(|w| blake3::hash(w).to_hex().to_string());
         format!(
             "config={:?} epochs={} batch={}/{}/{} steps={:?} miner={} proxy={} optimiser={:?} decay={:?} \
-             cosine={} warmup={} validation={}/capped/labels eval={}/{}/{} augment={:?} seed={} init={:?}",
+             cosine={} warmup={} validation={}/capped/labels eval={}/{}/{} augment={} seed={} init={:?}{}",
             self.config,
             self.epochs,
             self.batch_size,
@@ -555,9 +614,16 @@ impl TrainOptions {
             self.eval_queries,
             self.eval_gallery,
             self.eval_every_epoch,
-            self.augment,
+            self.augment.fingerprint(),
             self.seed,
-            init
+            init,
+            // Only where it matters (frozen layers), and only when not the default: older
+            // checkpoints keep their fingerprint.
+            if self.feature_views == 4 {
+                String::new()
+            } else {
+                format!(" views={}", self.feature_views)
+            }
         )
     }
 }
@@ -616,4 +682,7 @@ pub struct TrainReport {
     pub vanished: usize,
     /// Per-epoch history (validation curve).
     pub history: Vec<EpochRecord>,
+    /// For a job asked for `"auto"`: why it chose [`TrainReport::extractor`] and
+    /// [`TrainReport::config`], in words. `None` when the caller named the extractor.
+    pub chosen: Option<String>,
 }

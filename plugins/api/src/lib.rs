@@ -306,6 +306,28 @@ pub trait Trainable: Send + Debug {
     /// the graph for backpropagation. `N x C x H x W` in, `N x D` out.
     fn forward_train(&self, batch: &Tensor) -> Result<Tensor, PluginError>;
 
+    /// Pretrained layers that training leaves alone: when the network starts with such a
+    /// frozen part, its output for a batch of images (`N x C x H x W` in, `N x F` out,
+    /// computed without a gradient graph); `None` (the default) when every layer trains.
+    ///
+    /// The training jobs then compute each training image's features once per augmented view
+    /// (a feature bank), and train and evaluate with [`Trainable::forward_features`] on rows
+    /// of it instead of running the frozen layers at every step: a head on a pretrained
+    /// backbone trains in seconds instead of hours.
+    fn frozen_features(&self, _images: &Tensor) -> Option<Result<Tensor, PluginError>> {
+        None
+    }
+
+    /// The trained part on rows of [`Trainable::frozen_features`]' output: with `train`, the
+    /// training forward (graph kept, dropout on); without, exactly the embeddings that
+    /// [`Trainable::freeze`]'s extractor gives for the same images. Called only when
+    /// `frozen_features` answers; the default is an error.
+    fn forward_features(&self, _features: &Tensor, _train: bool) -> Result<Tensor, PluginError> {
+        Err(PluginError::InvalidSpec(
+            "this trainable has no frozen features to train on".into(),
+        ))
+    }
+
     /// The plugin's training objective over embeddings from [`Trainable::forward_train`].
     fn loss(&self, batch: TrainingBatch<'_>) -> Result<Tensor, PluginError>;
 

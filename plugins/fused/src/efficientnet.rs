@@ -10,6 +10,7 @@ use lookalike_plugin::candle_core::{Module, Result as CResult, Tensor, D};
 use lookalike_plugin::candle_nn::{self, Conv2dConfig, Linear, VarBuilder, VarMap};
 use lookalike_plugin::{
     check_batch, nn, Extractor, ExtractorPlugin, ExtractorSpec, InputSpec, Metric, PluginError,
+    Trainable,
 };
 
 /// Input side in pixels.
@@ -18,7 +19,7 @@ pub const SIDE: u32 = 224;
 pub const FEATURES: usize = 1280;
 const BN_EPS: f64 = 1e-3;
 /// Images per forward pass inside `embed` (measured: faster per image than 1 or 64 on 2 cores).
-const CHUNK: usize = 4;
+pub(crate) const CHUNK: usize = 4;
 
 /// Stages: (repeats, kernel, stride, expand ratio, in, out).
 const STAGES: [(usize, usize, usize, usize, usize, usize); 7] = [
@@ -380,19 +381,44 @@ impl ExtractorPlugin for EfficientNetPlugin {
         config: &str,
         weights: Option<&[u8]>,
     ) -> Result<Box<dyn Extractor>, PluginError> {
-        if !config.is_empty() && config != "imagenet" {
-            return Err(PluginError::UnknownConfig {
-                config: config.into(),
-                known: "imagenet".into(),
-            });
+        let weights = needed(weights)?;
+        match config {
+            "" | "imagenet" => Ok(Box::new(EfficientNetExtractor::from_weights(weights)?)),
+            crate::head::HEAD => Ok(Box::new(crate::head::HeadExtractor::from_weights(weights)?)),
+            other => Err(unknown(other)),
         }
-        let weights = weights.ok_or_else(|| {
-            PluginError::Weights(
-                "efficientnet-lite0 needs its ImageNet weights: give the safetensors file \
-                 (efficientnet-lite0.safetensors) as the extractor's weights file"
-                    .into(),
-            )
-        })?;
-        Ok(Box::new(EfficientNetExtractor::from_weights(weights)?))
     }
+
+    /// Configuration `head` trains a head on the frozen network ([`crate::head`]), from the
+    /// ImageNet weights or a fine-tuned model's; the plain network (`imagenet`) does not train.
+    fn trainable(
+        &self,
+        config: &str,
+        weights: Option<&[u8]>,
+    ) -> Option<Result<Box<dyn Trainable>, PluginError>> {
+        match config {
+            crate::head::HEAD => Some(needed(weights).and_then(|w| {
+                Ok(Box::new(crate::head::HeadTrainable::from_weights(w)?) as Box<dyn Trainable>)
+            })),
+            "" | "imagenet" => None,
+            other => Some(Err(unknown(other))),
+        }
+    }
+}
+
+fn unknown(config: &str) -> PluginError {
+    PluginError::UnknownConfig {
+        config: config.into(),
+        known: "imagenet (the pretrained network), head (a head trained on its features)".into(),
+    }
+}
+
+fn needed(weights: Option<&[u8]>) -> Result<&[u8], PluginError> {
+    weights.ok_or_else(|| {
+        PluginError::Weights(
+            "efficientnet-lite0 needs its ImageNet weights: give the safetensors file \
+             (efficientnet-lite0.safetensors) as the extractor's weights file"
+                .into(),
+        )
+    })
 }

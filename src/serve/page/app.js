@@ -76,8 +76,9 @@ async function loadSummary() {
     $("#dup-max").placeholder = m.duplicate_distance;
     const sel = $("#train-extractor");
     if (!sel.options.length) {
+      sel.append(el("option", { value: "auto", text: "auto (chosen for these images)" }));
       for (const x of s.extractors) sel.append(el("option", { value: x, text: x }));
-      sel.value = s.extractors.includes("simnet") ? "simnet" : s.extractors[0];
+      sel.value = "auto";
     }
   } catch (e) {
     $("#summary").textContent = `cannot reach the database: ${e.message}`;
@@ -322,7 +323,10 @@ function followJob(job) {
   });
   on("phase", (d) => {
     status.textContent = d.phase === "embedding"
-      ? `embedding every image with the new model: ${d.embedded}/${d.total}` : "evaluating on the held-out split...";
+      ? `embedding every image with the new model: ${d.embedded}/${d.total}`
+      : d.phase === "features"
+        ? `pretrained features of the training images: ${d.embedded}/${d.total}`
+        : "evaluating on the held-out split...";
   });
   on("evaluation", (d) => {
     follow.points.push(d);
@@ -337,8 +341,8 @@ function followJob(job) {
   on("done", (d) => {
     finish();
     $("#train-progress").value = 1;
-    status.textContent = `model v${d.version} trained, ${d.decision}; mAP@10 ` +
-      `${pct(d.before.map_at_10)} → ${pct(d.after.map_at_10)}`;
+    status.textContent = `model v${d.version} (${d.extractor} ${d.config}) trained, ${d.decision}; mAP@10 ` +
+      `${pct(d.before.map_at_10)} → ${pct(d.after.map_at_10)}` + (d.chosen ? ` (auto: ${d.chosen})` : "");
     status.dataset.state = "done";
     models();
     loadSummary();
