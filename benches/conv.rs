@@ -8,8 +8,12 @@
 //! (candle's multi-threaded matmul of two 2048 x 2048 matrices, measured in the same run).
 //!
 //! ```text
-//! cargo bench --bench conv [-- --steps 6]
+//! cargo bench --bench conv [-- --steps 6 --python PYTHON]
 //! ```
+//!
+//! With `PYTHON` (default `python3`) able to import torch, the PyTorch twin of the small CNN
+//! (`../shared/peers/cnn28_peer.py`) runs in the same process tree right after, and the ratios
+//! against it are printed.
 //!
 //! The net: input 1x28x28; conv3x3(32)+BN+ReLU, conv3x3(32)+BN+ReLU, maxpool 2;
 //! conv3x3(64)+BN+ReLU twice, maxpool 2; conv3x3(128)+BN+ReLU; global average pool;
@@ -111,13 +115,51 @@ fn run(fast: bool, steps: usize) -> Res<(f64, f64, f64, f64)> {
     ))
 }
 
+/// The PyTorch twin of the small CNN (`../shared/peers/cnn28_peer.py`), in the same run, when
+/// `python` has torch: its line, and lookalike's training and inference rates against it.
+fn pytorch_peer(python: &str, steps: usize, fast: (f64, f64, f64, f64)) {
+    let peer =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/peers/cnn28_peer.py");
+    let out = std::process::Command::new(python)
+        .arg(&peer)
+        .args(["--steps", &steps.to_string(), "--threads", "2"])
+        .output();
+    let line = match out {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().to_string(),
+        _ => {
+            println!(
+                "PyTorch peer SKIPPED: {python} {} did not run (needs torch; --python PATH)",
+                peer.display()
+            );
+            return;
+        }
+    };
+    println!("{line}");
+    // "... train 123.4 img/s, ... inference 567.8 img/s"
+    let figure = |key: &str| -> Option<f64> {
+        let rest = &line[line.find(key)? + key.len()..];
+        rest.split_whitespace().next()?.parse().ok()
+    };
+    if let (Some(train), Some(infer)) = (figure("train "), figure("inference ")) {
+        println!(
+            "lookalike ops against PyTorch, same run: training {:.2}x, inference {:.2}x",
+            fast.0 / train,
+            fast.3 / infer
+        );
+    }
+}
+
 fn main() -> Res<()> {
     let mut steps = 3;
     let mut profile = false;
+    let mut python = "python3".to_string();
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         if a == "--steps" {
             steps = it.next().and_then(|s| s.parse().ok()).unwrap_or(steps);
+        }
+        if a == "--python" {
+            python = it.next().unwrap_or(python);
         }
         // Only the fast path's training, for a profiler.
         profile |= a == "--profile";
@@ -157,6 +199,7 @@ fn main() -> Res<()> {
         "fast path: about {gflops:.1} GFLOP/s in training (3 x 44 MFLOP per image), {:.0} % of the matmul peak",
         100.0 * gflops / peak
     );
+    pytorch_peer(&python, steps, fast);
     println!("\nplugin CPU presets, one training step per batch (forward, loss, backward, SGD):");
     println!("| plugin preset | batch | candle ops: train images/s | lookalike ops: train images/s | ratio |");
     println!("|---|---|---|---|---|");
@@ -215,14 +258,23 @@ fn matmul_peak() -> Res<f64> {
 /// `LOOKALIKE_OPS` selects; prints `name<TAB>batch<TAB>images/s` lines.
 fn presets(steps: usize) -> Res<()> {
     use lookalike::lookalike_plugin::{ExtractorPlugin, TrainingBatch};
-    let plugins: Vec<(&str, Box<dyn ExtractorPlugin>)> = vec![
-        ("simnet cpu", Box::new(lookalike::simnet::SimNetPlugin)),
-        ("fused cpu", Box::new(lookalike::fused::FusedPlugin)),
+    let plugins: Vec<(&str, &str, Box<dyn ExtractorPlugin>)> = vec![
+        (
+            "simnet cpu",
+            "cpu",
+            Box::new(lookalike::simnet::SimNetPlugin),
+        ),
+        (
+            "simnet cpu-gray",
+            "cpu-gray",
+            Box::new(lookalike::simnet::SimNetPlugin),
+        ),
+        ("fused cpu", "cpu", Box::new(lookalike::fused::FusedPlugin)),
     ];
-    for (name, plugin) in plugins {
-        let spec = plugin.build("cpu", None)?.spec();
+    for (name, config, plugin) in plugins {
+        let spec = plugin.build(config, None)?.spec();
         let t = plugin
-            .trainable("cpu", None)
+            .trainable(config, None)
             .ok_or("plugin is not trainable")??;
         let mut opt = lnn::SgdNesterov::new(t.vars(), 0.01, 0.9, 0.0);
         let batch = 64;
@@ -259,5 +311,43 @@ fn presets(steps: usize) -> Res<()> {
         let rate = (steps * batch) as f64 / start.elapsed().as_secs_f64();
         println!("{name}\t{batch}\t{rate:.2}");
     }
+    head_rates(steps)
+}
+
+/// `efficientnet-lite0 head` (random backbone weights: the speed is the same): the frozen
+/// features of a batch (what the feature bank computes once per image and view), then head
+/// steps on rows of features (what every epoch runs). Printed as two preset lines.
+fn head_rates(steps: usize) -> Res<()> {
+    use lookalike::lookalike_plugin::{ExtractorPlugin, TrainingBatch};
+    let (varmap, vb) = lnn::new_varmap();
+    lookalike::fused::efficientnet::EfficientNetLite0::new(vb)?;
+    let weights = lnn::save_varmap(&varmap)?;
+    let t = lookalike::fused::EfficientNetPlugin
+        .trainable("head", Some(&weights))
+        .ok_or("the head is not trainable")??;
+    let x = Tensor::rand(0f32, 1f32, (16, 3, 224, 224), &Device::Cpu)?;
+    let start = Instant::now();
+    let features = t.frozen_features(&x).ok_or("no frozen features")??;
+    let bank_rate = 16.0 / start.elapsed().as_secs_f64();
+    println!("efficientnet-lite0 head: frozen features (the bank)\t16\t{bank_rate:.2}");
+    let batch = 128;
+    let rows = features.repeat((batch / 16, 1))?;
+    let labels = Tensor::from_vec(
+        (0..batch as u32).map(|i| i % 16).collect::<Vec<_>>(),
+        batch,
+        &Device::Cpu,
+    )?;
+    let mut opt = lnn::Adam::new(t.vars(), 1e-3);
+    let start = Instant::now();
+    for _ in 0..steps.max(10) {
+        let e = t.forward_features(&rows, true)?;
+        let loss = t.loss(TrainingBatch::Labelled {
+            embeddings: &e,
+            labels: &labels,
+        })?;
+        opt.backward_step(&loss)?;
+    }
+    let rate = (steps.max(10) * batch) as f64 / start.elapsed().as_secs_f64();
+    println!("efficientnet-lite0 head: head steps on bank rows\t{batch}\t{rate:.2}");
     Ok(())
 }

@@ -67,10 +67,15 @@ fn the_head_trains_on_frozen_features_and_round_trips() {
         .expect("frozen layers")
         .expect("features");
     assert_eq!(features.dims(), &[6, FEATURES]);
+    // Random backbone weights give nearly the same features for every image: the loss is
+    // trained on random rows instead (the head sees rows either way).
+    let rows_in = nn::TrainRng::seeded(4)
+        .randn(0f32, 1f32, (6, FEATURES), &Device::Cpu)
+        .expect("rows");
     let labels = Tensor::new(&[0u32, 0, 1, 1, 2, 2], &Device::Cpu).expect("labels");
     let mut opt = Adam::new(vars, 1e-2);
     let loss = |t: &dyn lookalike_plugin::Trainable| {
-        let e = t.forward_features(&features, true).expect("forward");
+        let e = t.forward_features(&rows_in, true).expect("forward");
         t.loss(TrainingBatch::Labelled {
             embeddings: &e,
             labels: &labels,
@@ -78,11 +83,11 @@ fn the_head_trains_on_frozen_features_and_round_trips() {
         .expect("loss")
     };
     let first = loss(t.as_ref()).to_scalar::<f32>().expect("scalar");
-    for _ in 0..40 {
+    for _ in 0..20 {
         opt.backward_step(&loss(t.as_ref())).expect("step");
     }
     let last = loss(t.as_ref()).to_scalar::<f32>().expect("scalar");
-    assert!(last < first * 0.9, "the loss falls: {first} -> {last}");
+    assert!(last < first * 0.5, "the loss falls: {first} -> {last}");
     // The frozen extractor embeds as forward_features does without training, and the saved
     // weights load back to the same embeddings, bit for bit.
     let frozen = t.freeze().expect("freeze");
