@@ -39,6 +39,7 @@ struct Args {
     extractor: String,
     config: String,
     cache: Option<PathBuf>,
+    plot: Option<PathBuf>,
 }
 
 fn args() -> Args {
@@ -51,6 +52,7 @@ fn args() -> Args {
         extractor: "simnet".into(),
         config: "cpu".into(),
         cache: None,
+        plot: None,
     };
     let argv: Vec<String> = std::env::args().collect();
     let mut i = 1;
@@ -65,6 +67,7 @@ fn args() -> Args {
             "--extractor" => a.extractor = v,
             "--config" => a.config = v,
             "--cache" => a.cache = Some(PathBuf::from(v)),
+            "--plot" => a.plot = Some(PathBuf::from(v)),
             _ => {
                 i += 1;
                 continue;
@@ -310,6 +313,9 @@ fn main() -> Res<()> {
             Activate::IfBetter.decide(&r.before, &r.after).1,
             started.elapsed().as_secs_f64()
         );
+        if let Some(path) = &a.plot {
+            plot(path, &r, base, trained)?;
+        }
         if let Some(why) = &r.chosen {
             println!("auto chose {} {}: {why}", r.extractor, r.config);
         }
@@ -327,5 +333,55 @@ fn main() -> Res<()> {
             }
         }
     }
+    Ok(())
+}
+
+/// The job's validation curve (whole held-out labels) against training minutes, with the
+/// benchmark's identity@1 before and after.
+fn plot(path: &Path, r: &lookalike::TrainReport, classic: f64, after: f64) -> Res<()> {
+    use plotters::prelude::*;
+    let mut points = vec![(0.0, r.before.accuracy_at_1 * 100.0)];
+    points.extend(
+        r.history
+            .iter()
+            .filter_map(|e| e.validation.map(|m| (e.minutes, m.accuracy_at_1 * 100.0))),
+    );
+    let xmax = points.iter().map(|p| p.0).fold(1.0, f64::max) * 1.05;
+    let ymax = points.iter().map(|p| p.1).fold(after * 100.0, f64::max).max(12.0) * 1.1;
+    let root = SVGBackend::new(path, (640, 400)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            format!("{} {} on the icon-theme set", r.extractor, r.config),
+            ("sans-serif", 16),
+        )
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(48)
+        .build_cartesian_2d(0f64..xmax, 0f64..ymax)?;
+    chart
+        .configure_mesh()
+        .x_desc("training minutes (2 cores; the feature bank counts)")
+        .y_desc("accuracy@1 (%)")
+        .draw()?;
+    chart
+        .draw_series(LineSeries::new(points.iter().copied(), &BLUE))?
+        .label("job's validation: held-out names, accuracy@1")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], BLUE));
+    let flat = |v: f64| vec![(0.0, v * 100.0), (xmax, v * 100.0)];
+    chart
+        .draw_series(LineSeries::new(flat(classic), &BLACK.mix(0.5)))?
+        .label("bench: classic, cross-style identity@1")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], BLACK.mix(0.5)));
+    chart
+        .draw_series(LineSeries::new(flat(after), &GREEN))?
+        .label("bench: after the job, cross-style identity@1")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], GREEN));
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .border_style(BLACK)
+        .draw()?;
+    root.present()?;
     Ok(())
 }
