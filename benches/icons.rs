@@ -347,7 +347,12 @@ fn plot(path: &Path, r: &lookalike::TrainReport, classic: f64, after: f64) -> Re
             .filter_map(|e| e.validation.map(|m| (e.minutes, m.accuracy_at_1 * 100.0))),
     );
     let xmax = points.iter().map(|p| p.0).fold(1.0, f64::max) * 1.05;
-    let ymax = points.iter().map(|p| p.1).fold(after * 100.0, f64::max).max(12.0) * 1.1;
+    let ymax = points
+        .iter()
+        .map(|p| p.1)
+        .fold(after * 100.0, f64::max)
+        .max(12.0)
+        * 1.1;
     let root = SVGBackend::new(path, (640, 400)).into_drawing_area();
     root.fill(&WHITE)?;
     let mut chart = ChartBuilder::on(&root)

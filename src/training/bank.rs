@@ -171,8 +171,8 @@ impl FeatureBank {
         Ok(())
     }
 
-    /// Rows for `items` (one random view each; images not in the bank are left out) as an
-    /// `n x dim` tensor, with the labels of the rows taken.
+    /// Rows for `items` (one random view each; images not in the bank are left out), `n x dim`
+    /// values in row order, with the labels of the rows taken.
     pub fn gather(&self, items: &[(ImageId, u32)], rng: &mut StdRng) -> (Vec<f32>, Vec<u32>) {
         let mut values = Vec::with_capacity(items.len() * self.dim);
         let mut labels = Vec::with_capacity(items.len());

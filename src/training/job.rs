@@ -395,7 +395,7 @@ pub(crate) fn train_extractor(db: &Db, name: &str, opts: TrainOptions) -> Result
             .chain(&evalset.gallery)
             .map(|x| x.0)
             .collect();
-        let bank = FeatureBank::build(
+        let bank = match FeatureBank::build(
             db,
             name,
             trainable.as_ref(),
@@ -415,7 +415,16 @@ pub(crate) fn train_extractor(db: &Db, name: &str, opts: TrainOptions) -> Result
                     (done, total),
                 ))
             },
-        )?;
+        ) {
+            Ok(b) => b,
+            Err(e) => {
+                // A cancelled job leaves no checkpoint behind, as at any other point.
+                if matches!(e, Error::Cancelled) {
+                    db.store().clear_checkpoint()?;
+                }
+                return Err(e);
+            }
+        };
         // The bank is the slow part of such a job: it counts as training time (the budget).
         train_seconds += t.elapsed().as_secs_f64();
         Some(bank)
