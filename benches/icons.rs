@@ -253,12 +253,14 @@ fn main() -> Res<()> {
         .data
         .join("efficientnet-lite0/efficientnet-lite0.safetensors");
     let mut effnet_db = None;
+    let mut effnet_identity = 0.0;
     if weights.exists() {
         let opts = Options::default()
             .extractor("efficientnet-lite0", "")
             .extractor_weights(&weights);
         let db = fill(&work.path().join("effnet.db"), opts, &set, cache("effnet"))?;
         let e = identity_at_1(&db, &set.queries)?;
+        effnet_identity = e;
         println!(
             "| `efficientnet-lite0` (pretrained, untrained here) | {:.1} % |",
             e * 100.0
@@ -314,7 +316,12 @@ fn main() -> Res<()> {
             started.elapsed().as_secs_f64()
         );
         if let Some(path) = &a.plot {
-            plot(path, &r, base, trained)?;
+            let untrained = if base_name == "efficientnet-lite0" {
+                effnet_identity
+            } else {
+                base
+            };
+            plot(path, &r, (base_name, untrained), trained)?;
         }
         if let Some(why) = &r.chosen {
             println!("auto chose {} {}: {why}", r.extractor, r.config);
@@ -336,9 +343,10 @@ fn main() -> Res<()> {
     Ok(())
 }
 
-/// The job's validation curve (whole held-out labels) against training minutes, with the
-/// benchmark's identity@1 before and after.
-fn plot(path: &Path, r: &lookalike::TrainReport, classic: f64, after: f64) -> Res<()> {
+/// The job's validation curve (whole held-out labels) against training minutes (the first
+/// stretch, before any step, is the feature bank of a head job), with the benchmark's
+/// identity@1 of the starting model, after the job, and the target (twice the start).
+fn plot(path: &Path, r: &lookalike::TrainReport, start: (&str, f64), after: f64) -> Res<()> {
     use plotters::prelude::*;
     let mut points = vec![(0.0, r.before.accuracy_at_1 * 100.0)];
     points.extend(
@@ -347,12 +355,8 @@ fn plot(path: &Path, r: &lookalike::TrainReport, classic: f64, after: f64) -> Re
             .filter_map(|e| e.validation.map(|m| (e.minutes, m.accuracy_at_1 * 100.0))),
     );
     let xmax = points.iter().map(|p| p.0).fold(1.0, f64::max) * 1.05;
-    let ymax = points
-        .iter()
-        .map(|p| p.1)
-        .fold(after * 100.0, f64::max)
-        .max(12.0)
-        * 1.1;
+    let target = 2.0 * start.1 * 100.0;
+    let ymax = points.iter().map(|p| p.1).fold(target, f64::max) * 1.15;
     let root = SVGBackend::new(path, (640, 400)).into_drawing_area();
     root.fill(&WHITE)?;
     let mut chart = ChartBuilder::on(&root)
@@ -366,25 +370,37 @@ fn plot(path: &Path, r: &lookalike::TrainReport, classic: f64, after: f64) -> Re
         .build_cartesian_2d(0f64..xmax, 0f64..ymax)?;
     chart
         .configure_mesh()
+        .light_line_style(WHITE)
         .x_desc("training minutes (2 cores; the feature bank counts)")
-        .y_desc("accuracy@1 (%)")
+        .y_desc("%")
         .draw()?;
     chart
-        .draw_series(LineSeries::new(points.iter().copied(), &BLUE))?
-        .label("job's validation: held-out names, accuracy@1")
+        .draw_series(LineSeries::new(
+            points.iter().copied(),
+            BLUE.stroke_width(2),
+        ))?
+        .label("job's validation accuracy@1 (held-out names)")
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], BLUE));
-    let flat = |v: f64| vec![(0.0, v * 100.0), (xmax, v * 100.0)];
+    let flat = |v: f64| vec![(0.0, v), (xmax, v)];
     chart
-        .draw_series(LineSeries::new(flat(classic), &BLACK.mix(0.5)))?
-        .label("bench: classic, cross-style identity@1")
-        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], BLACK.mix(0.5)));
+        .draw_series(LineSeries::new(
+            flat(start.1 * 100.0),
+            BLACK.stroke_width(2),
+        ))?
+        .label(format!("bench identity@1: {} before", start.0))
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], BLACK));
     chart
-        .draw_series(LineSeries::new(flat(after), &GREEN))?
-        .label("bench: after the job, cross-style identity@1")
+        .draw_series(LineSeries::new(flat(after * 100.0), GREEN.stroke_width(2)))?
+        .label("bench identity@1: after the job")
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], GREEN));
+    chart
+        .draw_series(LineSeries::new(flat(target), RED.stroke_width(2)))?
+        .label("target: twice the start")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], RED));
     chart
         .configure_series_labels()
         .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE)
         .border_style(BLACK)
         .draw()?;
     root.present()?;
