@@ -210,6 +210,21 @@ fn train_models_use() {
     );
     let (ok, out, _) = cli(&["use".as_ref(), db.as_os_str(), "1".as_ref()]);
     assert!(ok && out.contains("v1 is active"), "{out}");
+    // `auto` says what it chose and why (the sample is greyscale 28 x 28).
+    let (ok, out, err) = cli(&[
+        "train".as_ref(),
+        db.as_os_str(),
+        "auto".as_ref(),
+        "--epochs".as_ref(),
+        "1".as_ref(),
+        "--activate".as_ref(),
+        "never".as_ref(),
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("auto chose simnet \"cpu-gray\"") && out.contains("greyscale"),
+        "{out}"
+    );
     // Bad requests fail with a message, not a panic.
     let (ok, _, err) = cli(&["train".as_ref(), db.as_os_str(), "classic".as_ref()]);
     assert!(!ok && err.contains("cannot be trained"), "{err}");

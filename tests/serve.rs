@@ -698,11 +698,12 @@ async fn training_jobs_stream_events_switch_models_and_cancel() {
     assert_eq!(status["state"], "cancelled");
 
     // A one-epoch job to its switch: the curve starts before training, ends after the epoch.
+    // `auto` chooses SimNet cpu-gray for the greyscale sample and says why.
     let job = call(
         &app,
         post_json(
             "/api/train",
-            &json!({"extractor": "simnet", "config": "cpu-gray", "epochs": 1, "activate": "always"}),
+            &json!({"extractor": "auto", "epochs": 1, "activate": "always"}),
         ),
     )
     .await
@@ -727,6 +728,16 @@ async fn training_jobs_stream_events_switch_models_and_cancel() {
     assert_eq!(
         (done["version"].as_u64(), done["activated"].as_bool()),
         (Some(2), Some(true))
+    );
+    assert_eq!(
+        (done["extractor"].as_str(), done["config"].as_str()),
+        (Some("simnet"), Some("cpu-gray"))
+    );
+    assert!(
+        done["chosen"]
+            .as_str()
+            .is_some_and(|w| w.contains("greyscale")),
+        "{done}"
     );
     assert!(ev
         .iter()
