@@ -701,6 +701,15 @@ fn auto_on_an_efficientnet_database_trains_a_head_on_frozen_features() {
         ("efficientnet-lite0", "head")
     );
     assert!(r.chosen.as_deref().unwrap().contains("EfficientNet-Lite0"));
+    {
+        // Weights of something else given to auto on this database: refused, nothing stored.
+        let db = Db::open(&path).unwrap();
+        let e = db
+            .train_extractor_with("auto", quick().initial_weights(b"not weights".to_vec()))
+            .unwrap_err();
+        assert!(matches!(e, Error::InvalidArgument(_)), "{e}");
+        assert_eq!(db.models().unwrap().len(), 2);
+    }
     assert!(r.activated && r.steps > 0 && r.images_seen > 0);
     let phases = phases.lock().unwrap();
     // The frozen features were computed once per view, before any step.

@@ -15,7 +15,7 @@
 use lookalike_plugin::InputSpec;
 
 use super::{Augment, OptimiserKind, TrainOptions};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::Db;
 
 /// Labelled images looked at to tell greyscale and small images apart.
@@ -40,6 +40,18 @@ pub(crate) fn choose(db: &Db, options: TrainOptions) -> Result<Choice> {
         .initial_weights
         .as_ref()
         .is_some_and(|w| has(EFFNET) && is_effnet(db, w));
+    if has(EFFNET)
+        && active.extractor == EFFNET
+        && options.initial_weights.is_some()
+        && !given_effnet
+    {
+        return Err(Error::InvalidArgument(
+            "the weights given are not EfficientNet-Lite0's, and auto trains a head on the \
+             EfficientNet-Lite0 model this database runs; give no weights (the active model's \
+             are used), or name the extractor those weights belong to instead of auto"
+                .into(),
+        ));
+    }
     if has(EFFNET) && (active.extractor == EFFNET || given_effnet) {
         let mut o = options;
         let reason = if given_effnet {
