@@ -35,16 +35,13 @@ pub(crate) fn choose(db: &Db, options: TrainOptions) -> Result<Choice> {
     const EFFNET: &str = "efficientnet-lite0";
     let defaults = TrainOptions::default();
     let active = db.active_model();
-    let has = |name: &str| db.registry().plugin(name).is_ok();
+    let effnet_here = db.registry().plugin(EFFNET).is_ok();
     let given_effnet = options
         .initial_weights
         .as_ref()
-        .is_some_and(|w| has(EFFNET) && is_effnet(db, w));
-    if has(EFFNET)
-        && active.extractor == EFFNET
-        && options.initial_weights.is_some()
-        && !given_effnet
-    {
+        .is_some_and(|w| effnet_here && is_effnet(db, w));
+    let runs_effnet = effnet_here && active.extractor == EFFNET;
+    if runs_effnet && options.initial_weights.is_some() && !given_effnet {
         return Err(Error::InvalidArgument(
             "the weights given are not EfficientNet-Lite0's, and auto trains a head on the \
              EfficientNet-Lite0 model this database runs; give no weights (the active model's \
@@ -52,7 +49,7 @@ pub(crate) fn choose(db: &Db, options: TrainOptions) -> Result<Choice> {
                 .into(),
         ));
     }
-    if has(EFFNET) && (active.extractor == EFFNET || given_effnet) {
+    if runs_effnet || given_effnet {
         let mut o = options;
         let reason = if given_effnet {
             "EfficientNet-Lite0 weights were given: a head trained on their frozen features"

@@ -19,7 +19,7 @@ pub const SIDE: u32 = 224;
 pub const FEATURES: usize = 1280;
 const BN_EPS: f64 = 1e-3;
 /// Images per forward pass inside `embed` (measured: faster per image than 1 or 64 on 2 cores).
-pub(crate) const CHUNK: usize = 4;
+const CHUNK: usize = 4;
 
 /// Stages: (repeats, kernel, stride, expand ratio, in, out).
 const STAGES: [(usize, usize, usize, usize, usize, usize); 7] = [
@@ -305,6 +305,30 @@ pub fn input_spec() -> InputSpec {
     InputSpec::rgb(SIDE, SIDE).normalised(&[127.0 / 255.0; 3], &[128.0 / 255.0; 3])
 }
 
+/// What every `efficientnet-lite0` extractor declares: [`input_spec`] in, 1,280 values out,
+/// compared by cosine.
+pub(crate) fn extractor_spec() -> ExtractorSpec {
+    ExtractorSpec {
+        input: input_spec(),
+        dim: FEATURES,
+        metric: Metric::Cosine,
+    }
+}
+
+/// The pooled features of a checked batch, computed [`CHUNK`] images at a time: large
+/// batches are slower per image on the CPU (the activations leave the caches).
+pub(crate) fn pooled_in_chunks(
+    net: &EfficientNetLite0,
+    batch: &Tensor,
+) -> Result<Tensor, PluginError> {
+    let n = check_batch(batch, &input_spec())?;
+    let mut parts = Vec::with_capacity(n.div_ceil(CHUNK));
+    for start in (0..n).step_by(CHUNK) {
+        parts.push(net.features(&batch.narrow(0, start, CHUNK.min(n - start))?)?);
+    }
+    Ok(Tensor::cat(&parts, 0)?)
+}
+
 /// Pretrained EfficientNet-Lite0 features as an extractor (`"efficientnet-lite0"`).
 pub struct EfficientNetExtractor {
     net: EfficientNetLite0,
@@ -340,25 +364,11 @@ impl Extractor for EfficientNetExtractor {
     }
 
     fn spec(&self) -> ExtractorSpec {
-        ExtractorSpec {
-            input: input_spec(),
-            dim: FEATURES,
-            metric: Metric::Cosine,
-        }
+        extractor_spec()
     }
 
     fn embed(&self, batch: &Tensor) -> Result<Tensor, PluginError> {
-        let n = check_batch(batch, &input_spec())?;
-        // Large batches are slower per image on the CPU (the activations leave the caches):
-        // run them in small chunks.
-        let mut parts = Vec::with_capacity(n.div_ceil(CHUNK));
-        for start in (0..n).step_by(CHUNK) {
-            parts.push(
-                self.net
-                    .features(&batch.narrow(0, start, CHUNK.min(n - start))?)?,
-            );
-        }
-        Ok(Tensor::cat(&parts, 0)?)
+        pooled_in_chunks(&self.net, batch)
     }
 
     fn save_weights(&self) -> Result<Vec<u8>, PluginError> {

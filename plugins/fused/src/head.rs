@@ -18,11 +18,9 @@
 
 use lookalike_plugin::candle_core::{Module, Tensor};
 use lookalike_plugin::candle_nn::{Init, Linear, VarBuilder, VarMap};
-use lookalike_plugin::{
-    check_batch, nn, Extractor, ExtractorSpec, Metric, PluginError, Trainable, TrainingBatch,
-};
+use lookalike_plugin::{nn, Extractor, ExtractorSpec, PluginError, Trainable, TrainingBatch};
 
-use crate::efficientnet::{input_spec, EfficientNetLite0, CHUNK, FEATURES};
+use crate::efficientnet::{extractor_spec, pooled_in_chunks, EfficientNetLite0, FEATURES};
 
 /// The configuration name of the trained head.
 pub const HEAD: &str = "head";
@@ -63,16 +61,6 @@ fn apply_head(proj: &Linear, features: &Tensor) -> Result<Tensor, PluginError> {
     Ok((&f + proj.forward(&f)?)?)
 }
 
-/// Pooled backbone features of `images` in chunks (faster per image on the CPU).
-fn backbone(net: &EfficientNetLite0, images: &Tensor) -> Result<Tensor, PluginError> {
-    let n = check_batch(images, &input_spec())?;
-    let mut parts = Vec::with_capacity(n.div_ceil(CHUNK));
-    for start in (0..n).step_by(CHUNK) {
-        parts.push(net.features(&images.narrow(0, start, CHUNK.min(n - start))?)?);
-    }
-    Ok(Tensor::cat(&parts, 0)?)
-}
-
 /// The fine-tuned extractor.
 pub struct HeadExtractor {
     parts: Parts,
@@ -101,15 +89,11 @@ impl Extractor for HeadExtractor {
     }
 
     fn spec(&self) -> ExtractorSpec {
-        ExtractorSpec {
-            input: input_spec(),
-            dim: FEATURES,
-            metric: Metric::Cosine,
-        }
+        extractor_spec()
     }
 
     fn embed(&self, batch: &Tensor) -> Result<Tensor, PluginError> {
-        apply_head(&self.proj, &backbone(&self.parts.net, batch)?)
+        apply_head(&self.proj, &pooled_in_chunks(&self.parts.net, batch)?)
     }
 
     fn save_weights(&self) -> Result<Vec<u8>, PluginError> {
@@ -139,11 +123,11 @@ impl HeadTrainable {
 
 impl Trainable for HeadTrainable {
     fn forward_train(&self, batch: &Tensor) -> Result<Tensor, PluginError> {
-        apply_head(&self.parts.proj, &backbone(&self.parts.net, batch)?)
+        apply_head(&self.parts.proj, &pooled_in_chunks(&self.parts.net, batch)?)
     }
 
     fn frozen_features(&self, images: &Tensor) -> Option<Result<Tensor, PluginError>> {
-        Some(backbone(&self.parts.net, images))
+        Some(pooled_in_chunks(&self.parts.net, images))
     }
 
     fn forward_features(&self, features: &Tensor, train: bool) -> Result<Tensor, PluginError> {
