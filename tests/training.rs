@@ -702,8 +702,18 @@ fn auto_on_an_efficientnet_database_trains_a_head_on_frozen_features() {
     );
     assert!(r.chosen.as_deref().unwrap().contains("EfficientNet-Lite0"));
     {
-        // Weights of something else given to auto on this database: refused, nothing stored.
         let db = Db::open(&path).unwrap();
+        // A budget the feature bank uses up: no step, so nothing stored or re-embedded.
+        let e = db
+            .train_extractor_with("auto", quick().max_minutes(1e-6))
+            .unwrap_err();
+        assert!(
+            matches!(&e, Error::InvalidArgument(m) if m.contains("before the first training step")),
+            "{e}"
+        );
+        assert_eq!(db.models().unwrap().len(), 2);
+        assert_eq!(db.pending_job().unwrap(), None);
+        // Weights of something else given to auto on this database: refused, nothing stored.
         let e = db
             .train_extractor_with("auto", quick().initial_weights(b"not weights".to_vec()))
             .unwrap_err();

@@ -662,6 +662,19 @@ pub(crate) fn train_extractor(db: &Db, name: &str, opts: TrainOptions) -> Result
         }
         return Err(e);
     }
+    if steps_done == 0 {
+        // The budget ran out before the first step (a feature bank that took it all): the
+        // model is the one the job started from; storing it and re-embedding every image
+        // would cost minutes for nothing.
+        db.store().clear_checkpoint()?;
+        return Err(Error::InvalidArgument(format!(
+            "the time budget of {:.1} minutes ran out before the first training step: computing \
+             the frozen layers' features took {:.1} minutes; give more minutes (at least twice \
+             that) or none",
+            opts.max_minutes.unwrap_or(0.0),
+            train_seconds / 60.0
+        )));
+    }
 
     // The new model: evaluate (unless the last epoch just did), store, embed, switch.
     let frozen: Arc<dyn Extractor> = Arc::from(trainable.freeze().map_err(plugin_err(name))?);
