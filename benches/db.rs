@@ -326,9 +326,14 @@ fn quality_section(
             "raw pixels (cosine)",
             Options::default()
                 .register(Arc::new(RawPixels))
-                .extractor("raw-pixels", ""),
+                .extractor("raw-pixels", "")
+                .compact(0, 0),
         ),
-        ("classic (default)", Options::default()),
+        (
+            "classic, full vectors (compact off)",
+            Options::default().compact(0, 0),
+        ),
+        ("classic (default: compact vectors)", Options::default()),
     ];
     if a.skip_baselines {
         cases.clear();
@@ -342,7 +347,11 @@ fn quality_section(
         ));
     }
     for (name, opts) in cases {
-        let folder = format!("quality-{}", name.split(' ').next().unwrap_or("x"));
+        // The first word names the folder (kept folders of earlier runs resume), "-full" the
+        // row without compact vectors.
+        let first = name.split([' ', ',']).next().unwrap_or("x");
+        let full = if name.contains("compact off") { "-full" } else { "" };
+        let folder = format!("quality-{first}{full}");
         let path = match &a.keep {
             Some(dir) => dir.join(folder),
             None => tmp.path().join(folder),

@@ -8,6 +8,7 @@ mod mosaic;
 
 mod api;
 mod cli;
+mod compact;
 mod concurrency;
 mod errors;
 mod exact;

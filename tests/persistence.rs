@@ -273,7 +273,7 @@ fn main_v1_fixture(to: &Path) {
 
 /// Copies fixture database `name` (tests/fixtures/README.md) into `to`, unpacking its gzipped
 /// sled file.
-fn fixture(name: &str, to: &Path) {
+pub(crate) fn fixture(name: &str, to: &Path) {
     use std::io::Read;
     let from = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures")

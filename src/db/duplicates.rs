@@ -110,10 +110,10 @@ impl Db {
         // by 0.59 GB while it read the 0.96 GB of 100,000 embeddings of 2,408 dimensions;
         // point reads of the same, by 0.16 GB.
         for id in &ids {
-            let Some(v) =
-                self.inner
-                    .store
-                    .embedding(model.version, ImageId(*id), model.spec.dim)?
+            let Some(v) = self
+                .inner
+                .store
+                .embedding(model.version, ImageId(*id), model.dim())?
             else {
                 continue; // removed since the ids were taken
             };
@@ -134,14 +134,14 @@ impl Db {
             let first =
                 self.inner
                     .store
-                    .embedding(model.version, ImageId(group[0]), model.spec.dim)?;
+                    .embedding(model.version, ImageId(group[0]), model.dim())?;
             let mut distances = Vec::with_capacity(group.len());
             distances.push(0.0);
             for id in &group[1..] {
                 let v = self
                     .inner
                     .store
-                    .embedding(model.version, ImageId(*id), model.spec.dim)?;
+                    .embedding(model.version, ImageId(*id), model.dim())?;
                 distances.push(match (&first, v) {
                     (Some(f), Some(v)) => distance(model.spec.metric, f, &v),
                     _ => f32::NAN,

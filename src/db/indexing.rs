@@ -119,6 +119,7 @@ impl Db {
     /// write stays done whatever happens here: a failure is kept in
     /// `index_info().rebuild_error`, and the next write tries again.
     pub(super) fn maybe_rebuild(&self) -> Result<()> {
+        self.maybe_compact()?;
         let (model, reason) = {
             let state = self.read_state()?;
             let want = desired_shape(&self.inner.options, state.labels.len());
@@ -270,7 +271,7 @@ pub(super) fn open_index(
         match snapshot::load(
             dir,
             model.version,
-            model.spec.dim,
+            model.dim(),
             model.spec.metric,
             store.id_bound(),
         )? {
@@ -333,7 +334,7 @@ pub(super) fn add_from_store(
         let mut missing = Vec::new();
         for id in chunk {
             let id = ImageId(*id);
-            match store.embedding(model.version, id, model.spec.dim)? {
+            match store.embedding(model.version, id, model.dim())? {
                 Some(v) => {
                     got_ids.push(id);
                     vectors.push(v);
@@ -369,11 +370,11 @@ fn build_index(
     live: &HashMap<u64, Option<String>>,
 ) -> Result<VectorIndex> {
     let shape = desired_shape(options, live.len());
-    let mut index = VectorIndex::new(shape, model.spec.metric, model.spec.dim, ef_search(options))?;
+    let mut index = VectorIndex::new(shape, model.spec.metric, model.dim(), ef_search(options))?;
     let mut ids = Vec::new();
     let mut flat = Vec::new();
     let mut seen = std::collections::HashSet::new();
-    for item in store.embeddings(model.version, model.spec.dim) {
+    for item in store.embeddings(model.version, model.dim()) {
         let (id, v) = item?;
         if !live.contains_key(&id.0) {
             continue;

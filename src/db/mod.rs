@@ -7,6 +7,7 @@
 //! | `insert.rs` | inserts: decode, embed and store in bounded memory |
 //! | `meta.rs` | labels, sources, metadata, content hashes |
 //! | `models.rs` | model versions: load, switch, delete, embed with a model |
+//! | `compact.rs` | compact vectors: the switch to a PCA projection of the active model |
 //! | `indexing.rs` | index builds, rebuilds and snapshots off the query path |
 //! | `duplicates.rs` | groups of near-identical images |
 
@@ -27,6 +28,7 @@ use crate::registry::Registry;
 use crate::store::Store;
 use crate::ImageId;
 
+mod compact;
 mod duplicates;
 mod indexing;
 mod insert;
@@ -436,7 +438,7 @@ impl Db {
         let model = self.model();
         self.inner
             .store
-            .embedding(model.version, id, model.spec.dim)?
+            .embedding(model.version, id, model.dim())?
             .ok_or(Error::UnknownImage(id))
     }
 

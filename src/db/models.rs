@@ -8,6 +8,7 @@ use lookalike_plugin::{Extractor, ExtractorSpec, Metric};
 
 use super::{l2_normalise, now_unix, ContentHash, Db, EMBED_BATCH};
 use crate::error::{Error, Result};
+use crate::index::projection::Projection;
 use crate::index::snapshot;
 use crate::options::Options;
 use crate::preprocess;
@@ -24,8 +25,14 @@ pub struct ModelInfo {
     pub extractor: String,
     /// The plugin's configuration string.
     pub config: String,
-    /// Embedding dimension.
+    /// Dimension of the vectors stored and searched: the extractor's own
+    /// ([`ModelInfo::extractor_dim`]), or the projection's for a compacted model.
     pub dim: usize,
+    /// Dimension of the extractor's output.
+    pub extractor_dim: usize,
+    /// For a model whose vectors are stored through a PCA projection (compact vectors, see
+    /// [`crate::Options::compact`]): the model version it was fitted on and projected from.
+    pub compacted_from: Option<u32>,
     /// Distance metric.
     pub metric: Metric,
     /// BLAKE3 of its weights (safetensors) as stored; `None` for a training-free extractor.
@@ -39,6 +46,15 @@ pub(super) struct Model {
     pub(super) record: ModelRecord,
     pub(super) extractor: Arc<dyn Extractor>,
     pub(super) spec: ExtractorSpec,
+    /// The projection its vectors are stored through (compact vectors), if any.
+    pub(super) compact: Option<Compact>,
+}
+
+/// A model's projection to compact vectors, and where it came from.
+#[derive(Debug, Clone)]
+pub(super) struct Compact {
+    pub(super) projection: Arc<Projection>,
+    pub(super) from_model: u32,
 }
 
 impl Model {
@@ -47,9 +63,19 @@ impl Model {
             version: self.version,
             extractor: self.record.plugin.clone(),
             config: self.record.config.clone(),
-            dim: self.spec.dim,
+            dim: self.dim(),
+            extractor_dim: self.spec.dim,
+            compacted_from: self.compact.as_ref().map(|c| c.from_model),
             metric: self.spec.metric,
             weights: weights_hash(&self.record),
+        }
+    }
+
+    /// Dimension of the vectors stored and searched.
+    pub(super) fn dim(&self) -> usize {
+        match &self.compact {
+            Some(c) => c.projection.dim_out(),
+            None => self.spec.dim,
         }
     }
 }
@@ -76,11 +102,14 @@ impl Db {
         let mut out = Vec::new();
         for version in self.inner.store.model_versions()? {
             if let Some(r) = self.inner.store.model(version)? {
+                let projection = self.inner.store.projection(version)?;
                 out.push(ModelInfo {
                     version,
                     extractor: r.plugin.clone(),
                     config: r.config.clone(),
-                    dim: r.dim as usize,
+                    dim: projection.as_ref().map_or(r.dim, |p| p.dim_out) as usize,
+                    extractor_dim: r.dim as usize,
+                    compacted_from: projection.map(|p| p.from_model),
                     metric: metric_from_str(&r.metric, version)?,
                     weights: weights_hash(&r),
                 });
@@ -152,7 +181,7 @@ impl Db {
             if let Some(v) = self
                 .inner
                 .store
-                .embedding(model.version, *id, model.spec.dim)?
+                .embedding(model.version, *id, model.dim())?
             {
                 out.push((*id, v));
             }
@@ -186,6 +215,7 @@ impl Db {
             record: record.clone(),
             extractor,
             spec,
+            compact: None,
         };
         self.inner.store.put_model(version, &record)?;
         self.inner
@@ -302,14 +332,63 @@ fn embed_with(
     Ok(out)
 }
 
-/// Embeds decoded images in batches, normalised as stored.
+/// Embeds decoded images in batches as `model` stores them: through its projection when it
+/// has one (then L2-normalised again for cosine).
 pub(super) fn embed(model: &Model, images: &[&preprocess::Thumb]) -> Result<Vec<Vec<f32>>> {
-    embed_with(
+    let vectors = embed_with(
         &model.record.plugin,
         model.extractor.as_ref(),
         &model.spec,
         images,
-    )
+    )?;
+    match &model.compact {
+        None => Ok(vectors),
+        Some(c) => project(&c.projection, model.spec.metric, &vectors.concat()),
+    }
+}
+
+/// Projects rows (one after another) and splits them, normalised as stored.
+pub(super) fn project(
+    projection: &Projection,
+    metric: Metric,
+    rows: &[f32],
+) -> Result<Vec<Vec<f32>>> {
+    let out = projection.apply(rows)?;
+    Ok(out
+        .chunks(projection.dim_out())
+        .map(|v| {
+            let mut v = v.to_vec();
+            if metric == Metric::Cosine {
+                l2_normalise(&mut v);
+            }
+            v
+        })
+        .collect())
+}
+
+/// The stored projection of model `version` (whose extractor makes `dim` dimensions).
+fn load_compact(store: &Store, version: u32, dim: usize) -> Result<Option<Compact>> {
+    let Some(r) = store.projection(version)? else {
+        return Ok(None);
+    };
+    let key = format!("projection {version}");
+    if r.dim_in as usize != dim {
+        return Err(Error::corrupt(
+            "meta",
+            key,
+            format!(
+                "projects {} dimensions, the extractor makes {dim}",
+                r.dim_in
+            ),
+        ));
+    }
+    let projection =
+        Projection::from_parts(r.dim_in as usize, r.dim_out as usize, r.matrix, r.bias)
+            .map_err(|why| Error::corrupt("meta", &key, why))?;
+    Ok(Some(Compact {
+        projection: Arc::new(projection),
+        from_model: r.from_model,
+    }))
 }
 
 /// The active model (created on first open), and what [`model_from_record`] says about its
@@ -354,6 +433,7 @@ pub(super) fn load_or_create_model(
                 record,
                 extractor,
                 spec,
+                compact: None,
             };
             return Ok((model, None));
         }
@@ -429,11 +509,13 @@ pub(super) fn model_from_record(
             ),
         ));
     }
+    let compact = load_compact(store, version, spec.dim)?;
     let mut model = Model {
         version,
         record,
         extractor,
         spec,
+        compact,
     };
     if stale.is_some() {
         forget_embeddings(store, snapshot_dir, &mut model, &policy)?;

@@ -192,7 +192,7 @@ impl Db {
             let vector = self
                 .inner
                 .store
-                .embedding(model.version, id, model.spec.dim)?
+                .embedding(model.version, id, model.dim())?
                 .ok_or(Error::UnknownImage(id))?;
             self.search(model, &vector, query, Some(id))
         })
@@ -221,10 +221,10 @@ impl Db {
         }
         let want = query.k.min(available);
         if let Some(r) = &query.rerank {
-            if r.scorer.dim() != model.spec.dim {
+            if r.scorer.dim() != model.dim() {
                 return Err(Error::DimensionMismatch {
                     what: format!("pair scorer {} against the active model", r.scorer.name()),
-                    expected: model.spec.dim,
+                    expected: model.dim(),
                     got: r.scorer.dim(),
                 });
             }
@@ -347,7 +347,7 @@ impl Db {
         if found.is_empty() {
             return Ok(Vec::new());
         }
-        let dim = model.spec.dim;
+        let dim = model.dim();
         let mut others = Vec::with_capacity(found.len() * dim);
         for n in found {
             let v = self
@@ -372,10 +372,10 @@ impl Db {
     /// active model.
     pub fn same(&self, a: ImageId, b: ImageId, scorer: &dyn PairScorer) -> Result<f32> {
         let model = self.model();
-        if scorer.dim() != model.spec.dim {
+        if scorer.dim() != model.dim() {
             return Err(Error::DimensionMismatch {
                 what: format!("pair scorer {} against the active model", scorer.name()),
-                expected: model.spec.dim,
+                expected: model.dim(),
                 got: scorer.dim(),
             });
         }
@@ -399,10 +399,10 @@ impl Db {
     ) -> Result<Vec<crate::index::Neighbour>> {
         let mut scored = Vec::with_capacity(ids.len());
         for id in ids {
-            if let Some(v) =
-                self.inner
-                    .store
-                    .embedding(model.version, ImageId(*id), model.spec.dim)?
+            if let Some(v) = self
+                .inner
+                .store
+                .embedding(model.version, ImageId(*id), model.dim())?
             {
                 scored.push(crate::index::Neighbour {
                     id: ImageId(*id),

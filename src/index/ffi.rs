@@ -152,3 +152,72 @@ pub(super) fn with_threads<T>(threads: usize, f: impl FnOnce() -> T) -> T {
     unsafe { omp_set_num_threads(before) };
     out
 }
+
+/// Fits FAISS's `PCAMatrix` (no whitening, no rotation) on `n` rows of `sample` (`d_in`
+/// floats each) and returns it as plain numbers: `matrix` (`d_in x d_out`, row-major) and
+/// `bias` (`d_out`), with `y = x * matrix + bias` the projection of row `x` (the mean is
+/// folded into the bias). The C API has no getter for the matrix, so it is read back by
+/// applying the fitted transform to the zero vector (the bias) and to each unit vector (a row
+/// of the matrix plus the bias): exact up to float rounding.
+pub(super) fn pca_fit(
+    sample: &[f32],
+    n: usize,
+    d_in: usize,
+    d_out: usize,
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    use faiss_sys::{
+        faiss_PCAMatrix_new_with, faiss_VectorTransform_apply_noalloc, faiss_VectorTransform_free,
+        faiss_VectorTransform_train, FaissPCAMatrix,
+    };
+    if sample.len() != n * d_in || d_out == 0 || d_out > d_in || n < d_out {
+        return Err(Error::Index(format!(
+            "a PCA from {d_in} to {d_out} dimensions needs at least {d_out} sample rows of \
+             {d_in} floats; got {} floats for {n} rows",
+            sample.len()
+        )));
+    }
+    let too_big = |_| Error::Index(format!("a PCA of {d_in} dimensions is too large"));
+    let (c_in, c_out) = (
+        std::os::raw::c_int::try_from(d_in).map_err(too_big)?,
+        std::os::raw::c_int::try_from(d_out).map_err(too_big)?,
+    );
+    /// Frees the transform however the fit ends.
+    struct Owned(*mut FaissPCAMatrix);
+    impl Drop for Owned {
+        fn drop(&mut self) {
+            if !self.0.is_null() {
+                // SAFETY: made by faiss_PCAMatrix_new_with and freed once, here.
+                unsafe { faiss_VectorTransform_free(self.0) }
+            }
+        }
+    }
+    let mut probe = vec![0f32; (d_in + 1) * d_in];
+    for i in 0..d_in {
+        probe[(i + 1) * d_in + i] = 1.0;
+    }
+    let mut out = vec![0f32; (d_in + 1) * d_out];
+    // SAFETY: the pointers are to live buffers of the sizes FAISS reads and writes
+    // (`n * d_in` in, `(d_in + 1) * d_in` in and `(d_in + 1) * d_out` out), and the transform
+    // is used only while `owned` keeps it.
+    unsafe {
+        let mut owned = Owned(std::ptr::null_mut());
+        check(faiss_PCAMatrix_new_with(&mut owned.0, c_in, c_out, 0.0, 0))?;
+        check(faiss_VectorTransform_train(
+            owned.0,
+            n as idx_t,
+            sample.as_ptr(),
+        ))?;
+        faiss_VectorTransform_apply_noalloc(
+            owned.0,
+            (d_in + 1) as idx_t,
+            probe.as_ptr(),
+            out.as_mut_ptr(),
+        );
+    }
+    let bias = out[..d_out].to_vec();
+    let mut matrix = out.split_off(d_out);
+    for row in matrix.chunks_mut(d_out) {
+        row.iter_mut().zip(&bias).for_each(|(m, b)| *m -= b);
+    }
+    Ok((matrix, bias))
+}

@@ -17,6 +17,7 @@ use crate::ImageId;
 
 pub(crate) mod faiss_file;
 mod ffi;
+pub(crate) mod projection;
 use ffi::Selector;
 pub(crate) mod snapshot;
 

@@ -11,6 +11,7 @@
 //! | `meta` | `b"format"`, `b"active_model"` | u32 |
 //! | `meta` | `b"policy"` ++ model (u32 BE) | string: the decode policy the model's embeddings were made with |
 //! | `meta` | `b"next_id"` | u64: no stored image has this id or a larger one |
+//! | `meta` | `b"projection"` ++ model (u32 BE) | [`ProjectionRecord`]: the PCA the model's vectors are stored through (format 4) |
 //! | `jobs` | `b"checkpoint"` | [`CheckpointRecord`]: the last epoch checkpoint of a training job |
 //!
 //! An image is inserted in one transaction over `images`, `entries` (with its index keys) and
@@ -22,7 +23,10 @@
 //! `model_from_record`), ids continue after the largest stored one, and a build that reads
 //! only format 1 refuses the upgraded store instead of mixing its embeddings with differently
 //! decoded queries. Format 3 adds sources, metadata and content hashes to entries; opening an
-//! older store rewrites its entries (`entries.rs`).
+//! older store rewrites its entries (`entries.rs`). Format 4 adds projections (compact vectors,
+//! `db/compact.rs`): a model with one stores vectors of the projection's dimension, which a
+//! format-3 build would misread, so it refuses the store instead. Opening a format-3 store only
+//! records the new format.
 
 mod durable;
 mod entries;
@@ -44,7 +48,7 @@ use crate::ImageId;
 use packs::{PackRef, Packs};
 
 /// The newest on-disk format this build writes and reads.
-pub(crate) const FORMAT: u32 = 3;
+pub(crate) const FORMAT: u32 = 4;
 const RECORD_V1: u16 = 1;
 /// The format field of a [`PackedImageRecord`] (an image record whose bytes are in a pack).
 const RECORD_PACKED: u16 = 2;
@@ -60,6 +64,7 @@ const META_FORMAT: &[u8] = b"format";
 const META_ACTIVE: &[u8] = b"active_model";
 const META_POLICY: &[u8] = b"policy";
 const META_NEXT_ID: &[u8] = b"next_id";
+const META_PROJECTION: &[u8] = b"projection";
 const JOB_CHECKPOINT: &[u8] = b"checkpoint";
 
 /// The encoded image, as the caller gave it. The bytes go through serde as one byte string
@@ -103,6 +108,22 @@ pub(crate) struct ModelRecord {
     pub dim: u32,
     pub metric: String,
     pub weights: Vec<u8>,
+    pub created_unix: u64,
+}
+
+/// A model's projection to compact vectors: `y = x * matrix + bias` (store format 4).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct ProjectionRecord {
+    pub format: u16,
+    /// The model whose stored vectors it was fitted on and projected from.
+    pub from_model: u32,
+    /// How many vectors it was fitted on.
+    pub fitted_on: u64,
+    pub dim_in: u32,
+    pub dim_out: u32,
+    /// `dim_in x dim_out`, row-major.
+    pub matrix: Vec<f32>,
+    pub bias: Vec<f32>,
     pub created_unix: u64,
 }
 
@@ -231,6 +252,10 @@ fn policy_key(model: u32) -> Vec<u8> {
     [META_POLICY, &model.to_be_bytes()[..]].concat()
 }
 
+fn projection_key(model: u32) -> Vec<u8> {
+    [META_PROJECTION, &model.to_be_bytes()[..]].concat()
+}
+
 pub(crate) fn embedding_key(model: u32, id: ImageId) -> [u8; 12] {
     let mut k = [0u8; 12];
     k[..4].copy_from_slice(&model.to_be_bytes());
@@ -310,11 +335,14 @@ impl Store {
                 }
                 if found < FORMAT {
                     // 1 -> 2 adds decode policies (a model without one is re-embedded);
-                    // 2 -> 3 rewrites the entries with content hashes. The format moves
-                    // first, so that older builds refuse the store while it is rewritten.
+                    // 2 -> 3 rewrites the entries with content hashes; 3 -> 4 adds
+                    // projections (nothing to rewrite). The format moves first, so that
+                    // older builds refuse the store while it is rewritten.
                     let mut batch = sled::Batch::default();
                     batch.insert(META_FORMAT, encode(&FORMAT));
-                    batch.insert(entries::META_UPGRADING, &[][..]);
+                    if found < 3 {
+                        batch.insert(entries::META_UPGRADING, &[][..]);
+                    }
                     store.meta.apply_batch(batch)?;
                     store.flush()?;
                 }
@@ -638,7 +666,29 @@ impl Store {
     pub fn delete_model(&self, version: u32) -> Result<()> {
         self.models.remove(version.to_be_bytes())?;
         self.meta.remove(policy_key(version))?;
+        self.meta.remove(projection_key(version))?;
         self.delete_embeddings(version)
+    }
+
+    /// The projection a model's vectors are stored through, if it has one.
+    pub fn projection(&self, version: u32) -> Result<Option<ProjectionRecord>> {
+        match self.meta.get(projection_key(version))? {
+            None => Ok(None),
+            Some(v) => {
+                let key = format!("projection {version}");
+                let r: ProjectionRecord = decode("meta", &key, &v)?;
+                check_format("meta", &key, r.format)?;
+                Ok(Some(r))
+            }
+        }
+    }
+
+    /// Records a model's projection.
+    pub fn put_projection(&self, version: u32, record: &ProjectionRecord) -> Result<()> {
+        let bytes = encode(record);
+        check_space(&self.dir, 2 * bytes.len() as u64)?;
+        self.meta.insert(projection_key(version), bytes)?;
+        Ok(())
     }
 
     /// The decode policy a model's stored embeddings were made with (`None` before format 2).
@@ -703,6 +753,9 @@ pub(crate) fn decode_every_record(bytes: &[u8]) {
     if let Ok(r) = decode::<ModelRecord>("model", key, bytes) {
         let _ = check_format("model", key, r.format);
     }
+    if let Ok(r) = decode::<ProjectionRecord>("meta", key, bytes) {
+        let _ = check_format("meta", key, r.format);
+    }
     let _ = decode_checkpoint(bytes);
     let _ = id_from_key("entry", bytes);
     let _ = decode::<u32>("meta", key, bytes);
@@ -760,6 +813,19 @@ pub(crate) fn seed_records() -> Vec<(&'static str, Vec<u8>)> {
                 dim: 4,
                 metric: "cosine".into(),
                 weights: vec![0; 8],
+                created_unix: 1,
+            }),
+        ),
+        (
+            "projection",
+            encode(&ProjectionRecord {
+                format: RECORD_V1,
+                from_model: 1,
+                fitted_on: 2,
+                dim_in: 2,
+                dim_out: 1,
+                matrix: vec![0.5; 2],
+                bias: vec![0.0],
                 created_unix: 1,
             }),
         ),
