@@ -11,6 +11,17 @@ fn rounded(x: f32) -> f64 {
     (f64::from(x) * 1e6).round() / 1e6
 }
 
+/// "dim 2408", or "dim 256, compact vectors: PCA of v1's 2408" for a compacted model.
+fn dims(m: &lookalike::ModelInfo) -> String {
+    match m.compacted_from {
+        Some(from) => format!(
+            "dim {}, compact vectors: PCA of v{from}'s {}",
+            m.dim, m.extractor_dim
+        ),
+        None => format!("dim {}", m.dim),
+    }
+}
+
 pub(super) fn stats(db: &Db, json: bool) -> lookalike::Result<ExitCode> {
     let model = db.active_model();
     let index = db.index_info();
@@ -20,7 +31,9 @@ pub(super) fn stats(db: &Db, json: bool) -> lookalike::Result<ExitCode> {
             "images": db.len(),
             "labels": labels,
             "model": {"version": model.version, "extractor": model.extractor,
-                      "config": model.config, "dim": model.dim, "metric": model.metric.as_str(),
+                      "config": model.config, "dim": model.dim,
+                      "extractor_dim": model.extractor_dim, "compacted_from": model.compacted_from,
+                      "metric": model.metric.as_str(),
                       "duplicate_distance": rounded(db.default_duplicate_distance())},
             "index": {"kind": index.kind, "vectors": index.len, "dim": index.dim},
             "extractors": db.extractors(),
@@ -30,10 +43,10 @@ pub(super) fn stats(db: &Db, json: bool) -> lookalike::Result<ExitCode> {
         out!("database   {}", db.path().display());
         out!("images     {}", db.len());
         out!(
-            "model      v{} {} (dim {}, {}; duplicates within {})",
+            "model      v{} {} ({}, {}; duplicates within {})",
             model.version,
             model.extractor,
-            model.dim,
+            dims(&model),
             model.metric.as_str(),
             db.default_duplicate_distance()
         );
@@ -135,16 +148,17 @@ pub(super) fn models(db: &Db, json: bool) -> lookalike::Result<ExitCode> {
                 "{}",
                 serde_json::json!({"version": m.version, "active": m.version == active,
                     "extractor": m.extractor, "config": m.config, "dim": m.dim,
+                    "extractor_dim": m.extractor_dim, "compacted_from": m.compacted_from,
                     "metric": m.metric.as_str()})
             );
         } else {
             out!(
-                "{} v{} {} {:?} (dim {}, {})",
+                "{} v{} {} {:?} ({}, {})",
                 if m.version == active { "*" } else { " " },
                 m.version,
                 m.extractor,
                 m.config,
-                m.dim,
+                dims(&m),
                 m.metric.as_str()
             );
         }

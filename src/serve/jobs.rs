@@ -147,6 +147,7 @@ pub(super) async fn models(State(s): State<Shared>) -> Result<Json<Value>, ApiEr
         .map(|m| {
             json!({"version": m.version, "active": m.version == active,
                    "extractor": m.extractor, "config": m.config, "dim": m.dim,
+                   "extractor_dim": m.extractor_dim, "compacted_from": m.compacted_from,
                    "metric": m.metric.as_str(), "metrics": metrics.get(&m.version)})
         })
         .collect();
