@@ -7,7 +7,7 @@ use rayon::prelude::*;
 
 use super::indexing::add_from_store;
 use super::meta::{check_meta, ContentHash, ImageMeta, InsertMode, Inserted};
-use super::{embed, in_batch, Db, Embedded, Model, HNSW_ADD_STEP, THUMB_BUDGET};
+use super::{embed, in_batch, Db, Embedded, Model, HNSW_ADD_MAX, HNSW_HOLD, THUMB_BUDGET};
 use crate::error::{Error, Result};
 use crate::preprocess;
 use crate::store::{EntryRecord, NewImage, ENTRY_V2};
@@ -349,20 +349,35 @@ impl Db {
             }
             return Ok(());
         }
-        // Into an HNSW graph (milliseconds a vector) one vector at a time, handing the lock to
-        // waiting queries in between.
-        let step = match state.index.shape() {
-            crate::index::Shape::Flat => new.len(),
-            crate::index::Shape::Hnsw { .. } => HNSW_ADD_STEP,
-        };
-        for (i, part) in new.chunks(step).enumerate() {
-            if i > 0 {
+        // Into an HNSW graph a piece at a time (see HNSW_HOLD), handing the lock to waiting
+        // queries in between; a flat index takes the batch at once.
+        let hnsw = matches!(state.index.shape(), crate::index::Shape::Hnsw { .. });
+        let mut step = if hnsw { 1 } else { new.len() };
+        // On every core, unless an index build runs beside (it has all cores but one, and two
+        // OpenMP teams on too few cores made 16-vector adds take seconds).
+        let building = self.inner.rebuilds.try_lock().is_err();
+        let mut done = 0;
+        while done < new.len() {
+            if done > 0 {
                 state.let_queries_in();
             }
+            let part = &new[done..(done + step).min(new.len())];
             let ids: Vec<ImageId> = part.iter().map(|n| n.id).collect();
             let flat: Vec<f32> = part.iter().flat_map(|n| n.vector.iter().copied()).collect();
-            if let Err(e) = state.index.add_serial(&ids, &flat) {
+            let started = std::time::Instant::now();
+            let added = if building {
+                state.index.add_serial(&ids, &flat)
+            } else {
+                state.index.add(&ids, &flat)
+            };
+            if let Err(e) = added {
                 return Err(self.poison(e));
+            }
+            done += part.len();
+            if hnsw {
+                let per_vector = started.elapsed().as_secs_f64() / part.len() as f64;
+                let fits = (HNSW_HOLD.as_secs_f64() / per_vector.max(1e-9)) as usize;
+                step = fits.clamp(1, HNSW_ADD_MAX);
             }
         }
         drop(state);

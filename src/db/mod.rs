@@ -69,11 +69,15 @@ struct Embedded {
 pub const LOCK_WAIT: Duration = Duration::from_millis(200);
 /// An HNSW index is rebuilt when more than this share of its ids were removed.
 const MAX_DEAD_SHARE: f64 = 0.2;
-/// Vectors added to an HNSW index per hold of the index lock: one. At 2,408 dimensions an add
-/// costs milliseconds to tens of milliseconds (the new node's neighbour lists are pruned by
-/// comparing candidates with each other), and 8 per hold let queries wait up to a second
-/// while a rebuild ran beside them (`benches/stalls.rs`).
-const HNSW_ADD_STEP: usize = 1;
+/// How long an insert holds the index lock for one piece of its HNSW adds. An add costs
+/// about a millisecond at 256 dimensions and up to tens of milliseconds at 2,408 (the new
+/// node's neighbour lists are pruned by comparing candidates with each other): pieces are
+/// sized from the previous piece's time per vector, at most [`HNSW_ADD_MAX`], and added on
+/// every core. Eight vectors of 2,408 dimensions per hold had let queries wait up to a second
+/// (`benches/stalls.rs`).
+const HNSW_HOLD: Duration = Duration::from_millis(10);
+/// The largest piece of HNSW adds per hold of the index lock.
+const HNSW_ADD_MAX: usize = 256;
 /// HNSW search breadth under `IndexKind::Auto`.
 const AUTO_EF_SEARCH: u32 = 64;
 const AUTO_HNSW_M: u32 = 32;
