@@ -350,7 +350,11 @@ fn quality_section(
         // The first word names the folder (kept folders of earlier runs resume), "-full" the
         // row without compact vectors.
         let first = name.split([' ', ',']).next().unwrap_or("x");
-        let full = if name.contains("compact off") { "-full" } else { "" };
+        let full = if name.contains("compact off") {
+            "-full"
+        } else {
+            ""
+        };
         let folder = format!("quality-{first}{full}");
         let path = match &a.keep {
             Some(dir) => dir.join(folder),

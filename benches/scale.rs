@@ -206,13 +206,15 @@ fn main() -> Res<()> {
         let stop = Arc::new(AtomicBool::new(false));
         let worst_us = Arc::new(AtomicU64::new(0));
         let querier = {
-            let (db, stop, worst_us, set) = (db.clone(), stop.clone(), worst_us.clone(), set.clone());
+            let (db, stop, worst_us, set) =
+                (db.clone(), stop.clone(), worst_us.clone(), set.clone());
             std::thread::spawn(move || -> Result<(), String> {
                 let mut q = 0usize;
                 while !stop.load(Ordering::Relaxed) {
                     let n = db.len();
                     if n > 0 {
-                        let (bytes, _) = image(&set, (q * 104_729) % n).map_err(|e| e.to_string())?;
+                        let (bytes, _) =
+                            image(&set, (q * 104_729) % n).map_err(|e| e.to_string())?;
                         let t = Instant::now();
                         db.nearest(&bytes, 10).map_err(|e| e.to_string())?;
                         worst_us.fetch_max(t.elapsed().as_micros() as u64, Ordering::Relaxed);
@@ -227,8 +229,9 @@ fn main() -> Res<()> {
         let from = have;
         while have < size {
             let n = BATCH.min(size - have);
-            let batch: Vec<(Vec<u8>, &str)> =
-                (have..have + n).map(|i| image(&set, i)).collect::<Res<_>>()?;
+            let batch: Vec<(Vec<u8>, &str)> = (have..have + n)
+                .map(|i| image(&set, i))
+                .collect::<Res<_>>()?;
             db.insert_images(batch.iter().map(|(b, l)| (b.as_slice(), Some(*l))))?;
             have += n;
             if have % 100_000 == 0 {
@@ -261,7 +264,11 @@ fn main() -> Res<()> {
             .find(|l| l.starts_with("PROBE "))
             .ok_or_else(|| format!("probe failed: {}", String::from_utf8_lossy(&out.stderr)))?;
         let f: Vec<&str> = line.split_whitespace().collect();
-        let num = |i: usize| f.get(i).and_then(|s| s.parse::<f64>().ok()).unwrap_or(f64::NAN);
+        let num = |i: usize| {
+            f.get(i)
+                .and_then(|s| s.parse::<f64>().ok())
+                .unwrap_or(f64::NAN)
+        };
         eprintln!("  probe: {line}");
         rows.push(Row {
             size,

@@ -19,6 +19,7 @@ use std::path::Path;
 use std::sync::{Arc, MutexGuard};
 
 use parking_lot::{RwLockReadGuard, RwLockWriteGuard};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use super::{
@@ -158,6 +159,15 @@ impl Db {
     /// step (recorded durably first); without, a build whose model stopped being the active
     /// one meanwhile is dropped.
     pub(super) fn rebuild(&self, model: &Arc<Model>, switch: bool, reason: String) -> Result<()> {
+        /// Clears `Inner::building` however the build ends.
+        struct Building<'a>(&'a AtomicBool);
+        impl Drop for Building<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, Ordering::Release);
+            }
+        }
+        self.inner.building.store(true, Ordering::Release);
+        let _building = Building(&self.inner.building);
         let started = Instant::now();
         let store = &self.inner.store;
         let live = {

@@ -355,7 +355,10 @@ impl Db {
         let mut step = if hnsw { 1 } else { new.len() };
         // On every core, unless an index build runs beside (it has all cores but one, and two
         // OpenMP teams on too few cores made 16-vector adds take seconds).
-        let building = self.inner.rebuilds.try_lock().is_err();
+        let building = self
+            .inner
+            .building
+            .load(std::sync::atomic::Ordering::Acquire);
         let mut done = 0;
         while done < new.len() {
             if done > 0 {

@@ -150,6 +150,8 @@ struct Inner {
     writer: Mutex<()>,
     /// Held by an index build (`indexing.rs`): one at a time.
     rebuilds: Mutex<()>,
+    /// Set while an index build runs (`indexing.rs`): inserts then add to HNSW on one core.
+    building: std::sync::atomic::AtomicBool,
     /// Held by an insert under `InsertMode::SkipExisting` from its last look for stored
     /// copies until its images are stored, so two such inserts cannot both store the same bytes.
     dedup: Mutex<()>,
@@ -262,6 +264,7 @@ impl Db {
                 admin: Mutex::new(()),
                 writer: Mutex::new(()),
                 rebuilds: Mutex::new(()),
+                building: std::sync::atomic::AtomicBool::new(false),
                 dedup: Mutex::new(()),
                 options,
                 _lock: lock,
