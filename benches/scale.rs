@@ -4,6 +4,7 @@
 //! cargo bench --bench scale                                  # 10k, 100k, 300k, 1M
 //! cargo bench --bench scale -- --sizes 10000,100000          # smaller
 //! cargo bench --bench scale -- --data DIR --dir DIR          # Fashion-MNIST elsewhere; keep the database
+//! cargo bench --bench scale -- --python PY                   # with the FAISS peer (PY has faiss-cpu, numpy)
 //! ```
 //!
 //! Distinct 28 x 28 images: Fashion-MNIST's 60,000 training images, each shifted by -2..2
@@ -15,7 +16,9 @@
 //! then a fresh process opens it and reports its open time, its memory right after the open
 //! (VmRSS) and the latency of 500 queries one at a time; the loading continues in a reopened
 //! handle. At the last size, recall@10 of the index against an exact scan of the stored
-//! vectors (200 queries) is measured too.
+//! vectors (200 queries) is measured too, and with `--python`, the peer: the same 500 stored
+//! images searched through `Db::nearest_to` and through faiss-python on the database's own
+//! index file (`benches/support/faiss_peer.py`), one query at a time.
 //!
 //! Prints figures only; nothing here asserts a speed.
 
@@ -39,6 +42,8 @@ struct Args {
     dir: Option<PathBuf>,
     /// `--probe DIR`: the child process that opens the database and measures.
     probe: Option<PathBuf>,
+    /// A Python with faiss-cpu and numpy: the FAISS peer.
+    python: Option<PathBuf>,
 }
 
 fn args() -> Args {
@@ -47,6 +52,7 @@ fn args() -> Args {
         data: PathBuf::from("../shared/data/fashion-mnist"),
         dir: None,
         probe: None,
+        python: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -62,6 +68,7 @@ fn args() -> Args {
             "--data" => a.data = it.next().map(PathBuf::from).unwrap_or(a.data),
             "--dir" => a.dir = it.next().map(PathBuf::from),
             "--probe" => a.probe = it.next().map(PathBuf::from),
+            "--python" => a.python = it.next().map(PathBuf::from),
             _ => {}
         }
     }
@@ -311,6 +318,61 @@ fn main() -> Res<()> {
         );
     }
     recall(&db, 200)?;
+    if let Some(python) = &a.python {
+        faiss_peer(&db, &dir, python)?;
+    }
+    Ok(())
+}
+
+/// `Db::nearest_to` (k = 10) against faiss-python's search of the same index file (k = 11:
+/// `nearest_to` leaves the query's own image out), 500 stored images one at a time.
+fn faiss_peer(db: &Db, dir: &Path, python: &Path) -> Res<()> {
+    let ids = db.ids();
+    let step = (ids.len() / 500).max(1);
+    let queries: Vec<ImageId> = ids.iter().step_by(step).take(500).copied().collect();
+    let mut lat = Vec::new();
+    for q in &queries {
+        let t = Instant::now();
+        std::hint::black_box(db.nearest_to(*q, 10)?);
+        lat.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    lat.sort_by(f64::total_cmp);
+    let list = dir.join("peer-ids.txt");
+    let text: String = queries.iter().map(|q| format!("{}\n", q.0)).collect();
+    std::fs::write(&list, text)?;
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/support/faiss_peer.py");
+    let out = std::process::Command::new(python)
+        .arg(script)
+        .arg(dir.join("index.faiss"))
+        .arg(&list)
+        .output()?;
+    let _ = std::fs::remove_file(&list);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("FAISSPEER "))
+        .ok_or_else(|| {
+            format!(
+                "the FAISS peer failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })?;
+    let f: Vec<&str> = line.split_whitespace().collect();
+    let num = |i: usize| {
+        f.get(i)
+            .and_then(|s| s.parse::<f64>().ok())
+            .unwrap_or(f64::NAN)
+    };
+    let (p50, p99) = (percentile(&lat, 0.5), percentile(&lat, 0.99));
+    println!(
+        "\nsame index, same {} stored images as queries, one at a time:\n| | p50 ms | p99 ms |\n|---|---|---|\n| lookalike `Db::nearest_to` (k = 10) | {p50:.3} | {p99:.3} |\n| faiss-python `index.search` (k = 11, {}) | {:.3} | {:.3} |\nlookalike / FAISS: {:.2}x at p50, {:.2}x at p99",
+        queries.len(),
+        f.get(3..).map(|s| s.join(" ")).unwrap_or_default(),
+        num(1),
+        num(2),
+        p50 / num(1),
+        p99 / num(2)
+    );
     Ok(())
 }
 
