@@ -7,7 +7,9 @@ use rayon::prelude::*;
 
 use super::indexing::add_from_store;
 use super::meta::{check_meta, ContentHash, ImageMeta, InsertMode, Inserted};
-use super::{embed, in_batch, Db, Embedded, Model, HNSW_ADD_MAX, HNSW_HOLD, THUMB_BUDGET};
+use super::{
+    embed, in_batch, Db, Embedded, Model, HNSW_ADD_MAX, HNSW_HOLD, HNSW_PARALLEL_FROM, THUMB_BUDGET,
+};
 use crate::error::{Error, Result};
 use crate::preprocess;
 use crate::store::{EntryRecord, NewImage, ENTRY_V2};
@@ -353,12 +355,16 @@ impl Db {
         // queries in between; a flat index takes the batch at once.
         let hnsw = matches!(state.index.shape(), crate::index::Shape::Hnsw { .. });
         let mut step = if hnsw { 1 } else { new.len() };
-        // On every core, unless an index build runs beside (it has all cores but one, and two
-        // OpenMP teams on too few cores made 16-vector adds take seconds).
-        let building = self
+        // Pieces on every core, unless an index build runs beside (it has all cores but one,
+        // and two OpenMP teams on too few cores made 16-vector adds take seconds) or the graph
+        // is small: then one vector at a time on one core. Pieces into a graph of 2,000
+        // vectors cut recall@10 from over 0.9 to 0.5-0.7 (tests/exact.rs); into graphs of
+        // 300,000 and 1,000,000 it stayed 0.995 (benches/scale.rs).
+        let serial = self
             .inner
             .building
-            .load(std::sync::atomic::Ordering::Acquire);
+            .load(std::sync::atomic::Ordering::Acquire)
+            || state.index.len() < HNSW_PARALLEL_FROM;
         let mut done = 0;
         while done < new.len() {
             if done > 0 {
@@ -368,7 +374,7 @@ impl Db {
             let ids: Vec<ImageId> = part.iter().map(|n| n.id).collect();
             let flat: Vec<f32> = part.iter().flat_map(|n| n.vector.iter().copied()).collect();
             let started = std::time::Instant::now();
-            let added = if building {
+            let added = if serial {
                 state.index.add_serial(&ids, &flat)
             } else {
                 state.index.add(&ids, &flat)
@@ -377,7 +383,7 @@ impl Db {
                 return Err(self.poison(e));
             }
             done += part.len();
-            if hnsw {
+            if hnsw && !serial {
                 let per_vector = started.elapsed().as_secs_f64() / part.len() as f64;
                 let fits = (HNSW_HOLD.as_secs_f64() / per_vector.max(1e-9)) as usize;
                 step = fits.clamp(1, HNSW_ADD_MAX);

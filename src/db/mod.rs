@@ -78,6 +78,9 @@ const MAX_DEAD_SHARE: f64 = 0.2;
 const HNSW_HOLD: Duration = Duration::from_millis(10);
 /// The largest piece of HNSW adds per hold of the index lock.
 const HNSW_ADD_MAX: usize = 256;
+/// HNSW adds go in pieces on every core from this many vectors in the graph; below, one
+/// vector per hold on one core.
+const HNSW_PARALLEL_FROM: usize = 10_000;
 /// HNSW search breadth under `IndexKind::Auto`.
 const AUTO_EF_SEARCH: u32 = 64;
 const AUTO_HNSW_M: u32 = 32;
