@@ -57,6 +57,10 @@ impl ExtractorPlugin for RawPixels {
     }
 }
 
+#[path = "support/stats.rs"]
+mod stats;
+use stats::percentile;
+
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
 /// One query's hits: ids and labels, best first.
 type Ranked = Vec<(ImageId, Option<String>)>;
@@ -149,14 +153,6 @@ fn ingest(db: &Db, images: &[Vec<u8>], labels: &[&str], batch: usize) -> Res<f64
     }
     db.flush()?;
     Ok(images.len() as f64 / t.elapsed().as_secs_f64())
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i]
 }
 
 /// Runs queries on 2 threads; returns per-query hit ids, labels and latencies (ms).

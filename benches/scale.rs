@@ -30,6 +30,10 @@ use std::time::{Duration, Instant};
 use lookalike::datasets::{fashion_mnist, LabelledImages, Split, FASHION_MNIST_CLASSES};
 use lookalike::{Db, Durability, ImageId, Options};
 
+#[path = "support/stats.rs"]
+mod stats;
+use stats::percentile;
+
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
 /// Variants of each training image: 5 x 5 shifts, mirrored or not.
@@ -131,13 +135,6 @@ fn disk_bytes(dir: &Path) -> u64 {
         }
     }
     total
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
 /// The child: open, measure memory, time 500 queries; prints one line of figures.

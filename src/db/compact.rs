@@ -66,9 +66,42 @@ impl Db {
     /// build locks.
     fn compact(&self, model: &Arc<Model>) -> Result<()> {
         let store = &self.inner.store;
+        let (compacted, reason, fresh) = match self.earlier_compaction(model)? {
+            Some(m) => {
+                let reason = format!("compact vectors: switched back to model {}", m.version);
+                (m, reason, false)
+            }
+            None => {
+                let (m, reason) = self.fit_compaction(model)?;
+                (m, reason, true)
+            }
+        };
+        let result = (|| {
+            self.project_stored(model, &compacted)?;
+            self.durable_write_always()?;
+            self.rebuild(&compacted, true, reason)
+        })();
+        if let Err(e) = result {
+            if fresh {
+                let _ = store.delete_model(compacted.version);
+            }
+            return Err(e);
+        }
+        // The switch is durable: the full-size vectors are no longer searched.
+        store.delete_embeddings(model.version)?;
+        self.durable_write()?;
+        if self.inner.options.snapshot {
+            self.save_snapshot()?;
+        }
+        Ok(())
+    }
+
+    /// A stored version projected from `model` to the configured dimension (the user switched
+    /// back to `model`, or a compaction was cut short): switched to again rather than fitted
+    /// anew.
+    fn earlier_compaction(&self, model: &Model) -> Result<Option<Arc<Model>>> {
+        let store = &self.inner.store;
         let dim_out = self.inner.options.compact_dim;
-        // A version already projected from this model (the user switched back to it, or a
-        // compaction was cut short) is switched to again rather than fitted anew.
         let mut earlier = None;
         for v in store.model_versions()? {
             if v != model.version
@@ -79,16 +112,20 @@ impl Db {
                 earlier = Some(v);
             }
         }
-        if let Some(v) = earlier {
-            let record = store.model(v)?.ok_or(crate::Error::UnknownModel(v))?;
-            let (compacted, _) = model_from_record(store, &self.inner.registry, v, record, None)?;
-            let compacted = Arc::new(compacted);
-            self.project_stored(model, &compacted)?;
-            self.durable_write_always()?;
-            let reason = format!("compact vectors: switched back to model {v}");
-            self.rebuild(&compacted, true, reason)?;
-            return self.drop_full_vectors(model);
-        }
+        let Some(v) = earlier else {
+            return Ok(None);
+        };
+        let record = store.model(v)?.ok_or(crate::Error::UnknownModel(v))?;
+        let (compacted, _) = model_from_record(store, &self.inner.registry, v, record, None)?;
+        Ok(Some(Arc::new(compacted)))
+    }
+
+    /// Fits a PCA on up to [`FIT_SAMPLE`] of `model`'s stored vectors, spread evenly over the
+    /// ids, and stores the new version (record, decode policy, projection; not active). Returns
+    /// it and the reason the switch will give.
+    fn fit_compaction(&self, model: &Model) -> Result<(Arc<Model>, String)> {
+        let store = &self.inner.store;
+        let dim_out = self.inner.options.compact_dim;
         let ids = self.live_ids()?;
         let step = ids.len().div_ceil(FIT_SAMPLE).max(1);
         let mut sample = Vec::new();
@@ -107,59 +144,43 @@ impl Db {
         let version = store.model_versions()?.into_iter().max().unwrap_or(0) + 1;
         let mut record = model.record.clone();
         record.created_unix = now_unix();
-        let (matrix, bias) = projection.parts();
+        let (matrix, bias) = projection.parts()?;
         let projection_record = ProjectionRecord {
             format: 1,
             from_model: model.version,
             fitted_on,
             dim_in: model.spec.dim as u32,
             dim_out: dim_out as u32,
-            matrix: matrix.to_vec(),
-            bias: bias.to_vec(),
+            matrix,
+            bias,
             created_unix: record.created_unix,
         };
-        let policy = match store.policy(model.version)? {
-            Some(p) => p,
-            None => preprocess::policy(&model.spec.input),
-        };
-        let compacted = Arc::new(Model {
+        // The active model's decode policy is this build's for its input.
+        let policy = preprocess::policy(&model.spec.input);
+        let stored = (|| {
+            store.put_model(version, &record)?;
+            store.set_policy(version, &policy)?;
+            store.put_projection(version, &projection_record)
+        })();
+        if let Err(e) = stored {
+            let _ = store.delete_model(version);
+            return Err(e);
+        }
+        let compacted = Model {
             version,
-            record: record.clone(),
+            record,
             extractor: model.extractor.clone(),
             spec: model.spec.clone(),
             compact: Some(Compact {
                 projection: Arc::new(projection),
                 from_model: model.version,
             }),
-        });
-        let result = (|| {
-            store.put_model(version, &record)?;
-            store.set_policy(version, &policy)?;
-            store.put_projection(version, &projection_record)?;
-            drop(projection_record);
-            self.project_stored(model, &compacted)?;
-            self.durable_write_always()?;
-            let reason = format!(
-                "compact vectors: {} to {dim_out} dimensions (PCA on {fitted_on} stored vectors)",
-                model.spec.dim
-            );
-            self.rebuild(&compacted, true, reason)
-        })();
-        if let Err(e) = result {
-            let _ = store.delete_model(version);
-            return Err(e);
-        }
-        self.drop_full_vectors(model)
-    }
-
-    /// After the switch (durable by then): deletes `model`'s vectors, no longer searched.
-    fn drop_full_vectors(&self, model: &Model) -> Result<()> {
-        self.inner.store.delete_embeddings(model.version)?;
-        self.durable_write()?;
-        if self.inner.options.snapshot {
-            self.save_snapshot()?;
-        }
-        Ok(())
+        };
+        let reason = format!(
+            "compact vectors: {} to {dim_out} dimensions (PCA on {fitted_on} stored vectors)",
+            model.spec.dim
+        );
+        Ok((Arc::new(compacted), reason))
     }
 
     /// Writes `to`'s projection of every vector stored under `from`.

@@ -20,21 +20,10 @@ pub(crate) const FIT_SAMPLE: usize = 20_000;
 pub(crate) struct Projection {
     dim_in: usize,
     dim_out: usize,
-    /// `dim_in x dim_out`, row-major.
-    matrix: Vec<f32>,
-    bias: Vec<f32>,
-    /// The same two as tensors, for the product.
-    matrix_t: Tensor,
-    bias_t: Tensor,
-}
-
-impl PartialEq for Projection {
-    fn eq(&self, other: &Self) -> bool {
-        self.dim_in == other.dim_in
-            && self.dim_out == other.dim_out
-            && self.matrix == other.matrix
-            && self.bias == other.bias
-    }
+    /// `dim_in x dim_out`.
+    matrix: Tensor,
+    /// `1 x dim_out`.
+    bias: Tensor,
 }
 
 fn tensor_err(e: lookalike_plugin::candle_core::Error) -> Error {
@@ -70,17 +59,12 @@ impl Projection {
         if !matrix.iter().chain(&bias).all(|x| x.is_finite()) {
             return Err("has NaN or infinite values".into());
         }
-        let matrix_t = Tensor::from_slice(&matrix, (dim_in, dim_out), &Device::Cpu)
-            .map_err(|e| e.to_string())?;
-        let bias_t =
-            Tensor::from_slice(&bias, (1, dim_out), &Device::Cpu).map_err(|e| e.to_string())?;
         Ok(Projection {
             dim_in,
             dim_out,
-            matrix,
-            bias,
-            matrix_t,
-            bias_t,
+            matrix: Tensor::from_vec(matrix, (dim_in, dim_out), &Device::Cpu)
+                .map_err(|e| e.to_string())?,
+            bias: Tensor::from_vec(bias, (1, dim_out), &Device::Cpu).map_err(|e| e.to_string())?,
         })
     }
 
@@ -90,8 +74,12 @@ impl Projection {
     }
 
     /// The matrix (`dim_in x dim_out`, row-major) and the bias, for storing.
-    pub fn parts(&self) -> (&[f32], &[f32]) {
-        (&self.matrix, &self.bias)
+    pub fn parts(&self) -> Result<(Vec<f32>, Vec<f32>)> {
+        let flat = |t: &Tensor| t.flatten_all().and_then(|t| t.to_vec1::<f32>());
+        Ok((
+            flat(&self.matrix).map_err(tensor_err)?,
+            flat(&self.bias).map_err(tensor_err)?,
+        ))
     }
 
     /// Projects rows of `dim_in` floats (one after another) to rows of `dim_out`.
@@ -108,8 +96,8 @@ impl Projection {
         }
         let n = rows.len() / self.dim_in;
         let x = Tensor::from_slice(rows, (n, self.dim_in), &Device::Cpu).map_err(tensor_err)?;
-        x.matmul(&self.matrix_t)
-            .and_then(|y| y.broadcast_add(&self.bias_t))
+        x.matmul(&self.matrix)
+            .and_then(|y| y.broadcast_add(&self.bias))
             .and_then(|y| y.flatten_all())
             .and_then(|y| y.to_vec1::<f32>())
             .map_err(tensor_err)
