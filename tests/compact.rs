@@ -160,3 +160,32 @@ fn a_database_written_by_format_3_opens_as_it_was_and_compacts() {
     assert_eq!(db.nearest(&sandal, 1).unwrap()[0].id, ImageId(7));
     assert_eq!(db.labels()["sandal"], 6);
 }
+
+#[test]
+fn a_damaged_projection_is_a_corrupt_record_at_open() {
+    let dir = tempdir();
+    let path = dir.path().join("c.db");
+    {
+        let db = Db::open_with(&path, relaxed().compact(16, 60)).unwrap();
+        insert(&db, 0, 60);
+        assert_eq!(db.active_model().version, 2);
+    }
+    let key = [&b"projection"[..], &2u32.to_be_bytes()[..]].concat();
+    for damage in [vec![1u8, 2, 3], vec![0xff; 40]] {
+        {
+            let raw = crate::errors::raw_sled(&path);
+            let meta = raw.open_tree("meta").unwrap();
+            assert!(
+                meta.get(&key).unwrap().is_some(),
+                "the projection is where format.md says"
+            );
+            meta.insert(&key[..], damage).unwrap();
+            raw.flush().unwrap();
+        }
+        let err = Db::open_with(&path, relaxed()).unwrap_err();
+        assert!(
+            matches!(err, lookalike::Error::Corrupt { what: "meta", .. }),
+            "{err}"
+        );
+    }
+}

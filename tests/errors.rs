@@ -168,7 +168,7 @@ fn locked_in_the_same_process() {
 
 /// Opens the store with sled directly, waiting while a dropped handle's background thread still
 /// holds sled's file lock.
-fn raw_sled(path: &std::path::Path) -> sled::Db {
+pub(crate) fn raw_sled(path: &std::path::Path) -> sled::Db {
     for _ in 0..250 {
         match sled::open(path.join("store")) {
             Ok(db) => return db,
