@@ -51,7 +51,8 @@ pub fn checkpoint(bytes: &[u8]) {
 }
 
 /// Bytes as an index snapshot: as its stamp, and as its FAISS file, which FAISS reads only
-/// when the database's walk of it accepts it (as on open).
+/// when the database's walk of it accepts it (as on open); and as `catalogue.bin`, the other
+/// file written beside the store.
 pub fn snapshot(bytes: &[u8]) {
     static SCRATCH: std::sync::OnceLock<Option<std::path::PathBuf>> = std::sync::OnceLock::new();
     let scratch = SCRATCH.get_or_init(|| {
@@ -61,6 +62,7 @@ pub fn snapshot(bytes: &[u8]) {
     if let Some(dir) = scratch {
         crate::index::snapshot::fuzz(bytes, dir);
     }
+    crate::db::fuzz_catalogue(bytes);
 }
 
 #[cfg(test)]
@@ -119,5 +121,10 @@ mod seeds {
             let bytes = crate::index::faiss_file::written(shape, lookalike_plugin::Metric::L2, n);
             std::fs::write(dir("snapshot").join(name), bytes).unwrap();
         }
+        std::fs::write(
+            dir("snapshot").join("catalogue"),
+            crate::db::catalogue_seed(),
+        )
+        .unwrap();
     }
 }

@@ -49,8 +49,16 @@ fn child(dir: &Path) -> ExitCode {
     let mut rng = StdRng::seed_from_u64(std::process::id().into());
     let mut mine: Vec<ImageId> = Vec::new();
     loop {
-        let r: u32 = rng.random_range(0..10);
-        if r < 5 {
+        let r: u32 = rng.random_range(0..12);
+        if r == 10 && !mine.is_empty() {
+            // A label change goes through the change log that catalogue.bin is caught up from.
+            let id = mine[rng.random_range(0..mine.len())];
+            let label = ["a", "b", "c"][rng.random_range(0..3)];
+            db.set_label(id, Some(label)).expect("set label");
+        } else if r == 11 {
+            // Writes catalogue.bin and the index snapshot, and trims the change log.
+            db.flush().expect("flush");
+        } else if r < 5 {
             let id = db
                 .insert_image(&png(rng.random()), Some("x"))
                 .expect("insert");
@@ -65,7 +73,7 @@ fn child(dir: &Path) -> ExitCode {
                 writeln!(log, "i {id}").expect("log");
                 mine.push(id);
             }
-        } else if !mine.is_empty() {
+        } else if r < 10 && !mine.is_empty() {
             let id = mine.swap_remove(rng.random_range(0..mine.len()));
             // Log the intent first: a removal that completes but is killed before its
             // acknowledgement is logged may legitimately be either applied or not.
@@ -106,6 +114,28 @@ fn check(dir: &Path) -> Result<usize, String> {
         }
     }
     let store: Vec<u64> = db.ids().into_iter().map(|i| i.0).collect();
+    // The catalogue (ids and labels in memory, from catalogue.bin and the change log) agrees
+    // with the entries in the store.
+    let listed: std::collections::BTreeSet<u64> = store.iter().copied().collect();
+    for id in &inserted {
+        if db.image(ImageId(*id)).is_ok() != listed.contains(id) {
+            return Err(format!("image {id}: the store and the catalogue disagree"));
+        }
+    }
+    for id in &store {
+        let label = db
+            .label(ImageId(*id))
+            .map_err(|e| format!("label {id}: {e}"))?;
+        let entry = db
+            .meta(ImageId(*id))
+            .map_err(|e| format!("entry {id}: {e}"))?;
+        if label != entry.label {
+            return Err(format!(
+                "image {id}: catalogue label {label:?}, stored {:?}",
+                entry.label
+            ));
+        }
+    }
     let info = db.index_info();
     if info.len != store.len() {
         return Err(format!(

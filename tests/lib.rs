@@ -7,6 +7,7 @@ mod common;
 mod mosaic;
 
 mod api;
+mod catalogue;
 mod cli;
 mod compact;
 mod concurrency;

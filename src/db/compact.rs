@@ -44,7 +44,7 @@ impl Db {
             let due = options.compact_dim > 0
                 && m.compact.is_none()
                 && m.spec.dim > options.compact_dim
-                && state.labels.len() >= options.compact_after;
+                && state.catalogue.len() >= options.compact_after;
             if !due {
                 return Ok(());
             }

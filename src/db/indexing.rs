@@ -13,7 +13,6 @@
 //! into an HNSW index (milliseconds a vector) adds its vectors a few at a time and hands the
 //! lock to waiting queries in between ([`StateWriter::let_queries_in`]).
 
-use std::collections::HashMap;
 use std::ops::{Deref, DerefMut};
 use std::path::Path;
 use std::sync::{Arc, MutexGuard};
@@ -22,6 +21,7 @@ use parking_lot::{RwLockReadGuard, RwLockWriteGuard};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
+use super::catalogue::{self, Catalogue};
 use super::{
     embed, prepare_stored, Db, IndexInfo, IndexSource, Model, Stale, State, AUTO_EF_SEARCH,
     AUTO_HNSW_M, EMBED_BATCH, MAX_DEAD_SHARE,
@@ -91,26 +91,56 @@ impl Db {
         })
     }
 
-    /// Writes the index snapshot if the index changed since the last one, under a read lock
-    /// (queries go on; writers wait). Best effort: a failure is kept in
-    /// `index_info().snapshot_error` and the next call tries again; only a poisoned lock is an
-    /// error.
+    /// Writes the index snapshot if the index changed since the last one, and `catalogue.bin`
+    /// if the catalogue did, under a read lock (queries go on; writers wait). Best effort: a
+    /// failure is kept in `index_info().snapshot_error` and the next call tries again; only a
+    /// poisoned lock, or a store that cannot be flushed, is an error.
     pub(super) fn save_snapshot(&self) -> Result<()> {
         let writer = self.writer()?;
-        let saved = {
+        let (index_saved, catalogue_saved) = {
             let state = self.read_state()?;
-            if !state.dirty {
-                return Ok(());
-            }
-            snapshot::save(&self.inner.dir, &state.index, state.model.version)
+            let index_saved = (state.dirty && self.inner.options.snapshot)
+                .then(|| snapshot::save(&self.inner.dir, &state.index, state.model.version));
+            let catalogue_saved = if state.catalogue.dirty {
+                // The file must not claim writes the store could still lose.
+                self.durable_write_always()?;
+                let (id_bound, seen) = self.inner.pending.marks(&self.inner.store);
+                Some(
+                    catalogue::save(&self.inner.dir, &state.catalogue, id_bound, seen)
+                        .map(|()| seen),
+                )
+            } else {
+                None
+            };
+            (index_saved, catalogue_saved)
         };
         let mut state = self.lock_state(writer)?;
-        match saved {
-            Ok(()) => {
-                state.dirty = false;
-                state.index_info.snapshot_error = None;
+        if index_saved.is_none() && catalogue_saved.is_none() {
+            return Ok(());
+        }
+        let mut error = None;
+        if let Some(saved) = index_saved {
+            match saved {
+                Ok(()) => state.dirty = false,
+                Err(e) => error = Some(e.to_string()),
             }
-            Err(e) => state.index_info.snapshot_error = Some(e.to_string()),
+        }
+        let mut trim = None;
+        if let Some(saved) = catalogue_saved {
+            match saved {
+                Ok(seen) => {
+                    state.catalogue.dirty = false;
+                    trim = Some(seen);
+                }
+                Err(e) => error = Some(e.to_string()),
+            }
+        }
+        state.index_info.snapshot_error = error;
+        drop(state);
+        if let Some(seen) = trim {
+            // What the file has seen need not stay in the log (best effort: a longer log only
+            // costs the next open a few reads).
+            let _ = self.inner.store.trim_changes(seen);
         }
         Ok(())
     }
@@ -123,9 +153,13 @@ impl Db {
         self.maybe_compact()?;
         let (model, reason) = {
             let state = self.read_state()?;
-            let want = desired_shape(&self.inner.options, state.labels.len());
+            let want = desired_shape(&self.inner.options, state.catalogue.len());
             if want != state.index.shape() {
-                let reason = format!("{} images: {} index", state.labels.len(), kind_name(want));
+                let reason = format!(
+                    "{} images: {} index",
+                    state.catalogue.len(),
+                    kind_name(want)
+                );
                 (state.model.clone(), reason)
             } else if state.index.dead_share() > MAX_DEAD_SHARE {
                 let reason = format!(
@@ -172,7 +206,7 @@ impl Db {
         let store = &self.inner.store;
         let live = {
             let _writer = self.writer()?;
-            self.read_state()?.labels.clone()
+            self.read_state()?.catalogue.clone()
         };
         let mut index =
             crate::index::leaving_a_core(|| build_index(store, model, &self.inner.options, &live))?;
@@ -229,15 +263,14 @@ impl Db {
             return Ok(None);
         }
         let missing = state
-            .labels
-            .keys()
+            .catalogue
+            .ids()
             .filter(|id| !index.ids().contains(id))
-            .copied()
             .collect();
         let gone = index
             .ids()
             .iter()
-            .filter(|id| !state.labels.contains_key(id))
+            .filter(|id| !state.catalogue.contains(**id))
             .map(|id| ImageId(*id))
             .collect();
         Ok(Some((missing, gone)))
@@ -272,7 +305,7 @@ pub(super) fn open_index(
     store: &Store,
     model: &Model,
     options: &Options,
-    live: &HashMap<u64, Option<String>>,
+    live: &Catalogue,
     stale: Option<Stale>,
 ) -> Result<(VectorIndex, IndexSource)> {
     let reason = if let Some(stale) = stale {
@@ -290,15 +323,12 @@ pub(super) fn open_index(
                     "the index shape options changed".to_string()
                 } else {
                     index.set_ef_search(ef_search(options))?;
-                    let missing: Vec<u64> = live
-                        .keys()
-                        .filter(|id| !index.ids().contains(id))
-                        .copied()
-                        .collect();
+                    let missing: Vec<u64> =
+                        live.ids().filter(|id| !index.ids().contains(id)).collect();
                     let extra: Vec<ImageId> = index
                         .ids()
                         .iter()
-                        .filter(|id| !live.contains_key(id))
+                        .filter(|id| !live.contains(**id))
                         .map(|id| ImageId(*id))
                         .collect();
                     if missing.is_empty() && extra.is_empty() {
@@ -377,7 +407,7 @@ fn build_index(
     store: &Store,
     model: &Model,
     options: &Options,
-    live: &HashMap<u64, Option<String>>,
+    live: &Catalogue,
 ) -> Result<VectorIndex> {
     let shape = desired_shape(options, live.len());
     let mut index = VectorIndex::new(shape, model.spec.metric, model.dim(), ef_search(options))?;
@@ -386,7 +416,7 @@ fn build_index(
     let mut seen = std::collections::HashSet::new();
     for item in store.embeddings(model.version, model.dim()) {
         let (id, v) = item?;
-        if !live.contains_key(&id.0) {
+        if !live.contains(id.0) {
             continue;
         }
         seen.insert(id.0);
@@ -399,11 +429,7 @@ fn build_index(
         }
     }
     index.add(&ids, &flat)?;
-    let missing: Vec<u64> = live
-        .keys()
-        .filter(|id| !seen.contains(id))
-        .copied()
-        .collect();
+    let missing: Vec<u64> = live.ids().filter(|id| !seen.contains(id)).collect();
     add_from_store(store, model, &mut index, &missing)?;
     Ok(index)
 }

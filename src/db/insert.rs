@@ -173,6 +173,8 @@ impl Db {
         let n = items.len();
         let mut outcomes: Vec<Result<Inserted>> = Vec::with_capacity(n);
         let mut new = Vec::with_capacity(n);
+        // The ids handed out stay in flight until the batch is in the catalogue.
+        let mut held = self.inner.pending.hold();
         // Items stored by this batch, by hash, for SkipExisting within the batch.
         let mut first_of: std::collections::HashMap<[u8; 32], ImageId> = Default::default();
         for item in items {
@@ -199,7 +201,7 @@ impl Db {
                     continue;
                 }
             }
-            let id = self.inner.store.next_id()?;
+            let id = held.id(&self.inner.store);
             first_of.insert(item.hash, id);
             outcomes.push(Ok(Inserted::New(id)));
             new.push(NewImage {
@@ -335,10 +337,7 @@ impl Db {
         // The catalogue first, then the vectors: a query meanwhile may miss some of this
         // batch, never see a vector without its label.
         for n in &new {
-            if let Some(l) = &n.entry.label {
-                state.by_label.entry(l.clone()).or_default().insert(n.id.0);
-            }
-            state.labels.insert(n.id.0, n.entry.label.clone());
+            state.catalogue.set(n.id.0, n.entry.label.as_deref());
         }
         state.dirty = true;
         if state.model.version != model.version {

@@ -1,6 +1,6 @@
 //! What is stored with an image besides its bytes: label, source, metadata and content hash.
 
-use super::{check_label, Db, State};
+use super::{check_label, Db};
 use crate::error::{Error, Result};
 use crate::store::{self, EntryRecord, MAX_METADATA_BYTES, MAX_SOURCE_BYTES};
 use crate::ImageId;
@@ -193,9 +193,9 @@ impl Db {
     /// The label of image `id`.
     pub fn label(&self, id: ImageId) -> Result<Option<String>> {
         self.read_state()?
-            .labels
-            .get(&id.0)
-            .cloned()
+            .catalogue
+            .label(id.0)
+            .map(|l| l.map(str::to_string))
             .ok_or(Error::UnknownImage(id))
     }
 
@@ -206,7 +206,7 @@ impl Db {
 
     /// Everything stored about image `id` besides its bytes: metadata, content hash, size.
     pub fn info(&self, id: ImageId) -> Result<ImageInfo> {
-        if !self.read_state()?.labels.contains_key(&id.0) {
+        if !self.read_state()?.catalogue.contains(id.0) {
             return Err(Error::UnknownImage(id));
         }
         let e = self.inner.store.entry(id)?.ok_or(Error::UnknownImage(id))?;
@@ -246,7 +246,7 @@ impl Db {
         let state = self.read_state()?;
         Ok(found
             .into_iter()
-            .filter(|id| state.labels.contains_key(&id.0))
+            .filter(|id| state.catalogue.contains(id.0))
             .collect())
     }
 
@@ -264,32 +264,21 @@ impl Db {
                 None => Ok(()),
             }
         };
+        let mut held = self.inner.pending.hold();
         let entry = self
             .inner
             .store
-            .update_entry(id, checked)?
+            .update_entry(id, checked, held.seq())?
             .ok_or(Error::UnknownImage(id))?;
         self.durable_write()?;
         let mut state = self.write_state()?;
-        let State {
-            labels, by_label, ..
-        } = &mut *state;
-        if !labels.contains_key(&id.0) {
+        if !state.catalogue.contains(id.0) {
             // Removed since the entry was updated: the removal wins, nothing comes back.
             return Err(Error::UnknownImage(id));
         }
-        if let Some(Some(old)) = labels.get(&id.0) {
-            if let Some(set) = by_label.get_mut(old) {
-                set.remove(&id.0);
-                if set.is_empty() {
-                    by_label.remove(old);
-                }
-            }
-        }
-        if let Some(l) = &entry.label {
-            by_label.entry(l.clone()).or_default().insert(id.0);
-        }
-        labels.insert(id.0, entry.label);
+        state.catalogue.set(id.0, entry.label.as_deref());
+        drop(state);
+        drop(held);
         Ok(())
     }
 }

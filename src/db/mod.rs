@@ -2,7 +2,8 @@
 //!
 //! | file | what |
 //! |---|---|
-//! | `mod.rs` | the handle, open, remove, the catalogue (labels, ids, browse), locks |
+//! | `mod.rs` | the handle, open, remove, ids and labels, browse, locks |
+//! | `catalogue.rs` | the catalogue of stored ids and labels, and `catalogue.bin` for a fast open |
 //! | `query.rs` | nearest-neighbour queries, filters, re-ranking |
 //! | `insert.rs` | inserts: decode, embed and store in bounded memory |
 //! | `meta.rs` | labels, sources, metadata, content hashes |
@@ -11,7 +12,7 @@
 //! | `indexing.rs` | index builds, rebuilds and snapshots off the query path |
 //! | `duplicates.rs` | groups of near-identical images |
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -28,6 +29,7 @@ use crate::registry::Registry;
 use crate::store::Store;
 use crate::ImageId;
 
+mod catalogue;
 mod compact;
 mod duplicates;
 mod indexing;
@@ -36,6 +38,10 @@ mod meta;
 mod models;
 mod query;
 
+pub(crate) use catalogue::fuzz as fuzz_catalogue;
+#[cfg(test)]
+pub(crate) use catalogue::seed as catalogue_seed;
+use catalogue::{Catalogue, Loaded, Pending};
 pub use duplicates::DuplicateGroup;
 use indexing::{kind_name, open_index};
 pub use insert::Prepared;
@@ -158,6 +164,8 @@ struct Inner {
     /// Held by an insert under `InsertMode::SkipExisting` from its last look for stored
     /// copies until its images are stored, so two such inserts cannot both store the same bytes.
     dedup: Mutex<()>,
+    /// Ids and change numbers handed to writes not yet in the catalogue (`catalogue.rs`).
+    pending: Pending,
     /// Held for the life of the handle; the OS releases it on exit, even on `kill -9`.
     _lock: File,
 }
@@ -168,8 +176,7 @@ struct State {
     model: Arc<Model>,
     index: VectorIndex,
     index_info: IndexInfo,
-    labels: HashMap<u64, Option<String>>,
-    by_label: BTreeMap<String, BTreeSet<u64>>,
+    catalogue: Catalogue,
     /// The index changed since the last snapshot.
     dirty: bool,
 }
@@ -226,19 +233,11 @@ impl Db {
         let (model, stale) = load_or_create_model(&dir, &store, &registry, &options)?;
         let model = Arc::new(model);
 
-        // The catalogue: every entry's label, from the small `entries` tree.
-        let mut labels = HashMap::new();
-        let mut by_label: BTreeMap<String, BTreeSet<u64>> = BTreeMap::new();
-        for entry in store.entries() {
-            let (id, e) = entry?;
-            if let Some(l) = &e.label {
-                by_label.entry(l.clone()).or_default().insert(id.0);
-            }
-            labels.insert(id.0, e.label);
-        }
+        let (catalogue, loaded, seen) = catalogue::load(&dir, &store)?;
+        let pending = Pending::new(&store, seen)?;
 
         let started = Instant::now();
-        let (index, source) = open_index(&dir, &store, &model, &options, &labels, stale)?;
+        let (index, source) = open_index(&dir, &store, &model, &options, &catalogue, stale)?;
         let index_info = IndexInfo {
             kind: kind_name(index.shape()),
             len: index.len(),
@@ -258,10 +257,10 @@ impl Db {
                     model,
                     index,
                     index_info,
-                    labels,
-                    by_label,
+                    catalogue,
                     dirty,
                 }),
+                pending,
                 poisoned: Mutex::new(None),
                 job_running: std::sync::atomic::AtomicBool::new(false),
                 admin: Mutex::new(()),
@@ -273,7 +272,8 @@ impl Db {
                 _lock: lock,
             }),
         };
-        if dirty && db.inner.options.snapshot {
+        // A scan's catalogue is written now, so that the next open reads it instead.
+        if (dirty && db.inner.options.snapshot) || matches!(loaded, Loaded::Scanned(_)) {
             db.save_snapshot()?;
         }
         Ok(db)
@@ -293,7 +293,8 @@ impl Db {
     pub fn remove(&self, id: ImageId) -> Result<()> {
         self.check_poisoned()?;
         let versions = self.inner.store.model_versions()?;
-        if !self.inner.store.remove(id, &versions)? {
+        let mut held = self.inner.pending.hold();
+        if !self.inner.store.remove(id, &versions, held.seq())? {
             return Err(Error::UnknownImage(id));
         }
         self.durable_write()?;
@@ -301,22 +302,16 @@ impl Db {
         if let Err(e) = state.index.remove(&[id]) {
             return Err(self.poison(e));
         }
-        if let Some(Some(l)) = state.labels.remove(&id.0) {
-            if let Some(set) = state.by_label.get_mut(&l) {
-                set.remove(&id.0);
-                if set.is_empty() {
-                    state.by_label.remove(&l);
-                }
-            }
-        }
+        state.catalogue.remove(id.0);
         state.dirty = true;
         drop(state);
+        drop(held);
         self.maybe_rebuild()
     }
 
     /// Number of images stored.
     pub fn len(&self) -> usize {
-        self.read_state().map(|s| s.labels.len()).unwrap_or(0)
+        self.read_state().map(|s| s.catalogue.len()).unwrap_or(0)
     }
 
     /// True when no image is stored.
@@ -328,7 +323,8 @@ impl Db {
     pub fn labels(&self) -> BTreeMap<String, usize> {
         self.read_state()
             .map(|s| {
-                s.by_label
+                s.catalogue
+                    .by_label()
                     .iter()
                     .map(|(l, ids)| (l.clone(), ids.len()))
                     .collect()
@@ -340,7 +336,7 @@ impl Db {
     pub fn ids(&self) -> Vec<ImageId> {
         let mut ids: Vec<ImageId> = self
             .read_state()
-            .map(|s| s.labels.keys().map(|i| ImageId(*i)).collect())
+            .map(|s| s.catalogue.ids().map(ImageId).collect())
             .unwrap_or_default();
         ids.sort();
         ids
@@ -370,7 +366,7 @@ impl Db {
             std::ops::Bound::Excluded(a.0)
         });
         match label {
-            Some(l) => state.by_label.get(l).map_or_else(Vec::new, |ids| {
+            Some(l) => state.catalogue.with_label(l).map_or_else(Vec::new, |ids| {
                 ids.range((start, std::ops::Bound::Unbounded))
                     .take(limit)
                     .map(|i| ImageId(*i))
@@ -380,7 +376,7 @@ impl Db {
                 // The id map is unordered: one pass keeps the `limit` smallest ids after `after`.
                 let mut heap = std::collections::BinaryHeap::with_capacity(limit.min(4096) + 1);
                 let floor = after.map_or(0, |a| a.0.saturating_add(1));
-                for id in state.labels.keys().copied().filter(|i| *i >= floor) {
+                for id in state.catalogue.ids().filter(|i| *i >= floor) {
                     if heap.len() < limit {
                         heap.push(id);
                     } else if heap.peek().is_some_and(|top| id < *top) {
@@ -452,13 +448,10 @@ impl Db {
             .ok_or(Error::UnknownImage(id))
     }
 
-    /// Makes every write durable and refreshes the index snapshot.
+    /// Makes every write durable and refreshes the index snapshot and `catalogue.bin`.
     pub fn flush(&self) -> Result<()> {
         self.durable_write_always()?;
-        if self.inner.options.snapshot {
-            self.save_snapshot()?;
-        }
-        Ok(())
+        self.save_snapshot()
     }
 
     /// Rebuilds the index from the embeddings tree (the shape follows the options).
@@ -542,9 +535,9 @@ impl Db {
     pub(crate) fn labelled(&self) -> Result<Vec<(ImageId, String)>> {
         let state = self.read_state()?;
         let mut out: Vec<(ImageId, String)> = state
-            .labels
+            .catalogue
             .iter()
-            .filter_map(|(id, l)| l.clone().map(|l| (ImageId(*id), l)))
+            .filter_map(|(id, l)| l.map(|l| (ImageId(id), l.to_string())))
             .collect();
         out.sort();
         Ok(out)
@@ -552,7 +545,7 @@ impl Db {
 
     /// Ids of every stored image.
     pub(crate) fn live_ids(&self) -> Result<Vec<u64>> {
-        let mut ids: Vec<u64> = self.read_state()?.labels.keys().copied().collect();
+        let mut ids: Vec<u64> = self.read_state()?.catalogue.ids().collect();
         ids.sort_unstable();
         Ok(ids)
     }
@@ -611,13 +604,19 @@ impl Drop for Inner {
     fn drop(&mut self) {
         // Best effort: the snapshot is an optimisation and the store is already durable
         // under immediate durability; errors here cannot be reported.
-        if self.options.snapshot {
-            let state = self.state.get_mut();
-            if state.dirty {
-                let _ = snapshot::save(&self.dir, &state.index, state.model.version);
-            }
+        let state = self.state.get_mut();
+        if self.options.snapshot && state.dirty {
+            let _ = snapshot::save(&self.dir, &state.index, state.model.version);
         }
         let _ = self.store.flush();
+        // After the store's flush: the catalogue must not claim writes that are not durable.
+        if state.catalogue.dirty {
+            let (id_bound, seen) = self.pending.marks(&self.store);
+            if catalogue::save(&self.dir, &state.catalogue, id_bound, seen).is_ok() {
+                let _ = self.store.trim_changes(seen);
+                let _ = self.store.flush();
+            }
+        }
     }
 }
 

@@ -186,7 +186,7 @@ impl Db {
             return Err(Error::ZeroK);
         }
         self.with_model_retry(|model| {
-            if !self.read_state()?.labels.contains_key(&id.0) {
+            if !self.read_state()?.catalogue.contains(id.0) {
                 return Err(Error::UnknownImage(id));
             }
             let vector = self
@@ -212,7 +212,7 @@ impl Db {
         let allowed = self.allowed(&state, query, exclude)?;
         let available = match &allowed {
             Some(a) => a.len(),
-            None => state.labels.len() - usize::from(exclude.is_some()),
+            None => state.catalogue.len() - usize::from(exclude.is_some()),
         };
         if available == 0 {
             return Err(Error::Empty {
@@ -251,9 +251,8 @@ impl Db {
             let candidates: Vec<u64> = match allowed {
                 Some(a) => a,
                 None => state
-                    .labels
-                    .keys()
-                    .copied()
+                    .catalogue
+                    .ids()
                     .filter(|id| Some(ImageId(*id)) != exclude)
                     .collect(),
             };
@@ -279,7 +278,7 @@ impl Db {
                 Hit {
                     id: n.id,
                     distance: n.distance,
-                    label: state.labels.get(&n.id.0).cloned().flatten(),
+                    label: state.catalogue.label(n.id.0).flatten().map(str::to_string),
                     source: meta.source,
                     metadata: meta.metadata,
                     score: scores.as_ref().map(|s| s[i]),
@@ -308,7 +307,7 @@ impl Db {
     ) -> Result<Option<Vec<u64>>> {
         let mut allowed: Option<BTreeSet<u64>> = query.labels.as_ref().map(|set| {
             set.iter()
-                .filter_map(|l| state.by_label.get(l))
+                .filter_map(|l| state.catalogue.with_label(l))
                 .flat_map(|ids| ids.iter().copied())
                 .collect()
         });
@@ -322,7 +321,7 @@ impl Db {
             let ids: BTreeSet<u64> = ids
                 .into_iter()
                 // Committed by an insert that has not reached the catalogue yet: not yet.
-                .filter(|id| state.labels.contains_key(id))
+                .filter(|id| state.catalogue.contains(*id))
                 .collect();
             allowed = Some(match allowed {
                 Some(a) => a.intersection(&ids).copied().collect(),
@@ -384,7 +383,7 @@ impl Db {
             id: b,
             distance: 0.0,
         };
-        if !self.read_state()?.labels.contains_key(&b.0) {
+        if !self.read_state()?.catalogue.contains(b.0) {
             return Err(Error::UnknownImage(b));
         }
         Ok(self.pair_scores(&model, scorer, &va, &[hit])?[0])

@@ -202,16 +202,22 @@ impl Store {
         )
     }
 
-    /// Changes the entry of an existing image with `change` (index keys follow). Returns the
-    /// new entry, or `None` when there is no such image.
+    /// Changes the entry of an existing image with `change` (index keys follow), logged as
+    /// change `seq`. Returns the new entry, or `None` when there is no such image.
     pub fn update_entry(
         &self,
         id: ImageId,
         change: impl Fn(&mut EntryRecord) -> Result<()>,
+        seq: u64,
     ) -> Result<Option<EntryRecord>> {
         use sled::transaction::Transactional;
-        (&self.entries, &self.hashes, &self.metadata_index)
-            .transaction(|(entries, hashes, index)| {
+        (
+            &self.entries,
+            &self.hashes,
+            &self.metadata_index,
+            &self.changes,
+        )
+            .transaction(|(entries, hashes, index, changes)| {
                 let Some(old) = entries.get(&id.0.to_be_bytes()[..])? else {
                     return Ok(None);
                 };
@@ -219,6 +225,7 @@ impl Store {
                 let mut new = old.clone();
                 change(&mut new).map_err(ConflictableTransactionError::Abort)?;
                 put_entry_tx(entries, hashes, index, id, &new, Some(&old))?;
+                changes.insert(&seq.to_be_bytes()[..], &id.0.to_be_bytes()[..])?;
                 Ok(Some(new))
             })
             .map_err(super::abort)

@@ -12,6 +12,7 @@
 //! | `meta` | `b"policy"` ++ model (u32 BE) | string: the decode policy the model's embeddings were made with |
 //! | `meta` | `b"next_id"` | u64: no stored image has this id or a larger one |
 //! | `meta` | `b"projection"` ++ model (u32 BE) | [`ProjectionRecord`]: the PCA the model's vectors are stored through (format 4) |
+//! | `changes` | sequence number (u64 BE) | id (u64 BE): an image removed or whose entry changed (format 5; `db/catalogue.rs`) |
 //! | `jobs` | `b"checkpoint"` | [`CheckpointRecord`]: the last epoch checkpoint of a training job |
 //!
 //! An image is inserted in one transaction over `images`, `entries` (with its index keys) and
@@ -26,7 +27,11 @@
 //! older store rewrites its entries (`entries.rs`). Format 4 adds projections (compact vectors,
 //! `db/compact.rs`): a model with one stores vectors of the projection's dimension, which a
 //! format-3 build would misread, so it refuses the store instead. Opening a format-3 store only
-//! records the new format.
+//! records the new format. Format 5 adds the change log (`changes`), which lets `catalogue.bin`
+//! be caught up instead of every entry read at open: a format-4 build would remove images
+//! without logging it, and a later open would trust a catalogue that still lists them, so it
+//! refuses the store. Opening a format-4 store only records the new format (its first open
+//! scans the entries, having no `catalogue.bin`).
 
 mod durable;
 mod entries;
@@ -48,7 +53,7 @@ use crate::ImageId;
 use packs::{PackRef, Packs};
 
 /// The newest on-disk format this build writes and reads.
-pub(crate) const FORMAT: u32 = 4;
+pub(crate) const FORMAT: u32 = 5;
 const RECORD_V1: u16 = 1;
 /// The format field of a [`PackedImageRecord`] (an image record whose bytes are in a pack).
 const RECORD_PACKED: u16 = 2;
@@ -191,6 +196,8 @@ pub(crate) struct Store {
     jobs: Tree,
     hashes: Tree,
     metadata_index: Tree,
+    /// The change log: removals and entry changes by sequence number (`db/catalogue.rs`).
+    changes: Tree,
 }
 
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
@@ -315,6 +322,7 @@ impl Store {
             jobs: db.open_tree("jobs")?,
             hashes: db.open_tree("hashes")?,
             metadata_index: db.open_tree("metadata_index")?,
+            changes: db.open_tree("changes")?,
             db,
             packs: Packs::open(&dir.join("images")),
             sled_files: durable::SledFiles::open(&dir.join("store"))?,
@@ -336,7 +344,7 @@ impl Store {
                 if found < FORMAT {
                     // 1 -> 2 adds decode policies (a model without one is re-embedded);
                     // 2 -> 3 rewrites the entries with content hashes; 3 -> 4 adds
-                    // projections (nothing to rewrite). The format moves first, so that
+                    // projections and 4 -> 5 the change log (nothing to rewrite). The format moves first, so that
                     // older builds refuse the store while it is rewritten.
                     let mut batch = sled::Batch::default();
                     batch.insert(META_FORMAT, encode(&FORMAT));
@@ -370,11 +378,11 @@ impl Store {
     /// A fresh image id: the next after every id handed out by this handle or stored. An id
     /// handed out to an insert that then failed is not used again by this handle; after a
     /// reopen it may be, as no image ever had it.
-    pub fn next_id(&self) -> Result<ImageId> {
-        Ok(ImageId(
+    pub fn next_id(&self) -> ImageId {
+        ImageId(
             self.next_id
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
-        ))
+        )
     }
 
     /// No stored image has this id or a larger one.
@@ -482,9 +490,9 @@ impl Store {
             .map_err(abort)
     }
 
-    /// Removes an image, its entry and its embeddings under every model in `models`.
-    /// Returns false when there was no such image.
-    pub fn remove(&self, id: ImageId, models: &[u32]) -> Result<bool> {
+    /// Removes an image, its entry and its embeddings under every model in `models`, and
+    /// logs the removal as change `seq`. Returns false when there was no such image.
+    pub fn remove(&self, id: ImageId, models: &[u32], seq: u64) -> Result<bool> {
         let key = id.0.to_be_bytes();
         (
             &self.images,
@@ -492,11 +500,13 @@ impl Store {
             &self.embeddings,
             &self.hashes,
             &self.metadata_index,
+            &self.changes,
         )
-            .transaction(|(images, entries, embeddings, hashes, index)| {
+            .transaction(|(images, entries, embeddings, hashes, index, changes)| {
                 if !entries::remove_entry_tx(entries, hashes, index, id)? {
                     return Ok(false);
                 }
+                changes.insert(&seq.to_be_bytes()[..], &key[..])?;
                 images.remove(&key[..])?;
                 for m in models {
                     embeddings.remove(&embedding_key(*m, id)[..])?;
@@ -555,6 +565,55 @@ impl Store {
             let id = id_from_key("entry", &k)?;
             Ok((id, entries::decode_entry(id, &v)?))
         })
+    }
+
+    /// The entries from id `from` on, ascending.
+    pub fn entries_from(
+        &self,
+        from: ImageId,
+    ) -> impl Iterator<Item = Result<(ImageId, EntryRecord)>> + '_ {
+        self.entries.range(from.0.to_be_bytes()..).map(|kv| {
+            let (k, v) = kv?;
+            let id = id_from_key("entry", &k)?;
+            Ok((id, entries::decode_entry(id, &v)?))
+        })
+    }
+
+    /// The images of the logged changes numbered above `seen`, in order.
+    pub fn changes_after(&self, seen: u64) -> Result<Vec<ImageId>> {
+        let Some(from) = seen.checked_add(1) else {
+            return Ok(Vec::new());
+        };
+        self.changes
+            .range(from.to_be_bytes()..)
+            .map(|kv| {
+                let (k, v) = kv?;
+                id_from_key("change", &k)?;
+                id_from_key("change", &v)
+            })
+            .collect()
+    }
+
+    /// The largest number in the change log (0 when it is empty).
+    pub fn last_change(&self) -> Result<u64> {
+        match self.changes.last()? {
+            Some((k, _)) => Ok(id_from_key("change", &k)?.0),
+            None => Ok(0),
+        }
+    }
+
+    /// Drops logged changes numbered up to `seen` (a saved catalogue has them), except the
+    /// last one, which keeps the numbering going up after a reopen.
+    pub fn trim_changes(&self, seen: u64) -> Result<()> {
+        let last = self.last_change()?;
+        for kv in self
+            .changes
+            .range(..=seen.min(last.saturating_sub(1)).to_be_bytes())
+        {
+            let (k, _) = kv?;
+            self.changes.remove(k)?;
+        }
+        Ok(())
     }
 
     /// The embedding of `id` under `model`, checked against `dim`.
