@@ -43,7 +43,7 @@ const NONE: u32 = u32::MAX;
 #[derive(Debug, Clone, Default)]
 pub(super) struct Catalogue {
     /// Id -> label slot (or [`NONE`]).
-    slots: HashMap<u64, u32>,
+    slots: HashMap<u64, u32, foldhash::fast::RandomState>,
     /// Slot -> label, and label -> slot; a slot outlives its last image until the next load.
     names: Vec<String>,
     slot_of: HashMap<String, u32>,
@@ -241,7 +241,7 @@ fn parse(bytes: &[u8], store_bound: u64) -> std::result::Result<(Catalogue, u64,
         return Err("ids and labels differ in number".into());
     }
     let mut catalogue = Catalogue {
-        slots: HashMap::with_capacity(file.gaps.len()),
+        slots: HashMap::with_capacity_and_hasher(file.gaps.len(), Default::default()),
         slot_of: HashMap::with_capacity(file.labels.len()),
         ..Catalogue::default()
     };

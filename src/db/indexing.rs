@@ -14,7 +14,6 @@
 //! lock to waiting queries in between ([`StateWriter::let_queries_in`]).
 
 use std::ops::{Deref, DerefMut};
-use std::path::Path;
 use std::sync::{Arc, MutexGuard};
 
 use parking_lot::{RwLockReadGuard, RwLockWriteGuard};
@@ -299,61 +298,56 @@ pub(super) fn ef_search(options: &Options) -> u32 {
         _ => AUTO_EF_SEARCH,
     }
 }
-/// Loads the snapshot and catches it up, or rebuilds.
+/// Catches up the snapshot `read` at open (`None`: snapshots are off) with the catalogue, or
+/// rebuilds.
 pub(super) fn open_index(
-    dir: &Path,
     store: &Store,
     model: &Model,
     options: &Options,
     live: &Catalogue,
     stale: Option<Stale>,
+    read: Option<std::result::Result<VectorIndex, Unusable>>,
 ) -> Result<(VectorIndex, IndexSource)> {
-    let reason = if let Some(stale) = stale {
-        stale.reason
-    } else if options.snapshot {
-        match snapshot::load(
-            dir,
-            model.version,
-            model.dim(),
-            model.spec.metric,
-            store.id_bound(),
-        )? {
-            Ok(mut index) => {
-                if index.shape() != desired_shape(options, live.len()) {
-                    "the index shape options changed".to_string()
+    let reason = match (stale, read) {
+        (Some(stale), _) => stale.reason,
+        (None, None) => "snapshots are off".to_string(),
+        (None, Some(Ok(mut index))) => {
+            if index.shape() != desired_shape(options, live.len()) {
+                "the index shape options changed".to_string()
+            } else {
+                index.set_ef_search(ef_search(options))?;
+                let missing: Vec<u64> = live.ids().filter(|id| !index.ids().contains(id)).collect();
+                // Every live id is in the index: with as many ids, it holds no others.
+                let extra: Vec<ImageId> = if missing.is_empty() && index.ids().len() == live.len() {
+                    Vec::new()
                 } else {
-                    index.set_ef_search(ef_search(options))?;
-                    let missing: Vec<u64> =
-                        live.ids().filter(|id| !index.ids().contains(id)).collect();
-                    let extra: Vec<ImageId> = index
+                    index
                         .ids()
                         .iter()
                         .filter(|id| !live.contains(**id))
                         .map(|id| ImageId(*id))
-                        .collect();
-                    if missing.is_empty() && extra.is_empty() {
-                        return Ok((index, IndexSource::Snapshot));
-                    }
-                    index.remove(&extra)?;
-                    add_from_store(store, model, &mut index, &missing)?;
-                    if index.dead_share() <= MAX_DEAD_SHARE {
-                        return Ok((
-                            index,
-                            IndexSource::CaughtUp {
-                                added: missing.len(),
-                                removed: extra.len(),
-                            },
-                        ));
-                    }
-                    "too many removed vectors in the snapshot".to_string()
+                        .collect()
+                };
+                if missing.is_empty() && extra.is_empty() {
+                    return Ok((index, IndexSource::Snapshot));
                 }
+                index.remove(&extra)?;
+                add_from_store(store, model, &mut index, &missing)?;
+                if index.dead_share() <= MAX_DEAD_SHARE {
+                    return Ok((
+                        index,
+                        IndexSource::CaughtUp {
+                            added: missing.len(),
+                            removed: extra.len(),
+                        },
+                    ));
+                }
+                "too many removed vectors in the snapshot".to_string()
             }
-            Err(Unusable::Missing) => "no snapshot".to_string(),
-            Err(Unusable::OtherModel) => "snapshot of another model".to_string(),
-            Err(Unusable::Corrupt(why)) => format!("corrupt snapshot: {why}"),
         }
-    } else {
-        "snapshots are off".to_string()
+        (None, Some(Err(Unusable::Missing))) => "no snapshot".to_string(),
+        (None, Some(Err(Unusable::OtherModel))) => "snapshot of another model".to_string(),
+        (None, Some(Err(Unusable::Corrupt(why)))) => format!("corrupt snapshot: {why}"),
     };
     let index = build_index(store, model, options, live)?;
     Ok((index, IndexSource::Rebuilt { reason }))
@@ -413,7 +407,7 @@ fn build_index(
     let mut index = VectorIndex::new(shape, model.spec.metric, model.dim(), ef_search(options))?;
     let mut ids = Vec::new();
     let mut flat = Vec::new();
-    let mut seen = std::collections::HashSet::new();
+    let mut seen = crate::index::IdSet::default();
     for item in store.embeddings(model.version, model.dim()) {
         let (id, v) = item?;
         if !live.contains(id.0) {

@@ -5,8 +5,6 @@
 //! cannot, so removed ids are kept as "dead" and masked out of every search by an id selector
 //! until the next rebuild. A snapshot on disk (see [`snapshot`]) makes open fast.
 
-use std::collections::HashSet;
-
 use faiss::index::IndexImpl;
 use faiss::{Idx, Index, MetricType};
 use faiss_sys::idx_t;
@@ -39,6 +37,10 @@ impl Shape {
     }
 }
 
+/// A set of image ids, hashed with foldhash (ids are handed out by the store, not chosen by
+/// callers, so a hash-flooding-resistant hasher buys nothing).
+pub(crate) type IdSet = std::collections::HashSet<u64, foldhash::fast::RandomState>;
+
 /// A FAISS index over the embeddings of one model version.
 #[derive(Debug)]
 pub(crate) struct VectorIndex {
@@ -47,9 +49,9 @@ pub(crate) struct VectorIndex {
     metric: Metric,
     dim: usize,
     /// Ids present in FAISS (dead ones included).
-    ids: HashSet<u64>,
+    ids: IdSet,
     /// Ids removed from the store but still in an HNSW graph.
-    dead: HashSet<u64>,
+    dead: IdSet,
     /// Largest id ever added, for sizing selector bitmaps.
     max_id: u64,
     /// Bit `id` set for every live id, kept while ids are dense enough for a bitmap to be
@@ -99,8 +101,8 @@ impl VectorIndex {
             shape,
             metric,
             dim,
-            ids: HashSet::new(),
-            dead: HashSet::new(),
+            ids: IdSet::default(),
+            dead: IdSet::default(),
             max_id: 0,
             live_bits: Some(Vec::new()),
         };
@@ -115,7 +117,7 @@ impl VectorIndex {
         metric: Metric,
         dim: usize,
     ) -> Self {
-        let ids: HashSet<u64> = inner.id_map().iter().filter_map(|i| i.get()).collect();
+        let ids: IdSet = inner.id_map().iter().filter_map(|i| i.get()).collect();
         let max_id = ids.iter().copied().max().unwrap_or(0);
         let mut index = VectorIndex {
             inner,
@@ -123,7 +125,7 @@ impl VectorIndex {
             metric,
             dim,
             ids,
-            dead: HashSet::new(),
+            dead: IdSet::default(),
             max_id,
             live_bits: None,
         };
@@ -164,7 +166,7 @@ impl VectorIndex {
     }
 
     /// Ids in FAISS, dead ones included.
-    pub fn ids(&self) -> &HashSet<u64> {
+    pub fn ids(&self) -> &IdSet {
         &self.ids
     }
 

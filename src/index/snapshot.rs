@@ -11,6 +11,7 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use faiss::index::io::{read_index, write_index};
+use faiss::index::{id_map::IdMap, IndexImpl};
 use lookalike_plugin::Metric;
 use serde::{Deserialize, Serialize};
 
@@ -135,17 +136,26 @@ pub(crate) fn paths(dir: &Path) -> (PathBuf, PathBuf) {
     (dir.join(INDEX_FILE), dir.join(STAMP_FILE))
 }
 
-/// Loads the snapshot in `dir` if it is intact and belongs to `model` with this dimension and
-/// metric, and every id in it is below `id_bound` (the store's next id); says why not
-/// otherwise. The FAISS file is walked and checksummed in one streaming pass before FAISS
-/// reads it ([`faiss_file`]), so that FAISS never sees sizes that disagree with the stamp.
-pub(crate) fn load(
-    dir: &Path,
-    model: u32,
-    dim: usize,
-    metric: Metric,
-    id_bound: u64,
-) -> Result<std::result::Result<VectorIndex, Unusable>> {
+/// A snapshot that FAISS is reading on a thread of its own: started by [`start`] as soon as
+/// the database is locked, before the store is open, and finished by [`finish`].
+pub(crate) struct Reading {
+    stamp: Stamp,
+    path: PathBuf,
+    faiss: std::thread::JoinHandle<faiss::error::Result<IdMap<IndexImpl>>>,
+}
+
+impl std::fmt::Debug for Reading {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reading").field("path", &self.path).finish()
+    }
+}
+
+/// Starts reading the snapshot in `dir`: its stamp, then the sizes in its FAISS file
+/// ([`faiss_file::check_sizes`], against the stamp's dimension and metric), then FAISS's read
+/// of it on another thread. FAISS thus never sees sizes that disagree with the file (it
+/// allocates no more than the file holds); the rest of the file is checked by [`finish`],
+/// and the index is used only if that passes too.
+pub(crate) fn start(dir: &Path) -> Result<std::result::Result<Reading, Unusable>> {
     let (index_path, stamp_path) = paths(dir);
     let stamp_bytes = match fs::read(&stamp_path) {
         Ok(b) => b,
@@ -160,14 +170,67 @@ pub(crate) fn load(
     if stamp.magic != MAGIC || stamp.format != STAMP_FORMAT {
         return corrupt("stamp has a wrong magic number or format".into());
     }
-    if stamp.model != model || stamp.dim as usize != dim || stamp.metric != metric.as_str() {
-        return Ok(Err(Unusable::OtherModel));
-    }
-    let summary = match faiss_file::check(&index_path, dim, metric, id_bound) {
-        Ok(Ok(s)) => s,
+    let Some(metric) = [Metric::Cosine, Metric::L2]
+        .into_iter()
+        .find(|m| m.as_str() == stamp.metric)
+    else {
+        return corrupt(format!("stamp names an unknown metric {:?}", stamp.metric));
+    };
+    // Ids are checked against the store by `finish`, once it is open.
+    match faiss_file::check_sizes(&index_path, stamp.dim as usize, metric, u64::MAX) {
+        Ok(Ok(())) => {}
         Ok(Err(why)) => return corrupt(format!("index file rejected: {why}")),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Err(Unusable::Missing)),
         Err(e) => return Err(Error::io(index_path, e)),
+    }
+    let path = path_str(&index_path)?.to_string();
+    let faiss = std::thread::Builder::new()
+        .name("lookalike-snapshot".into())
+        .spawn(move || read_index(&path).and_then(|i| i.into_id_map()))
+        .map_err(|e| Error::io(&index_path, e))?;
+    Ok(Ok(Reading {
+        stamp,
+        path: index_path,
+        faiss,
+    }))
+}
+
+/// Drops a [`start`]ed read that is of no use (the model's vectors are being made again),
+/// after FAISS's read ends, so that its memory is given back before the rebuild.
+pub(crate) fn abandon(reading: std::result::Result<Reading, Unusable>) {
+    if let Ok(r) = reading {
+        let _ = r.faiss.join();
+    }
+}
+
+/// Finishes [`start`]: the snapshot, if it is intact and belongs to `model` with this
+/// dimension and metric, and every id in it is below `id_bound` (the store's next id); says
+/// why not otherwise. The whole file is walked and checksummed ([`faiss_file::check`]) while
+/// FAISS's read finishes.
+pub(crate) fn finish(
+    reading: std::result::Result<Reading, Unusable>,
+    model: u32,
+    dim: usize,
+    metric: Metric,
+    id_bound: u64,
+) -> Result<std::result::Result<VectorIndex, Unusable>> {
+    let r = match reading {
+        Ok(r) => r,
+        Err(why) => return Ok(Err(why)),
+    };
+    let corrupt = |why: String| Ok(Err(Unusable::Corrupt(why)));
+    let stamp = &r.stamp;
+    if stamp.model != model || stamp.dim as usize != dim || stamp.metric != metric.as_str() {
+        let _ = r.faiss.join();
+        return Ok(Err(Unusable::OtherModel));
+    }
+    let checked = faiss_file::check(&r.path, dim, metric, id_bound);
+    let read = r.faiss.join();
+    let summary = match checked {
+        Ok(Ok(s)) => s,
+        Ok(Err(why)) => return corrupt(format!("index file rejected: {why}")),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Err(Unusable::Missing)),
+        Err(e) => return Err(Error::io(&r.path, e)),
     };
     if summary.len != stamp.file_len || summary.crc32 != stamp.crc32 {
         return corrupt("index file does not match the stamp's checksum".into());
@@ -175,9 +238,10 @@ pub(crate) fn load(
     if summary.hnsw != matches!(stamp.shape, Shape::Hnsw { .. }) {
         return corrupt("index kind differs from the stamp".into());
     }
-    let inner = match read_index(path_str(&index_path)?).and_then(|i| i.into_id_map()) {
-        Ok(i) => i,
-        Err(e) => return corrupt(format!("FAISS could not read it: {e}")),
+    let inner = match read {
+        Ok(Ok(i)) => i,
+        Ok(Err(e)) => return corrupt(format!("FAISS could not read it: {e}")),
+        Err(_) => return corrupt("FAISS's reader panicked".into()),
     };
     let index = VectorIndex::from_parts(inner, stamp.shape, metric, dim);
     if index.ids().len() as u64 != summary.count {
@@ -192,12 +256,21 @@ pub(crate) fn load(
 pub(crate) fn fuzz(bytes: &[u8], scratch: &Path) {
     let _ = crate::codec::decode::<Stamp>(bytes);
     for metric in [Metric::Cosine, Metric::L2] {
-        if let Ok(Ok(_)) = faiss_file::check_reader(bytes, bytes.len() as u64, 8, metric, 1 << 20) {
-            let path = scratch.join("index.faiss");
-            if fs::write(&path, bytes).is_ok() {
-                if let Some(p) = path.to_str() {
-                    let _ = read_index(p).and_then(|i| i.into_id_map());
-                }
+        let _ = faiss_file::check_reader(
+            std::io::Cursor::new(bytes),
+            bytes.len() as u64,
+            8,
+            metric,
+            1 << 20,
+        );
+        // FAISS reads what passes the sizes check, as on open.
+        let path = scratch.join("index.faiss");
+        if fs::write(&path, bytes).is_err() {
+            continue;
+        }
+        if let Ok(Ok(())) = faiss_file::check_sizes(&path, 8, metric, 1 << 20) {
+            if let Some(p) = path.to_str() {
+                let _ = read_index(p).and_then(|i| i.into_id_map());
             }
         }
     }
