@@ -18,7 +18,8 @@
 //! handle. At the last size, recall@10 of the index against an exact scan of the stored
 //! vectors (200 queries) is measured too, and with `--python`, the peer: the same 500 stored
 //! images searched through `Db::nearest_to` and through faiss-python on the database's own
-//! index file (`benches/support/faiss_peer.py`), one query at a time.
+//! index file (`benches/support/faiss_peer.py`), one query at a time. Last, three sessions on
+//! the largest database: open, insert 1,000 more images, close (each timed).
 //!
 //! Prints figures only; nothing here asserts a speed.
 
@@ -317,6 +318,33 @@ fn main() -> Res<()> {
     recall(&db, 200)?;
     if let Some(python) = &a.python {
         faiss_peer(&db, &dir, python)?;
+    }
+    drop(db);
+    sessions(&dir, &set, have)
+}
+
+/// A day's use of the largest database: three times, open it, insert 1,000 more images and
+/// close it (the close writes the index snapshot: the graph again, and only the new vectors).
+fn sessions(dir: &Path, set: &LabelledImages, mut have: usize) -> Res<()> {
+    println!("\n| session | images | open s | insert 1,000 s | close s |");
+    println!("|---|---|---|---|---|");
+    for round in 1..=3 {
+        let t = Instant::now();
+        let db = Db::open_with(dir, options())?;
+        let open_s = t.elapsed().as_secs_f64();
+        let batch: Vec<(Vec<u8>, &str)> = (have..have + 1000)
+            .map(|i| image(set, i))
+            .collect::<Res<_>>()?;
+        let t = Instant::now();
+        db.insert_images(batch.iter().map(|(b, l)| (b.as_slice(), Some(*l))))?;
+        let insert_s = t.elapsed().as_secs_f64();
+        have += 1000;
+        let t = Instant::now();
+        drop(db);
+        println!(
+            "| {round} | {have} | {open_s:.2} | {insert_s:.2} | {:.2} |",
+            t.elapsed().as_secs_f64()
+        );
     }
     Ok(())
 }

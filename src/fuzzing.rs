@@ -54,14 +54,7 @@ pub fn checkpoint(bytes: &[u8]) {
 /// when the database's walk of it accepts it (as on open); and as `catalogue.bin`, the other
 /// file written beside the store.
 pub fn snapshot(bytes: &[u8]) {
-    static SCRATCH: std::sync::OnceLock<Option<std::path::PathBuf>> = std::sync::OnceLock::new();
-    let scratch = SCRATCH.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("lookalike-fuzz-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).ok().map(|_| dir)
-    });
-    if let Some(dir) = scratch {
-        crate::index::snapshot::fuzz(bytes, dir);
-    }
+    crate::index::snapshot::fuzz(bytes);
     crate::db::fuzz_catalogue(bytes);
 }
 

@@ -12,7 +12,6 @@
 //! (4 bytes a vector) and a 1 MiB read buffer.
 
 use std::io::{BufReader, Read, Seek};
-use std::path::Path;
 
 use lookalike_plugin::Metric;
 
@@ -28,37 +27,9 @@ pub(crate) struct Summary {
     pub crc32: u32,
 }
 
-/// Walks `path` as a snapshot for vectors of `dim` values under `metric`, with ids below
-/// `id_bound`. `Ok(Err(why))` for a file that must not be read by FAISS.
+/// Walks `reader` (`len` bytes) as a snapshot's stream for vectors of `dim` values under
+/// `metric`, with ids below `id_bound`. `Ok(Err(why))` for a stream that must not be used.
 pub(crate) fn check(
-    path: &Path,
-    dim: usize,
-    metric: Metric,
-    id_bound: u64,
-) -> std::io::Result<Result<Summary, String>> {
-    let file = std::fs::File::open(path)?;
-    let len = file.metadata()?.len();
-    check_reader(file, len, dim, metric, id_bound)
-}
-
-/// The part of [`check`] that FAISS's reader depends on: the layout and every length,
-/// read without the vectors and the graph's neighbours (it seeks over them: milliseconds at a
-/// million vectors). A file that passes makes FAISS allocate no more than the file holds, so
-/// FAISS may read it while [`check`] looks at the rest; the index must not be searched
-/// before [`check`] accepted the file too.
-pub(crate) fn check_sizes(
-    path: &Path,
-    dim: usize,
-    metric: Metric,
-    id_bound: u64,
-) -> std::io::Result<Result<(), String>> {
-    let file = std::fs::File::open(path)?;
-    let len = file.metadata()?.len();
-    Ok(walk_file(file, len, dim, metric, id_bound, true)?.map(|_| ()))
-}
-
-/// [`check`] over any reader of `len` bytes.
-pub(crate) fn check_reader(
     reader: impl Read + Seek,
     len: u64,
     dim: usize,
@@ -66,6 +37,21 @@ pub(crate) fn check_reader(
     id_bound: u64,
 ) -> std::io::Result<Result<Summary, String>> {
     walk_file(reader, len, dim, metric, id_bound, false)
+}
+
+/// The part of [`check`] that FAISS's reader depends on: the layout and every length,
+/// read without the vectors and the graph's neighbours (it seeks over them: milliseconds at a
+/// million vectors). A stream that passes makes FAISS allocate no more than it holds, so
+/// FAISS may read it while [`check`] looks at the rest; the index must not be searched
+/// before [`check`] accepted the stream too.
+pub(crate) fn check_sizes(
+    reader: impl Read + Seek,
+    len: u64,
+    dim: usize,
+    metric: Metric,
+    id_bound: u64,
+) -> std::io::Result<Result<(), String>> {
+    Ok(walk_file(reader, len, dim, metric, id_bound, true)?.map(|_| ()))
 }
 
 fn walk_file(
@@ -409,7 +395,7 @@ mod tests {
     use crate::index::Shape;
 
     fn run(bytes: &[u8], metric: Metric, bound: u64) -> Result<Summary, String> {
-        let r = check_reader(
+        let r = check(
             std::io::Cursor::new(bytes),
             bytes.len() as u64,
             8,

@@ -18,6 +18,7 @@ mod ffi;
 pub(crate) mod projection;
 use ffi::Selector;
 pub(crate) mod snapshot;
+mod stitched;
 
 /// The shape of a built index, stored in the snapshot stamp.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
