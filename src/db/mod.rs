@@ -330,11 +330,13 @@ impl Db {
         }
         self.durable_write()?;
         let mut state = self.write_state()?;
+        // The catalogue follows the store whatever the index does (catalogue.bin is saved
+        // from it).
+        state.catalogue.remove(id.0);
+        state.dirty = true;
         if let Err(e) = state.index.remove(&[id]) {
             return Err(self.poison(e));
         }
-        state.catalogue.remove(id.0);
-        state.dirty = true;
         drop(state);
         drop(held);
         self.maybe_rebuild()
@@ -639,9 +641,11 @@ impl Drop for Inner {
         if self.options.snapshot && state.dirty {
             let _ = snapshot::save(&self.dir, &state.index, state.model.version);
         }
-        let _ = self.store.flush();
-        // After the store's flush: the catalogue must not claim writes that are not durable.
-        if state.catalogue.dirty {
+        // After the store's flush, and only if it worked: the catalogue must not claim writes
+        // that are not durable.
+        // Not from a poisoned handle either: what it holds in memory may lag its store.
+        let poisoned = self.poisoned.get_mut().map_or(true, |p| p.is_some());
+        if !poisoned && self.store.flush().is_ok() && state.catalogue.dirty {
             let (id_bound, seen) = self.pending.marks(&self.store);
             if catalogue::save(&self.dir, &state.catalogue, id_bound, seen).is_ok() {
                 let _ = self.store.trim_changes(seen);
