@@ -5,12 +5,15 @@
 //! cargo bench --bench scale -- --sizes 10000,100000          # smaller
 //! cargo bench --bench scale -- --data DIR --dir DIR          # Fashion-MNIST elsewhere; keep the database
 //! cargo bench --bench scale -- --python PY                   # with the FAISS peer (PY has faiss-cpu, numpy)
+//! cargo bench --bench scale -- --inserters 2                 # two threads: prepare one batch while the other commits
 //! ```
 //!
 //! Distinct 28 x 28 images: Fashion-MNIST's 60,000 training images, each shifted by -2..2
 //! pixels in x and y and optionally mirrored (50 variants of each, 3 million in all), as PNG.
 //! The default extractor and options (compact vectors included), `Durability::Relaxed`,
-//! batches of 1,000 through `Db::insert_images`. While it loads, a second thread queries
+//! batches of 1,000 through `Db::insert_images` (with `--inserters N`, N threads each making
+//! and preparing a batch while another commits, in order, as `lookalike add` does). While it
+//! loads, another thread queries
 //! (`Db::nearest` with a stored image's bytes, k = 10, one every 20 ms) and the worst latency
 //! is kept. At each size the database is closed (timed: the flush and the index snapshot),
 //! then a fresh process opens it and reports its open time, its memory right after the open
@@ -29,7 +32,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use lookalike::datasets::{fashion_mnist, LabelledImages, Split, FASHION_MNIST_CLASSES};
-use lookalike::{Db, Durability, ImageId, Options};
+use lookalike::{Db, Durability, ImageId, ImageMeta, InsertMode, Options};
 
 #[path = "support/stats.rs"]
 mod stats;
@@ -49,6 +52,10 @@ struct Args {
     probe: Option<PathBuf>,
     /// A Python with faiss-cpu and numpy: the FAISS peer.
     python: Option<PathBuf>,
+    /// Threads inserting: 1 calls `Db::insert_images` batch after batch; more prepare batches
+    /// at once and commit them in order (`Db::prepare_images_with`, `Db::commit_prepared`), as
+    /// `lookalike add` does.
+    inserters: usize,
 }
 
 fn args() -> Args {
@@ -58,6 +65,7 @@ fn args() -> Args {
         dir: None,
         probe: None,
         python: None,
+        inserters: 1,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -74,6 +82,9 @@ fn args() -> Args {
             "--dir" => a.dir = it.next().map(PathBuf::from),
             "--probe" => a.probe = it.next().map(PathBuf::from),
             "--python" => a.python = it.next().map(PathBuf::from),
+            "--inserters" => {
+                a.inserters = it.next().and_then(|s| s.parse().ok()).unwrap_or(1).max(1)
+            }
             _ => {}
         }
     }
@@ -232,20 +243,8 @@ fn main() -> Res<()> {
         };
         let started = Instant::now();
         let from = have;
-        while have < size {
-            let n = BATCH.min(size - have);
-            let batch: Vec<(Vec<u8>, &str)> = (have..have + n)
-                .map(|i| image(&set, i))
-                .collect::<Res<_>>()?;
-            db.insert_images(batch.iter().map(|(b, l)| (b.as_slice(), Some(*l))))?;
-            have += n;
-            if have % 100_000 == 0 {
-                eprintln!(
-                    "  {have} images, {:.0} images/s",
-                    (have - from) as f64 / started.elapsed().as_secs_f64()
-                );
-            }
-        }
+        load(&db, &set, have, size, a.inserters, &started)?;
+        have = size;
         let seconds = started.elapsed().as_secs_f64();
         load_seconds += seconds;
         stop.store(true, Ordering::Relaxed);
@@ -321,6 +320,109 @@ fn main() -> Res<()> {
     }
     drop(db);
     sessions(&dir, &set, have)
+}
+
+/// Inserts images `from..to` in batches of [`BATCH`], with `inserters` threads (see
+/// [`Args::inserters`]), printing the rate every 100,000.
+fn load(
+    db: &Db,
+    set: &LabelledImages,
+    from: usize,
+    to: usize,
+    inserters: usize,
+    started: &Instant,
+) -> Res<()> {
+    let report = |have: usize| {
+        if have.is_multiple_of(100_000) {
+            eprintln!(
+                "  {have} images, {:.0} images/s",
+                (have - from) as f64 / started.elapsed().as_secs_f64()
+            );
+        }
+    };
+    let batch_of = |start: usize| -> Res<Vec<(Vec<u8>, &'static str)>> {
+        (start..(start + BATCH).min(to))
+            .map(|i| image(set, i))
+            .collect()
+    };
+    if inserters == 1 {
+        for start in (from..to).step_by(BATCH) {
+            let batch = batch_of(start)?;
+            db.insert_images(batch.iter().map(|(b, l)| (b.as_slice(), Some(*l))))?;
+            report(start + batch.len());
+        }
+        return Ok(());
+    }
+    // Batch k goes to thread k % inserters, which makes and prepares it, then waits for its
+    // turn to commit (ids stay in batch order). A failed thread sets the turn to `FAILED`.
+    const FAILED: usize = usize::MAX;
+    let starts: Vec<usize> = (from..to).step_by(BATCH).collect();
+    let turn = std::sync::Mutex::new(0usize);
+    let moved = std::sync::Condvar::new();
+    let work = |t: usize| -> Result<(), String> {
+        for (k, start) in starts.iter().enumerate().skip(t).step_by(inserters) {
+            let batch = batch_of(*start).map_err(|e| e.to_string())?;
+            let metas: Vec<ImageMeta> = batch
+                .iter()
+                .map(|(_, l)| ImageMeta {
+                    label: Some(l.to_string()),
+                    ..ImageMeta::default()
+                })
+                .collect();
+            let prepared = db
+                .prepare_images_with(
+                    batch
+                        .iter()
+                        .zip(&metas)
+                        .map(|((b, _), m)| (b.as_slice(), m)),
+                    InsertMode::Always,
+                )
+                .map_err(|e| e.to_string())?;
+            let mut now = turn.lock().map_err(|_| "poisoned")?;
+            while *now != k {
+                if *now == FAILED {
+                    return Err("another inserting thread failed".into());
+                }
+                now = moved.wait(now).map_err(|_| "poisoned")?;
+            }
+            let outcomes = db.commit_prepared(prepared).map_err(|e| e.to_string())?;
+            if let Some(Err(e)) = outcomes.into_iter().find(|o| o.is_err()) {
+                return Err(e.to_string());
+            }
+            report(start + batch.len());
+            *now += 1;
+            moved.notify_all();
+        }
+        Ok(())
+    };
+    let results: Vec<Result<(), String>> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..inserters)
+            .map(|t| {
+                let (work, turn, moved) = (&work, &turn, &moved);
+                s.spawn(move || {
+                    let done = work(t);
+                    if done.is_err() {
+                        if let Ok(mut now) = turn.lock() {
+                            *now = FAILED;
+                        }
+                        moved.notify_all();
+                    }
+                    done
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| {
+                w.join()
+                    .unwrap_or_else(|_| Err("an inserting thread panicked".into()))
+            })
+            .collect()
+    });
+    for r in results {
+        r?;
+    }
+    Ok(())
 }
 
 /// A day's use of the largest database: three times, open it, insert 1,000 more images and
