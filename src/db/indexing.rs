@@ -22,8 +22,8 @@ use std::time::Instant;
 
 use super::catalogue::{self, Catalogue};
 use super::{
-    embed, prepare_stored, Db, IndexInfo, IndexSource, Model, Stale, State, AUTO_EF_SEARCH,
-    AUTO_HNSW_M, EMBED_BATCH, MAX_DEAD_SHARE,
+    embed, prepare_stored, snapshot_lag_limit, Db, IndexInfo, IndexSource, Model, Stale, State,
+    AUTO_EF_SEARCH, AUTO_HNSW_M, EMBED_BATCH, MAX_DEAD_SHARE,
 };
 use crate::error::{Error, Result};
 use crate::index::snapshot::{self, Unusable};
@@ -95,11 +95,36 @@ impl Db {
     /// failure is kept in `index_info().snapshot_error` and the next call tries again; only a
     /// poisoned lock, or a store that cannot be flushed, is an error.
     pub(super) fn save_snapshot(&self) -> Result<()> {
+        self.save_snapshot_if(|_| true)
+    }
+
+    /// After an insert: saves the snapshot when the index holds [`snapshot_lag_limit`] more
+    /// vectors than the one on disk. Best effort, as [`Db::save_snapshot`]; the insert is
+    /// done whatever happens here.
+    pub(super) fn maybe_snapshot(&self) {
+        let lagging = |state: &State| {
+            self.inner.options.snapshot
+                && state.index.len().saturating_sub(state.saved_len)
+                    >= snapshot_lag_limit(state.index.len())
+        };
+        if self.read_state().is_ok_and(|s| lagging(&s)) {
+            // Checked again under the writer mutex: another insert may have saved meanwhile.
+            let _ = self.save_snapshot_if(lagging);
+        }
+    }
+
+    /// [`Db::save_snapshot`] if `wanted` says so of the state, under the writer mutex.
+    fn save_snapshot_if(&self, wanted: impl Fn(&State) -> bool) -> Result<()> {
         let writer = self.writer()?;
         let (index_saved, catalogue_saved) = {
             let state = self.read_state()?;
-            let index_saved = (state.dirty && self.inner.options.snapshot)
-                .then(|| snapshot::save(&self.inner.dir, &state.index, state.model.version));
+            if !wanted(&state) {
+                return Ok(());
+            }
+            let index_saved = (state.dirty && self.inner.options.snapshot).then(|| {
+                snapshot::save(&self.inner.dir, &state.index, state.model.version)
+                    .map(|()| state.index.len())
+            });
             let catalogue_saved = if state.catalogue.dirty {
                 // The file must not claim writes the store could still lose.
                 self.durable_write_always()?;
@@ -120,7 +145,10 @@ impl Db {
         let mut error = None;
         if let Some(saved) = index_saved {
             match saved {
-                Ok(()) => state.dirty = false,
+                Ok(len) => {
+                    state.dirty = false;
+                    state.saved_len = len;
+                }
                 Err(e) => error = Some(e.to_string()),
             }
         }

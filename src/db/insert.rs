@@ -389,7 +389,9 @@ impl Db {
             }
         }
         drop(state);
-        self.maybe_rebuild()
+        let rebuilt = self.maybe_rebuild();
+        self.maybe_snapshot();
+        rebuilt
     }
 
     /// Decodes and embeds encoded images with `model`, on every core, a chunk at a time (the

@@ -51,6 +51,15 @@ use models::{embed, load_or_create_model, prepare_stored, Model, Stale};
 use query::distance;
 pub use query::{Hit, Query, Rerank};
 
+/// An insert that leaves the index holding this many vectors more than the snapshot on disk
+/// saves a snapshot: a quarter of the index, at least 2,000 and at most 100,000 vectors. The
+/// snapshot's vectors are appended (`index/snapshot.rs`), so a save costs the new vectors and
+/// the graph; what a close must write, and what an open after a crash must add again, stays
+/// bounded by this.
+fn snapshot_lag_limit(len: usize) -> usize {
+    (len / 4).clamp(2_000, 100_000)
+}
+
 /// Images embedded per extractor call.
 const EMBED_BATCH: usize = 64;
 /// Decoded images held at once by an insert or an embedding, in bytes of input-sized pixels
@@ -181,6 +190,8 @@ struct State {
     catalogue: Catalogue,
     /// The index changed since the last snapshot.
     dirty: bool,
+    /// Vectors in the index when the last snapshot was saved or loaded.
+    saved_len: usize,
 }
 
 pub(crate) fn now_unix() -> u64 {
@@ -279,6 +290,7 @@ impl Db {
             rebuild_error: None,
         };
         let dirty = source != IndexSource::Snapshot;
+        let saved_len = if dirty { 0 } else { index.len() };
         let db = Db {
             inner: Arc::new(Inner {
                 dir,
@@ -290,6 +302,7 @@ impl Db {
                     index_info,
                     catalogue,
                     dirty,
+                    saved_len,
                 }),
                 pending,
                 poisoned: Mutex::new(None),
