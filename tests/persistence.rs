@@ -554,17 +554,17 @@ fn a_growing_database_saves_its_snapshot_as_it_goes() {
     let dir = tempdir();
     let path = dir.path().join("db");
     let db = Db::open_with(&path, crate::common::relaxed()).unwrap();
-    for batch in 0..6 {
-        fill(&db, 500, batch * 500);
+    for batch in 0..12 {
+        fill(&db, 1_000, batch * 1_000);
     }
-    // 3,000 vectors, no flush: inserts saved it once the index held 2,000 more than the
-    // snapshot (at least; a quarter of the index above 8,000), appending to index.vectors.
+    // 12,000 vectors, no flush: an insert saved it once the index held 10,000 more than the
+    // snapshot (at least; a quarter of the index above 40,000), appending to index.vectors.
     let vectors = fs::metadata(path.join("index.vectors")).unwrap().len();
-    assert!(vectors >= 2_000 * 2_408 * 4, "{vectors} bytes of vectors");
-    assert!(vectors < 3_000 * 2_408 * 4, "{vectors} bytes of vectors");
+    assert!(vectors >= 10_000 * 2_408 * 4, "{vectors} bytes of vectors");
+    assert!(vectors < 12_000 * 2_408 * 4, "{vectors} bytes of vectors");
     assert_eq!(db.index_info().snapshot_error, None);
     drop(db);
     let db = Db::open_with(&path, crate::common::relaxed()).unwrap();
     assert_eq!(db.index_info().source, IndexSource::Snapshot);
-    assert_eq!(db.len(), 3_000);
+    assert_eq!(db.len(), 12_000);
 }

@@ -95,7 +95,7 @@ impl Db {
     /// failure is kept in `index_info().snapshot_error` and the next call tries again; only a
     /// poisoned lock, or a store that cannot be flushed, is an error.
     pub(super) fn save_snapshot(&self) -> Result<()> {
-        self.save_snapshot_if(|_| true)
+        self.save_snapshot_if(|_| true, true)
     }
 
     /// After an insert: saves the snapshot when the index holds [`snapshot_lag_limit`] more
@@ -109,12 +109,17 @@ impl Db {
         };
         if self.read_state().is_ok_and(|s| lagging(&s)) {
             // Checked again under the writer mutex: another insert may have saved meanwhile.
-            let _ = self.save_snapshot_if(lagging);
+            let _ = self.save_snapshot_if(lagging, false);
         }
     }
 
-    /// [`Db::save_snapshot`] if `wanted` says so of the state, under the writer mutex.
-    fn save_snapshot_if(&self, wanted: impl Fn(&State) -> bool) -> Result<()> {
+    /// [`Db::save_snapshot`] if `wanted` says so of the state, under the writer mutex;
+    /// `catalogue.bin` too if `with_catalogue`.
+    fn save_snapshot_if(
+        &self,
+        wanted: impl Fn(&State) -> bool,
+        with_catalogue: bool,
+    ) -> Result<()> {
         let writer = self.writer()?;
         let (index_saved, catalogue_saved) = {
             let state = self.read_state()?;
@@ -125,7 +130,7 @@ impl Db {
                 snapshot::save(&self.inner.dir, &state.index, state.model.version)
                     .map(|()| state.index.len())
             });
-            let catalogue_saved = if state.catalogue.dirty {
+            let catalogue_saved = if with_catalogue && state.catalogue.dirty {
                 // The file must not claim writes the store could still lose.
                 self.durable_write_always()?;
                 let (id_bound, seen) = self.inner.pending.marks(&self.inner.store);

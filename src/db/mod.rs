@@ -52,12 +52,13 @@ use query::distance;
 pub use query::{Hit, Query, Rerank};
 
 /// An insert that leaves the index holding this many vectors more than the snapshot on disk
-/// saves a snapshot: a quarter of the index, at least 2,000 and at most 100,000 vectors. The
-/// snapshot's vectors are appended (`index/snapshot.rs`), so a save costs the new vectors and
-/// the graph; what a close must write, and what an open after a crash must add again, stays
-/// bounded by this.
+/// saves the index snapshot: a quarter of the index, at least 10,000 and at most 100,000
+/// vectors. The snapshot's vectors are appended (`index/snapshot.rs`), so a save costs the
+/// new vectors and the graph; what a close must write, and what an open after a crash must
+/// add again, stays bounded by this. (`catalogue.bin` is left to flush and close: it is
+/// caught up from the store cheaply, and saving it flushes the store.)
 fn snapshot_lag_limit(len: usize) -> usize {
-    (len / 4).clamp(2_000, 100_000)
+    (len / 4).clamp(10_000, 100_000)
 }
 
 /// Images embedded per extractor call.
