@@ -7,15 +7,7 @@ use std::path::Path;
 
 use lookalike::{Db, ImageId, IndexSource, Options};
 
-use crate::common::{class_png, relaxed, tempdir};
-
-fn insert(db: &Db, from: u64, to: u64) -> Vec<ImageId> {
-    let imgs: Vec<(Vec<u8>, String)> = (from..to)
-        .map(|i| (class_png((i % 3) as u32, i), format!("c{}", i % 3)))
-        .collect();
-    db.insert_images(imgs.iter().map(|(b, l)| (b.as_slice(), Some(l.as_str()))))
-        .unwrap()
-}
+use crate::common::{insert_classes, relaxed, tempdir};
 
 /// Every id with its label, and every label with its count.
 type View = (Vec<(ImageId, Option<String>)>, Vec<(String, usize)>);
@@ -42,7 +34,7 @@ fn open_reads_the_catalogue_file_and_the_changes_since() {
     let before;
     {
         let db = Db::open_with(&path, relaxed()).unwrap();
-        let ids = insert(&db, 0, 30);
+        let ids = insert_classes(&db, 0, 30, 3);
         db.remove(ids[3]).unwrap();
         db.set_label(ids[4], Some("relabelled")).unwrap();
         db.set_label(ids[5], None).unwrap();
@@ -65,7 +57,7 @@ fn open_trusts_the_file_only_as_far_as_its_marks() {
     let path = dir.path().join("c.db");
     {
         let db = Db::open_with(&path, relaxed()).unwrap();
-        insert(&db, 0, 10);
+        insert_classes(&db, 0, 10, 3);
     }
     // Behind the file's back: a later insert's entry (id 11, above the file's bound) and a
     // logged label change of image 2 (numbered above what the file has seen), as a crash
@@ -104,7 +96,7 @@ fn a_damaged_catalogue_file_is_replaced_by_a_scan() {
     let before;
     {
         let db = Db::open_with(&path, relaxed()).unwrap();
-        let ids = insert(&db, 0, 20);
+        let ids = insert_classes(&db, 0, 20, 3);
         db.remove(ids[0]).unwrap();
         before = view(&db);
     }
@@ -134,12 +126,12 @@ fn a_catalogue_from_another_store_is_not_used() {
     let small = dir.path().join("small.db");
     {
         let db = Db::open_with(&big, relaxed()).unwrap();
-        insert(&db, 0, 20);
+        insert_classes(&db, 0, 20, 3);
     }
     let want;
     {
         let db = Db::open_with(&small, relaxed()).unwrap();
-        insert(&db, 100, 105);
+        insert_classes(&db, 100, 105, 3);
         want = view(&db);
     }
     // Its ids go past what the small store ever gave: refused, the entries are scanned.
@@ -168,7 +160,7 @@ fn a_format_4_store_is_scanned_once_and_refused_by_format_4_builds() {
         // Written at this first open.
         assert!(path.join("catalogue.bin").exists());
         // Ids go on after the largest ever given.
-        let new = insert(&db, 0, 1);
+        let new = insert_classes(&db, 0, 1, 3);
         assert_eq!(new, vec![ImageId(13)]);
         db.remove(ImageId(2)).unwrap();
     }
@@ -196,11 +188,11 @@ fn writers_and_saves_at_once_leave_a_catalogue_that_matches_the_store() {
     let before;
     {
         let db = Db::open_with(&path, relaxed()).unwrap();
-        insert(&db, 0, 40);
+        insert_classes(&db, 0, 40, 3);
         std::thread::scope(|s| {
             s.spawn(|| {
                 for i in 0..10 {
-                    insert(&db, 100 + 4 * i, 104 + 4 * i);
+                    insert_classes(&db, 100 + 4 * i, 104 + 4 * i, 3);
                 }
             });
             s.spawn(|| {

@@ -13,6 +13,20 @@ pub fn encode(img: &RgbImage, format: ImageFormat) -> Vec<u8> {
     out.into_inner()
 }
 
+/// Inserts images `from..to`: image `i` is `class_png(i % classes, i)` labelled `c{class}`.
+pub fn insert_classes(db: &Db, from: u64, to: u64, classes: u64) -> Vec<lookalike::ImageId> {
+    let images: Vec<(Vec<u8>, String)> = (from..to)
+        .map(|i| {
+            (
+                class_png((i % classes) as u32, i),
+                format!("c{}", i % classes),
+            )
+        })
+        .collect();
+    db.insert_images(images.iter().map(|(b, l)| (b.as_slice(), Some(l.as_str()))))
+        .unwrap()
+}
+
 /// A 32x32 PNG of class `class` (0..4: horizontal stripes, vertical stripes, a disc, a
 /// diagonal) with per-image noise from `seed`.
 pub fn class_png(class: u32, seed: u64) -> Vec<u8> {

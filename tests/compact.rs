@@ -6,15 +6,7 @@ use std::path::Path;
 
 use lookalike::{Db, ImageId, IndexSource, Options};
 
-use crate::common::{class_png, relaxed, tempdir};
-
-fn insert(db: &Db, from: u64, to: u64) -> Vec<ImageId> {
-    let images: Vec<(Vec<u8>, String)> = (from..to)
-        .map(|i| (class_png((i % 4) as u32, i), format!("c{}", i % 4)))
-        .collect();
-    db.insert_images(images.iter().map(|(b, l)| (b.as_slice(), Some(l.as_str()))))
-        .unwrap()
-}
+use crate::common::{class_png, insert_classes, relaxed, tempdir};
 
 /// Whether a query with `id`'s bytes finds it among the 3 nearest at distance 0 (ties
 /// between near-identical synthetic images can put another first).
@@ -47,7 +39,7 @@ fn past_the_threshold_the_model_is_compacted_and_answers_stay() {
     let opts = || relaxed().compact(16, 60);
     let first = {
         let db = Db::open_with(&path, opts()).unwrap();
-        let ids = insert(&db, 0, 50);
+        let ids = insert_classes(&db, 0, 50, 4);
         let before = db.active_model();
         assert_eq!(
             (before.version, before.dim, before.compacted_from),
@@ -55,7 +47,7 @@ fn past_the_threshold_the_model_is_compacted_and_answers_stay() {
         );
         let full = label_agreement(&db);
         // The write that reaches 60 images compacts.
-        insert(&db, 50, 70);
+        insert_classes(&db, 50, 70, 4);
         let m = db.active_model();
         assert_eq!((m.version, m.dim, m.extractor_dim), (2, 16, 2408));
         assert_eq!(m.compacted_from, Some(1));
@@ -84,7 +76,7 @@ fn past_the_threshold_the_model_is_compacted_and_answers_stay() {
         assert_eq!((models[0].dim, models[0].compacted_from), (2408, None));
         assert_eq!((models[1].dim, models[1].compacted_from), (16, Some(1)));
         // Inserts after the switch are stored compact.
-        let later = insert(&db, 70, 75);
+        let later = insert_classes(&db, 70, 75, 4);
         assert_eq!(db.embedding(later[0]).unwrap().len(), 16);
         assert!(finds_itself(&db, later[0]));
         ids[7]
@@ -101,7 +93,7 @@ fn past_the_threshold_the_model_is_compacted_and_answers_stay() {
     db.use_model(1).unwrap();
     assert_eq!(db.active_model().dim, 2408);
     assert_eq!(db.embedding(first).unwrap().len(), 2408);
-    insert(&db, 75, 76);
+    insert_classes(&db, 75, 76, 4);
     let m = db.active_model();
     assert_eq!((m.version, m.dim), (2, 16));
     assert_eq!(db.models().unwrap().len(), 2);
@@ -112,11 +104,11 @@ fn past_the_threshold_the_model_is_compacted_and_answers_stay() {
 fn compaction_is_off_with_dim_zero_and_below_the_threshold() {
     let dir = tempdir();
     let db = Db::open_with(dir.path().join("off.db"), relaxed().compact(0, 10)).unwrap();
-    insert(&db, 0, 30);
+    insert_classes(&db, 0, 30, 4);
     assert_eq!(db.active_model().dim, 2408);
     let dir = tempdir();
     let db = Db::open_with(dir.path().join("few.db"), relaxed().compact(16, 40)).unwrap();
-    insert(&db, 0, 30);
+    insert_classes(&db, 0, 30, 4);
     assert_eq!(
         (db.active_model().dim, db.models().unwrap().len()),
         (2408, 1)
@@ -167,7 +159,7 @@ fn a_damaged_projection_is_a_corrupt_record_at_open() {
     let path = dir.path().join("c.db");
     {
         let db = Db::open_with(&path, relaxed().compact(16, 60)).unwrap();
-        insert(&db, 0, 60);
+        insert_classes(&db, 0, 60, 4);
         assert_eq!(db.active_model().version, 2);
     }
     let key = [&b"projection"[..], &2u32.to_be_bytes()[..]].concat();

@@ -9,6 +9,7 @@ import sys
 import matplotlib
 
 matplotlib.use("Agg")
+matplotlib.rcParams["svg.fonttype"] = "none"  # text as text: a small SVG
 import matplotlib.pyplot as plt  # noqa: E402
 
 rows, sessions = [], []

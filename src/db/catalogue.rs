@@ -40,7 +40,7 @@ const FILE_FORMAT: u16 = 1;
 const NONE: u32 = u32::MAX;
 
 /// Stored ids and their labels (labels interned: an id costs a map entry, not a string).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Default)]
 pub(super) struct Catalogue {
     /// Id -> label slot (or [`NONE`]).
     slots: HashMap<u64, u32, foldhash::fast::RandomState>,
@@ -75,6 +75,18 @@ impl Catalogue {
     /// Every stored id, in no order.
     pub fn ids(&self) -> impl Iterator<Item = u64> + '_ {
         self.slots.keys().copied()
+    }
+
+    /// The stored ids alone (no labels): what an index build needs to know, cheaper to copy.
+    pub fn ids_only(&self) -> Catalogue {
+        Catalogue {
+            slots: self
+                .slots
+                .keys()
+                .map(|id| (*id, NONE))
+                .collect::<HashMap<_, _, _>>(),
+            ..Catalogue::default()
+        }
     }
 
     /// Every stored id with its label, in no order.

@@ -238,7 +238,7 @@ impl Db {
         let store = &self.inner.store;
         let live = {
             let _writer = self.writer()?;
-            self.read_state()?.catalogue.clone()
+            self.read_state()?.catalogue.ids_only()
         };
         let mut index =
             crate::index::leaving_a_core(|| build_index(store, model, &self.inner.options, &live))?;

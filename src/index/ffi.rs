@@ -222,14 +222,6 @@ pub(super) fn pca_fit(
     Ok((matrix, bias))
 }
 
-thread_local! {
-    /// The sink of [`write_index_to`] while FAISS writes on this thread (FAISS's custom writer
-    /// takes a bare function pointer, with no room for state).
-    static SINK: std::cell::Cell<Option<*mut Sink<'static>>> = const { std::cell::Cell::new(None) };
-    /// The source of [`read_index_from`] while FAISS reads on this thread.
-    static SOURCE: std::cell::Cell<Option<*mut Source<'static>>> = const { std::cell::Cell::new(None) };
-}
-
 /// Takes each write FAISS makes: its bytes and the size of one item in them (FAISS writes a
 /// vector's data in one call, so a call of 1-byte items is a byte vector). False fails the
 /// write.
@@ -237,24 +229,26 @@ pub(super) type Sink<'a> = dyn FnMut(&[u8], usize) -> bool + 'a;
 /// Fills each buffer FAISS reads into, completely; false fails the read.
 pub(super) type Source<'a> = dyn FnMut(&mut [u8]) -> bool + 'a;
 
-unsafe extern "C" fn write_to_sink(
-    ptr: *const std::ffi::c_void,
-    size: usize,
-    nitems: usize,
-) -> usize {
+/// One call of FAISS's custom reader or writer: `len` bytes at `ptr`, in items of `size`.
+type Transfer<'a> = dyn FnMut(*mut u8, usize, usize) -> bool + 'a;
+
+thread_local! {
+    /// What [`with_transfer`] installed for this thread's FAISS call (FAISS's custom reader
+    /// and writer take a bare function pointer, with no room for state).
+    static TRANSFER: std::cell::Cell<Option<*mut Transfer<'static>>> =
+        const { std::cell::Cell::new(None) };
+}
+
+/// Both callbacks: hands the call to the thread's [`Transfer`]; `nitems` when it succeeds, 0
+/// (FAISS then throws, and the C API returns an error) when it fails or panics.
+fn transfer(ptr: *mut u8, size: usize, nitems: usize) -> usize {
     let Some(len) = size.checked_mul(nitems) else {
         return 0;
     };
-    let bytes: &[u8] = if len == 0 || ptr.is_null() {
-        &[]
-    } else {
-        // SAFETY: FAISS passes `nitems` items of `size` bytes at `ptr`, valid for this call.
-        unsafe { std::slice::from_raw_parts(ptr.cast::<u8>(), len) }
-    };
-    let ok = SINK.with(|s| match s.get() {
-        // SAFETY: set by `write_index_to` for the duration of its FAISS call on this thread.
-        Some(sink) => std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| unsafe {
-            (*sink)(bytes, size)
+    let ok = TRANSFER.with(|t| match t.get() {
+        // SAFETY: set by `with_transfer` for the duration of its FAISS call on this thread.
+        Some(f) => std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| unsafe {
+            (*f)(ptr, size, len)
         }))
         .unwrap_or(false),
         None => false,
@@ -266,35 +260,37 @@ unsafe extern "C" fn write_to_sink(
     }
 }
 
-unsafe extern "C" fn read_from_source(
+unsafe extern "C" fn write_callback(
+    ptr: *const std::ffi::c_void,
+    size: usize,
+    nitems: usize,
+) -> usize {
+    transfer(ptr.cast::<u8>().cast_mut(), size, nitems)
+}
+
+unsafe extern "C" fn read_callback(
     ptr: *mut std::ffi::c_void,
     size: usize,
     nitems: usize,
 ) -> usize {
-    let Some(len) = size.checked_mul(nitems) else {
-        return 0;
-    };
-    if len == 0 {
-        return nitems;
-    }
-    if ptr.is_null() {
-        return 0;
-    }
-    // SAFETY: FAISS passes a buffer of `nitems` items of `size` bytes at `ptr` to fill.
-    let buf = unsafe { std::slice::from_raw_parts_mut(ptr.cast::<u8>(), len) };
-    let ok = SOURCE.with(|s| match s.get() {
-        // SAFETY: set by `read_index_from` for the duration of its FAISS call on this thread.
-        Some(source) => {
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| unsafe { (*source)(buf) }))
-                .unwrap_or(false)
+    transfer(ptr.cast::<u8>(), size, nitems)
+}
+
+/// Runs `call` (a FAISS call on this thread) with `f` taking its reads or writes.
+fn with_transfer<R>(f: &mut Transfer<'_>, call: impl FnOnce() -> R) -> R {
+    /// Clears the thread's transfer however the call ends.
+    struct Clear;
+    impl Drop for Clear {
+        fn drop(&mut self) {
+            TRANSFER.with(|t| t.set(None));
         }
-        None => false,
-    });
-    if ok {
-        nitems
-    } else {
-        0
     }
+    // SAFETY: the pointer is only used during `call`, on this thread, while `f` is borrowed;
+    // `Clear` removes it before the borrow ends.
+    let ptr: *mut Transfer<'static> = unsafe { std::mem::transmute(f as *mut Transfer<'_>) };
+    TRANSFER.with(|t| t.set(Some(ptr)));
+    let _clear = Clear;
+    call()
 }
 
 /// Serialises `index` in FAISS's format through `sink` (see [`Sink`]).
@@ -302,66 +298,67 @@ pub(super) fn write_index_to<I: NativeIndex<Inner = faiss_sys::FaissIndex>>(
     index: &I,
     sink: &mut Sink<'_>,
 ) -> Result<()> {
-    /// Clears the thread's sink however the write ends.
-    struct Clear;
-    impl Drop for Clear {
-        fn drop(&mut self) {
-            SINK.with(|s| s.set(None));
+    let mut f = |ptr: *mut u8, size: usize, len: usize| {
+        let bytes: &[u8] = if len == 0 || ptr.is_null() {
+            &[]
+        } else {
+            // SAFETY: FAISS passes `len` bytes at `ptr`, valid for this call.
+            unsafe { std::slice::from_raw_parts(ptr, len) }
+        };
+        sink(bytes, size)
+    };
+    with_transfer(&mut f, || {
+        let mut writer: *mut faiss_sys::FaissCustomIOWriter = std::ptr::null_mut();
+        // SAFETY: FAISS fills `writer`; it is freed below whatever the write returns.
+        unsafe {
+            check(faiss_sys::faiss_CustomIOWriter_new(
+                &mut writer,
+                Some(write_callback),
+            ))?;
+            let code = faiss_sys::faiss_write_index_custom(
+                index.inner_ptr(),
+                writer.cast::<faiss_sys::FaissIOWriter>(),
+                0,
+            );
+            faiss_sys::faiss_CustomIOWriter_free(writer);
+            check(code)
         }
-    }
-    // SAFETY: the pointer is only used during the FAISS call below, on this thread, while
-    // `sink` is borrowed; `Clear` removes it before the borrow ends.
-    let ptr: *mut Sink<'static> = unsafe { std::mem::transmute(sink as *mut Sink<'_>) };
-    SINK.with(|s| s.set(Some(ptr)));
-    let _clear = Clear;
-    let mut writer: *mut faiss_sys::FaissCustomIOWriter = std::ptr::null_mut();
-    // SAFETY: FAISS fills `writer`; it is freed below whatever the write returns.
-    unsafe {
-        check(faiss_sys::faiss_CustomIOWriter_new(
-            &mut writer,
-            Some(write_to_sink),
-        ))?;
-        let code = faiss_sys::faiss_write_index_custom(
-            index.inner_ptr(),
-            writer.cast::<faiss_sys::FaissIOWriter>(),
-            0,
-        );
-        faiss_sys::faiss_CustomIOWriter_free(writer);
-        check(code)
-    }
+    })
 }
 
 /// Reads an index in FAISS's format from `source` (see [`Source`]).
 pub(super) fn read_index_from(source: &mut Source<'_>) -> Result<faiss::index::IndexImpl> {
     use faiss::index::FromInnerPtr;
-    struct Clear;
-    impl Drop for Clear {
-        fn drop(&mut self) {
-            SOURCE.with(|s| s.set(None));
+    let mut f = |ptr: *mut u8, _size: usize, len: usize| {
+        if len == 0 {
+            return true;
         }
-    }
-    // SAFETY: as in `write_index_to`.
-    let ptr: *mut Source<'static> = unsafe { std::mem::transmute(source as *mut Source<'_>) };
-    SOURCE.with(|s| s.set(Some(ptr)));
-    let _clear = Clear;
-    let mut reader: *mut faiss_sys::FaissCustomIOReader = std::ptr::null_mut();
-    let mut out: *mut faiss_sys::FaissIndex = std::ptr::null_mut();
-    // SAFETY: FAISS fills `reader` and, on success, `out` with an index we then own.
-    unsafe {
-        check(faiss_sys::faiss_CustomIOReader_new(
-            &mut reader,
-            Some(read_from_source),
-        ))?;
-        let code = faiss_sys::faiss_read_index_custom(
-            reader.cast::<faiss_sys::FaissIOReader>(),
-            0,
-            &mut out,
-        );
-        faiss_sys::faiss_CustomIOReader_free(reader);
-        check(code)?;
-        if out.is_null() {
-            return Err(Error::Index("FAISS read no index".into()));
+        if ptr.is_null() {
+            return false;
         }
-        Ok(faiss::index::IndexImpl::from_inner_ptr(out))
-    }
+        // SAFETY: FAISS passes a buffer of `len` bytes at `ptr` to fill.
+        source(unsafe { std::slice::from_raw_parts_mut(ptr, len) })
+    };
+    with_transfer(&mut f, || {
+        let mut reader: *mut faiss_sys::FaissCustomIOReader = std::ptr::null_mut();
+        let mut out: *mut faiss_sys::FaissIndex = std::ptr::null_mut();
+        // SAFETY: FAISS fills `reader` and, on success, `out` with an index we then own.
+        unsafe {
+            check(faiss_sys::faiss_CustomIOReader_new(
+                &mut reader,
+                Some(read_callback),
+            ))?;
+            let code = faiss_sys::faiss_read_index_custom(
+                reader.cast::<faiss_sys::FaissIOReader>(),
+                0,
+                &mut out,
+            );
+            faiss_sys::faiss_CustomIOReader_free(reader);
+            check(code)?;
+            if out.is_null() {
+                return Err(Error::Index("FAISS read no index".into()));
+            }
+            Ok(faiss::index::IndexImpl::from_inner_ptr(out))
+        }
+    })
 }

@@ -98,36 +98,27 @@ impl<R: Read + Seek> Read for Stitched<R> {
         if self.pos >= end || buf.is_empty() {
             return Ok(0);
         }
-        let (n, piece_end) = if self.pos < self.at {
-            let take = (self.at - self.pos).min(buf.len() as u64) as usize;
-            let n = read_at(
-                &mut self.graph,
-                &mut self.graph_pos,
-                self.pos,
-                &mut buf[..take],
-            )?;
-            (n, self.at)
+        // Which file this position is in, where in it, and where its piece of the stream ends.
+        let (file, cursor, offset, piece_end) = if self.pos < self.at {
+            (&mut self.graph, &mut self.graph_pos, self.pos, self.at)
         } else if self.pos < self.at + self.vectors_len {
-            let offset = self.pos - self.at;
-            let take = (self.vectors_len - offset).min(buf.len() as u64) as usize;
-            let n = read_at(
+            let piece_end = self.at + self.vectors_len;
+            (
                 &mut self.vectors,
                 &mut self.vectors_pos,
-                offset,
-                &mut buf[..take],
-            )?;
-            (n, self.at + self.vectors_len)
+                self.pos - self.at,
+                piece_end,
+            )
         } else {
-            let offset = self.pos - self.vectors_len;
-            let take = (self.graph_len - offset).min(buf.len() as u64) as usize;
-            let n = read_at(
+            (
                 &mut self.graph,
                 &mut self.graph_pos,
-                offset,
-                &mut buf[..take],
-            )?;
-            (n, end)
+                self.pos - self.vectors_len,
+                end,
+            )
         };
+        let take = (piece_end - self.pos).min(buf.len() as u64) as usize;
+        let n = read_at(file, cursor, offset, &mut buf[..take])?;
         if n == 0 && self.pos < piece_end {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
