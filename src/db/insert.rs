@@ -2,6 +2,7 @@
 //! write per batch, then the index and the catalogue.
 
 use std::borrow::Cow;
+use std::time::Duration;
 
 use rayon::prelude::*;
 
@@ -353,7 +354,6 @@ impl Db {
         // Into an HNSW graph a piece at a time (see HNSW_HOLD), handing the lock to waiting
         // queries in between; a flat index takes the batch at once.
         let hnsw = matches!(state.index.shape(), crate::index::Shape::Hnsw { .. });
-        let mut step = if hnsw { 1 } else { new.len() };
         // Pieces on every core, unless an index build runs beside (it has all cores but one,
         // and two OpenMP teams on too few cores made 16-vector adds take seconds) or the graph
         // is small: then one vector at a time on one core. Pieces into a graph of 2,000
@@ -364,6 +364,11 @@ impl Db {
             .building
             .load(std::sync::atomic::Ordering::Acquire)
             || state.index.len() < HNSW_PARALLEL_FROM;
+        let mut step = match (hnsw, serial) {
+            (false, _) => new.len(),
+            (true, true) => 1,
+            (true, false) => state.index.add_piece,
+        };
         let mut done = 0;
         while done < new.len() {
             if done > 0 {
@@ -383,9 +388,8 @@ impl Db {
             }
             done += part.len();
             if hnsw && !serial {
-                let per_vector = started.elapsed().as_secs_f64() / part.len() as f64;
-                let fits = (HNSW_HOLD.as_secs_f64() / per_vector.max(1e-9)) as usize;
-                step = fits.clamp(1, HNSW_ADD_MAX);
+                step = next_piece(part.len(), started.elapsed(), cores());
+                state.index.add_piece = step;
             }
         }
         drop(state);
@@ -449,4 +453,61 @@ where
             (b, Cow::Owned(meta))
         })
         .collect()
+}
+
+/// FAISS adds a piece of more than this many vectors on every core, a smaller one on one core
+/// (`hnsw_add_vertices`: `omp parallel if (i1 > i0 + 100)`).
+const FAISS_PARALLEL_ADD: usize = 100;
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// The size of the next piece of HNSW adds, from the last one (`last` vectors in `took`):
+/// as many as fit in [`HNSW_HOLD`], at most [`HNSW_ADD_MAX`]. A piece of up to
+/// [`FAISS_PARALLEL_ADD`] vectors ran on one core; when the same work spread over `cores`
+/// would fit more than that, the next piece is large enough for FAISS to use them all. At a
+/// million vectors of 256 dimensions, pieces sized from one core's speed stayed at about 60
+/// vectors and cost 400 us a vector against 190 us on two cores.
+fn next_piece(last: usize, took: Duration, cores: usize) -> usize {
+    let per_vector = took.as_secs_f64() / last.max(1) as f64;
+    let hold = HNSW_HOLD.as_secs_f64();
+    let cores = cores.max(1) as f64;
+    let (on_one_core, on_all_cores) = if last > FAISS_PARALLEL_ADD {
+        (per_vector * cores, per_vector)
+    } else {
+        (per_vector, per_vector / cores)
+    };
+    let fits_all = (hold / on_all_cores.max(1e-9)) as usize;
+    if cores > 1.0 && fits_all > FAISS_PARALLEL_ADD {
+        fits_all.min(HNSW_ADD_MAX)
+    } else {
+        let fits_one = (hold / on_one_core.max(1e-9)) as usize;
+        fits_one.clamp(1, FAISS_PARALLEL_ADD)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pieces_grow_past_faiss_threshold_when_all_cores_fit_the_hold() {
+        let ms = Duration::from_millis;
+        // 60 vectors on one core in 24 ms (0.4 ms each): 0.2 ms each on two cores, so about
+        // 125 fit in 25 ms.
+        let n = next_piece(60, ms(24), 2);
+        assert!(n > FAISS_PARALLEL_ADD && n <= HNSW_ADD_MAX, "{n}");
+        // And stay there once measured on two cores.
+        assert_eq!(next_piece(125, ms(25), 2), 125);
+        // One core: never past FAISS's threshold.
+        assert_eq!(next_piece(60, ms(24), 1), 62);
+        // 20 ms a vector (2,408 dimensions): one at a time.
+        assert_eq!(next_piece(1, ms(20), 2), 1);
+        // Cheap vectors: capped.
+        assert_eq!(next_piece(256, ms(2), 2), HNSW_ADD_MAX);
+        // A slow piece on all cores falls back to one-core pieces that fit.
+        let n = next_piece(150, ms(150), 2);
+        assert!((1..=FAISS_PARALLEL_ADD).contains(&n), "{n}");
+    }
 }

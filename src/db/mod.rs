@@ -90,8 +90,12 @@ const MAX_DEAD_SHARE: f64 = 0.2;
 /// node's neighbour lists are pruned by comparing candidates with each other): pieces are
 /// sized from the previous piece's time per vector, at most [`HNSW_ADD_MAX`], and added on
 /// every core. Eight vectors of 2,408 dimensions per hold had let queries wait up to a second
-/// (`benches/stalls.rs`).
-const HNSW_HOLD: Duration = Duration::from_millis(10);
+/// (`benches/stalls.rs`). Each piece is one FAISS add call, and each call also costs time in
+/// proportion to the whole graph (FAISS makes and frees a lock per stored vector): about 6 ms
+/// at a million vectors, against 0.18 ms per vector added (two cores, 256 dimensions). With
+/// 10 ms holds the pieces were 20 vectors and adds cost 470 us a vector there; 25 ms holds make
+/// them about a hundred, at 240 us.
+const HNSW_HOLD: Duration = Duration::from_millis(25);
 /// The largest piece of HNSW adds per hold of the index lock.
 const HNSW_ADD_MAX: usize = 256;
 /// HNSW adds go in pieces on every core from this many vectors in the graph; below, one

@@ -96,33 +96,42 @@ pub(super) fn search<I: NativeIndex<Inner = faiss_sys::FaissIndex>>(
                 .map(Some)
             }
         };
-        let result = sel.and_then(|sel| match sel {
-            None => check(faiss_Index_search(
-                ptr,
-                n as idx_t,
-                queries.as_ptr(),
-                k as idx_t,
-                distances.as_mut_ptr(),
-                labels.as_mut_ptr(),
-            )),
-            Some(sel) => {
-                let mut params: *mut FaissSearchParameters = std::ptr::null_mut();
-                let r = check(faiss_SearchParameters_new(&mut params, sel)).and_then(|_| {
-                    check(faiss_Index_search_with_params(
-                        ptr,
-                        n as idx_t,
-                        queries.as_ptr(),
-                        k as idx_t,
-                        params,
-                        distances.as_mut_ptr(),
-                        labels.as_mut_ptr(),
-                    ))
-                });
-                if !params.is_null() {
-                    faiss_SearchParameters_free(params);
+        // One query: no OpenMP team (IndexIDMap's id translation opens a parallel region
+        // whatever n is, which wakes the pool's threads to spin on the other cores).
+        let threads = if n == 1 {
+            1
+        } else {
+            omp_get_max_threads() as usize
+        };
+        let result = with_threads(threads, || {
+            sel.and_then(|sel| match sel {
+                None => check(faiss_Index_search(
+                    ptr,
+                    n as idx_t,
+                    queries.as_ptr(),
+                    k as idx_t,
+                    distances.as_mut_ptr(),
+                    labels.as_mut_ptr(),
+                )),
+                Some(sel) => {
+                    let mut params: *mut FaissSearchParameters = std::ptr::null_mut();
+                    let r = check(faiss_SearchParameters_new(&mut params, sel)).and_then(|_| {
+                        check(faiss_Index_search_with_params(
+                            ptr,
+                            n as idx_t,
+                            queries.as_ptr(),
+                            k as idx_t,
+                            params,
+                            distances.as_mut_ptr(),
+                            labels.as_mut_ptr(),
+                        ))
+                    });
+                    if !params.is_null() {
+                        faiss_SearchParameters_free(params);
+                    }
+                    r
                 }
-                r
-            }
+            })
         });
         // The outer selector (last made) first, then the one it wraps.
         for sel in made.into_iter().rev() {

@@ -60,6 +60,10 @@ pub(crate) struct VectorIndex {
     /// is. `None` for sparse ids (a store upgraded from format 1, whose ids jumped by two
     /// million at each reopen): searches use selectors sized by the number of ids instead.
     live_bits: Option<Vec<u8>>,
+    /// How many vectors the last piece of an insert's HNSW adds took (`db/insert.rs` sizes
+    /// the pieces by time): the next insert starts from there. A new or loaded index starts
+    /// from one.
+    pub(crate) add_piece: usize,
 }
 
 /// A bitmap of ids is used while it takes at most this many bytes per id in the index (plus a
@@ -106,6 +110,7 @@ impl VectorIndex {
             dead: IdSet::default(),
             max_id: 0,
             live_bits: Some(Vec::new()),
+            add_piece: 1,
         };
         index.set_ef_search(ef_search)?;
         Ok(index)
@@ -129,6 +134,7 @@ impl VectorIndex {
             dead: IdSet::default(),
             max_id,
             live_bits: None,
+            add_piece: 1,
         };
         index.refresh_bits();
         index
