@@ -411,6 +411,18 @@ impl Store {
     /// Inserts images atomically: all of them or none. The bytes of large images are
     /// appended to the pack files first (synced unless relaxed), so that a record never
     /// points at bytes that are not on disk; a failed insert leaves them unreferenced.
+    ///
+    /// The image records and embeddings are written next, as plain sled inserts, and only
+    /// then the entries (what makes an image exist), hashes and the next id in one
+    /// transaction. sled holds one process-wide lock over a transaction's commit that every
+    /// read waits for (`Tree::get` included): with all five records of 1,000 images in one
+    /// transaction, queries waited up to 140 ms behind it at a million images; with the
+    /// entries alone, under 80 ms (docs/benchmarks.md, "Session 14"). Until the transaction
+    /// commits, the records written before it belong to no entry: nothing reads them (every
+    /// read goes by an entry's id, and `build_index` keeps only catalogued ids), a failed
+    /// transaction removes them, and after a crash in between they sit at ids from the store's
+    /// next id on, which the next insert overwrites (sled recovers a prefix of its log, so a
+    /// recovered entry always has its records).
     pub fn insert(&self, model: u32, images: &[NewImage]) -> Result<()> {
         // Pack bytes once; sled's log takes records about twice before it compacts.
         let needed: u64 = images
@@ -461,17 +473,19 @@ impl Store {
                 ))
             })
             .collect::<Result<_>>()?;
+        for (id, img, ekey, emb) in &encoded {
+            self.images.insert(&id[..], img.as_slice())?;
+            self.embeddings.insert(&ekey[..], emb.as_slice())?;
+        }
         let after = images.iter().map(|n| n.id.0 + 1).max().unwrap_or(0);
         let images_in = images;
-        (
-            &self.images,
+        let committed = (
             &self.entries,
-            &self.embeddings,
             &self.meta,
             &self.hashes,
             &self.metadata_index,
         )
-            .transaction(|(images, entries, embeddings, meta, hashes, index)| {
+            .transaction(|(entries, meta, hashes, index)| {
                 let stored: u64 = match meta.get(META_NEXT_ID)? {
                     Some(v) => decode("meta", "next_id", &v)
                         .map_err(ConflictableTransactionError::Abort)?,
@@ -480,14 +494,21 @@ impl Store {
                 if after > stored {
                     meta.insert(META_NEXT_ID, encode(&after))?;
                 }
-                for ((id, img, ekey, emb), n) in encoded.iter().zip(images_in) {
-                    images.insert(&id[..], img.as_slice())?;
+                for n in images_in {
                     entries::put_entry_tx(entries, hashes, index, n.id, &n.entry, None)?;
-                    embeddings.insert(&ekey[..], emb.as_slice())?;
                 }
                 Ok::<_, ConflictableTransactionError<Error>>(())
             })
-            .map_err(abort)
+            .map_err(abort);
+        if committed.is_err() {
+            // Nothing refers to them; removed so that they do not linger (best effort: an id
+            // is never given to an entry twice, so one left here is never read).
+            for (id, _, ekey, _) in &encoded {
+                let _ = self.images.remove(&id[..]);
+                let _ = self.embeddings.remove(&ekey[..]);
+            }
+        }
+        committed
     }
 
     /// Removes an image, its entry and its embeddings under every model in `models`, and
