@@ -662,8 +662,10 @@ impl Drop for Inner {
         // After the store's flush, and only if it worked: the catalogue must not claim writes
         // that are not durable.
         // Not from a poisoned handle either: what it holds in memory may lag its store.
+        // The store is flushed either way (pack files synced, sled fsynced).
+        let flushed = self.store.flush().is_ok();
         let poisoned = self.poisoned.get_mut().map_or(true, |p| p.is_some());
-        if !poisoned && self.store.flush().is_ok() && state.catalogue.dirty {
+        if !poisoned && flushed && state.catalogue.dirty {
             let (id_bound, seen) = self.pending.marks(&self.store);
             if catalogue::save(&self.dir, &state.catalogue, id_bound, seen).is_ok() {
                 let _ = self.store.trim_changes(seen);
