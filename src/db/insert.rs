@@ -388,7 +388,7 @@ impl Db {
             }
             done += part.len();
             if hnsw && !serial {
-                step = next_piece(part.len(), started.elapsed(), cores());
+                step = next_piece(part.len(), started.elapsed(), crate::index::cores());
                 state.index.add_piece = step;
             }
         }
@@ -458,10 +458,6 @@ where
 /// FAISS adds a piece of more than this many vectors on every core, a smaller one on one core
 /// (`hnsw_add_vertices`: `omp parallel if (i1 > i0 + 100)`).
 const FAISS_PARALLEL_ADD: usize = 100;
-
-fn cores() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
-}
 
 /// The size of the next piece of HNSW adds, from the last one (`last` vectors in `took`):
 /// as many as fit in [`HNSW_HOLD`], at most [`HNSW_ADD_MAX`]. A piece of up to

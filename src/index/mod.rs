@@ -353,8 +353,12 @@ impl VectorIndex {
 /// keep a core: with every core in the build, those adds ran at a third of their speed and
 /// queries waited up to 0.7 s behind them (`benches/stalls.rs`).
 pub(crate) fn leaving_a_core<T>(f: impl FnOnce() -> T) -> T {
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    ffi::with_threads(cores.saturating_sub(1), f)
+    ffi::with_threads(cores().saturating_sub(1), f)
+}
+
+/// The machine's cores (FAISS's OpenMP teams use them all unless told otherwise).
+pub(crate) fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 /// Sets bit `id` of a FAISS `IDSelectorBitmap` bitmap (bit `id` set means allowed).
