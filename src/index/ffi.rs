@@ -96,6 +96,30 @@ pub(super) fn search<I: NativeIndex<Inner = faiss_sys::FaissIndex>>(
                 .map(Some)
             }
         };
+        // One query on HNSW: lookalike's own call of FAISS's graph search (see
+        // `hnsw_search.cpp`), which answers 1 for any other kind of index.
+        let shim = match (&sel, n) {
+            (Ok(sel), 1) => {
+                let sel = sel.map_or(std::ptr::null(), |s| s.cast_const().cast());
+                match lookalike_hnsw_search(
+                    ptr.cast_const().cast(),
+                    queries.as_ptr(),
+                    k as i64,
+                    sel,
+                    distances.as_mut_ptr(),
+                    labels.as_mut_ptr(),
+                ) {
+                    0 => Some(Ok(())),
+                    1 => None,
+                    _ => Some(Err(Error::Index(
+                        CStr::from_ptr(lookalike_hnsw_last_error())
+                            .to_string_lossy()
+                            .into_owned(),
+                    ))),
+                }
+            }
+            _ => None,
+        };
         // One query: no OpenMP team (IndexIDMap's id translation opens a parallel region
         // whatever n is, which wakes the pool's threads to spin on the other cores).
         let threads = if n == 1 {
@@ -103,34 +127,37 @@ pub(super) fn search<I: NativeIndex<Inner = faiss_sys::FaissIndex>>(
         } else {
             omp_get_max_threads() as usize
         };
-        let result = with_threads(threads, || {
-            sel.and_then(|sel| match sel {
-                None => check(faiss_Index_search(
-                    ptr,
-                    n as idx_t,
-                    queries.as_ptr(),
-                    k as idx_t,
-                    distances.as_mut_ptr(),
-                    labels.as_mut_ptr(),
-                )),
-                Some(sel) => {
-                    let mut params: *mut FaissSearchParameters = std::ptr::null_mut();
-                    let r = check(faiss_SearchParameters_new(&mut params, sel)).and_then(|_| {
-                        check(faiss_Index_search_with_params(
-                            ptr,
-                            n as idx_t,
-                            queries.as_ptr(),
-                            k as idx_t,
-                            params,
-                            distances.as_mut_ptr(),
-                            labels.as_mut_ptr(),
-                        ))
-                    });
-                    if !params.is_null() {
-                        faiss_SearchParameters_free(params);
+        let result = shim.unwrap_or_else(|| {
+            with_threads(threads, || {
+                sel.and_then(|sel| match sel {
+                    None => check(faiss_Index_search(
+                        ptr,
+                        n as idx_t,
+                        queries.as_ptr(),
+                        k as idx_t,
+                        distances.as_mut_ptr(),
+                        labels.as_mut_ptr(),
+                    )),
+                    Some(sel) => {
+                        let mut params: *mut FaissSearchParameters = std::ptr::null_mut();
+                        let r =
+                            check(faiss_SearchParameters_new(&mut params, sel)).and_then(|_| {
+                                check(faiss_Index_search_with_params(
+                                    ptr,
+                                    n as idx_t,
+                                    queries.as_ptr(),
+                                    k as idx_t,
+                                    params,
+                                    distances.as_mut_ptr(),
+                                    labels.as_mut_ptr(),
+                                ))
+                            });
+                        if !params.is_null() {
+                            faiss_SearchParameters_free(params);
+                        }
+                        r
                     }
-                    r
-                }
+                })
             })
         });
         // The outer selector (last made) first, then the one it wraps.
@@ -145,6 +172,16 @@ pub(super) fn search<I: NativeIndex<Inner = faiss_sys::FaissIndex>>(
 }
 
 unsafe extern "C" {
+    // src/index/hnsw_search.cpp (compiled by build.rs).
+    fn lookalike_hnsw_search(
+        index: *const std::ffi::c_void,
+        x: *const f32,
+        k: i64,
+        sel: *const std::ffi::c_void,
+        distances: *mut f32,
+        labels: *mut idx_t,
+    ) -> std::os::raw::c_int;
+    fn lookalike_hnsw_last_error() -> *const std::os::raw::c_char;
     // libgomp, linked with FAISS.
     fn omp_get_max_threads() -> std::os::raw::c_int;
     fn omp_set_num_threads(n: std::os::raw::c_int);

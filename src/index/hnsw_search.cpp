@@ -1,0 +1,368 @@
+// One-query HNSW search for lookalike (src/index/ffi.rs, `search`).
+//
+// FAISS 1.12's IndexHNSW::search does two things per call that cost a single query a fifth of
+// its time at a million vectors (docs/benchmarks.md, "Session 15"):
+//   - it allocates and zeroes a visited table of one byte per stored vector (1 MB at 1M);
+//   - it measures distances with the kernels faiss-sys compiles without SIMD flags.
+// This file runs the same graph search (HNSW::search, FAISS's own code) with a visited table
+// kept per thread and reused (FAISS's VisitedTable clears itself every 250 searches), and a
+// distance computer whose kernels use AVX2 and FMA when the CPU has them (chosen at run time;
+// FAISS's portable kernels otherwise). Results, ids and distances are what
+// IndexIDMap<IndexHNSWFlat>::search returns, up to float rounding of the distances.
+//
+// Every C++ exception stops here: the functions return a code, and the message is kept for
+// lookalike_hnsw_last_error.
+
+#include <faiss/Index.h>
+#include <faiss/IndexFlatCodes.h>
+#include <faiss/IndexHNSW.h>
+#include <faiss/IndexIDMap.h>
+#include <faiss/impl/AuxIndexStructures.h>
+#include <faiss/impl/DistanceComputer.h>
+#include <faiss/impl/IDSelector.h>
+#include <faiss/impl/ResultHandler.h>
+#include <faiss/utils/distances.h>
+
+#include <cstdint>
+#include <exception>
+#include <memory>
+#include <string>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+// The layouts used here (VisitedTable, IndexIDMap, IndexHNSW, the result handler) are those of
+// the FAISS that faiss-sys 0.7.0 builds; build.rs compiles this file with that build's headers.
+static_assert(
+        FAISS_VERSION_MAJOR == 1 && FAISS_VERSION_MINOR == 12 &&
+                FAISS_VERSION_PATCH == 0,
+        "src/index/hnsw_search.cpp is written for FAISS 1.12.0 (faiss-sys 0.7.0)");
+
+namespace {
+
+thread_local std::string last_error;
+
+using faiss::idx_t;
+
+// ---- distance kernels --------------------------------------------------------------------
+
+struct Kernels {
+    float (*one)(const float* x, const float* y, size_t d);
+    void (*four)(
+            const float* x,
+            const float* y0,
+            const float* y1,
+            const float* y2,
+            const float* y3,
+            size_t d,
+            float* out);
+};
+
+float l2_portable(const float* x, const float* y, size_t d) {
+    return faiss::fvec_L2sqr(x, y, d);
+}
+
+void l2_portable_4(
+        const float* x,
+        const float* y0,
+        const float* y1,
+        const float* y2,
+        const float* y3,
+        size_t d,
+        float* out) {
+    faiss::fvec_L2sqr_batch_4(x, y0, y1, y2, y3, d, out[0], out[1], out[2], out[3]);
+}
+
+float ip_portable(const float* x, const float* y, size_t d) {
+    return faiss::fvec_inner_product(x, y, d);
+}
+
+void ip_portable_4(
+        const float* x,
+        const float* y0,
+        const float* y1,
+        const float* y2,
+        const float* y3,
+        size_t d,
+        float* out) {
+    faiss::fvec_inner_product_batch_4(
+            x, y0, y1, y2, y3, d, out[0], out[1], out[2], out[3]);
+}
+
+#if defined(__x86_64__)
+
+__attribute__((target("avx2,fma"))) inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+// Squared L2 distance (Ip = false) or inner product (Ip = true) between x and y.
+template <bool Ip>
+__attribute__((target("avx2,fma"))) float one_avx2(
+        const float* x,
+        const float* y,
+        size_t d) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    size_t i = 0;
+    for (; i + 16 <= d; i += 16) {
+        __m256 x0 = _mm256_loadu_ps(x + i), x1 = _mm256_loadu_ps(x + i + 8);
+        __m256 y0 = _mm256_loadu_ps(y + i), y1 = _mm256_loadu_ps(y + i + 8);
+        if (Ip) {
+            a0 = _mm256_fmadd_ps(x0, y0, a0);
+            a1 = _mm256_fmadd_ps(x1, y1, a1);
+        } else {
+            __m256 t0 = _mm256_sub_ps(x0, y0), t1 = _mm256_sub_ps(x1, y1);
+            a0 = _mm256_fmadd_ps(t0, t0, a0);
+            a1 = _mm256_fmadd_ps(t1, t1, a1);
+        }
+    }
+    for (; i + 8 <= d; i += 8) {
+        __m256 x0 = _mm256_loadu_ps(x + i), y0 = _mm256_loadu_ps(y + i);
+        if (Ip) {
+            a0 = _mm256_fmadd_ps(x0, y0, a0);
+        } else {
+            __m256 t0 = _mm256_sub_ps(x0, y0);
+            a0 = _mm256_fmadd_ps(t0, t0, a0);
+        }
+    }
+    float s = hsum(_mm256_add_ps(a0, a1));
+    for (; i < d; i++) {
+        s += Ip ? x[i] * y[i] : (x[i] - y[i]) * (x[i] - y[i]);
+    }
+    return s;
+}
+
+// Four distances at once: the four vectors' loads are in flight together, which is most of
+// the gain on vectors that are not in cache.
+template <bool Ip>
+__attribute__((target("avx2,fma"))) void four_avx2(
+        const float* x,
+        const float* y0,
+        const float* y1,
+        const float* y2,
+        const float* y3,
+        size_t d,
+        float* out) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+    size_t i = 0;
+    for (; i + 8 <= d; i += 8) {
+        __m256 q = _mm256_loadu_ps(x + i);
+        __m256 v0 = _mm256_loadu_ps(y0 + i), v1 = _mm256_loadu_ps(y1 + i);
+        __m256 v2 = _mm256_loadu_ps(y2 + i), v3 = _mm256_loadu_ps(y3 + i);
+        if (Ip) {
+            a0 = _mm256_fmadd_ps(q, v0, a0);
+            a1 = _mm256_fmadd_ps(q, v1, a1);
+            a2 = _mm256_fmadd_ps(q, v2, a2);
+            a3 = _mm256_fmadd_ps(q, v3, a3);
+        } else {
+            v0 = _mm256_sub_ps(q, v0);
+            v1 = _mm256_sub_ps(q, v1);
+            v2 = _mm256_sub_ps(q, v2);
+            v3 = _mm256_sub_ps(q, v3);
+            a0 = _mm256_fmadd_ps(v0, v0, a0);
+            a1 = _mm256_fmadd_ps(v1, v1, a1);
+            a2 = _mm256_fmadd_ps(v2, v2, a2);
+            a3 = _mm256_fmadd_ps(v3, v3, a3);
+        }
+    }
+    float s[4] = {hsum(a0), hsum(a1), hsum(a2), hsum(a3)};
+    const float* ys[4] = {y0, y1, y2, y3};
+    for (; i < d; i++) {
+        for (int j = 0; j < 4; j++) {
+            float t = Ip ? x[i] * ys[j][i] : (x[i] - ys[j][i]) * (x[i] - ys[j][i]);
+            s[j] += t;
+        }
+    }
+    for (int j = 0; j < 4; j++) {
+        out[j] = s[j];
+    }
+}
+
+#endif
+
+bool has_avx2() {
+#if defined(__x86_64__)
+    static const bool yes =
+            __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    return yes;
+#else
+    return false;
+#endif
+}
+
+Kernels kernels(bool ip) {
+#if defined(__x86_64__)
+    if (has_avx2()) {
+        return ip ? Kernels{one_avx2<true>, four_avx2<true>}
+                  : Kernels{one_avx2<false>, four_avx2<false>};
+    }
+#endif
+    return ip ? Kernels{ip_portable, ip_portable_4}
+              : Kernels{l2_portable, l2_portable_4};
+}
+
+// HNSW searches for the smallest value: squared L2 as it is, inner products negated (as
+// FAISS's NegativeDistanceComputer does for IndexHNSW on an inner-product storage).
+struct FlatDistance : faiss::DistanceComputer {
+    const float* base;
+    size_t d;
+    bool ip;
+    Kernels k;
+    const float* q = nullptr;
+
+    FlatDistance(const float* base, size_t d, bool ip)
+            : base(base), d(d), ip(ip), k(kernels(ip)) {}
+
+    float sign(float v) const {
+        return ip ? -v : v;
+    }
+
+    void set_query(const float* x) override {
+        q = x;
+    }
+
+    float operator()(idx_t i) override {
+        return sign(k.one(q, base + i * d, d));
+    }
+
+    void distances_batch_4(
+            const idx_t i0,
+            const idx_t i1,
+            const idx_t i2,
+            const idx_t i3,
+            float& d0,
+            float& d1,
+            float& d2,
+            float& d3) override {
+        float out[4];
+        k.four(q, base + i0 * d, base + i1 * d, base + i2 * d, base + i3 * d, d, out);
+        d0 = sign(out[0]);
+        d1 = sign(out[1]);
+        d2 = sign(out[2]);
+        d3 = sign(out[3]);
+    }
+
+    float symmetric_dis(idx_t i, idx_t j) override {
+        return sign(k.one(base + i * d, base + j * d, d));
+    }
+};
+
+// The calling thread's visited table, grown to the largest index it has searched. HNSW::search
+// marks with a generation number and advances it at the end of each search.
+thread_local std::unique_ptr<faiss::VisitedTable> visited;
+
+faiss::VisitedTable& visited_table(size_t n) {
+    if (!visited) {
+        visited = std::make_unique<faiss::VisitedTable>(static_cast<int>(n));
+    } else if (visited->visited.size() < n) {
+        // New entries are 0, which no generation (1..249) equals: unvisited.
+        visited->visited.resize(n, 0);
+    }
+    return *visited;
+}
+
+} // namespace
+
+extern "C" {
+
+// Searches one query `x` in `index` when it is an IndexIDMap over an IndexHNSWFlat (flat
+// float storage, L2 or inner product), writing k distances and ids (-1 past the results).
+// `sel` (may be null) is an IDSelector over the external ids. Returns 0 on success, 1 when the
+// index is of another kind (nothing written: use Index::search), -1 on a FAISS error (see
+// lookalike_hnsw_last_error).
+int lookalike_hnsw_search(
+        const void* index,
+        const float* x,
+        int64_t k,
+        const void* sel,
+        float* distances,
+        int64_t* labels) {
+    try {
+        auto* map = dynamic_cast<const faiss::IndexIDMap*>(
+                static_cast<const faiss::Index*>(index));
+        if (!map) {
+            return 1;
+        }
+        auto* hnsw = dynamic_cast<const faiss::IndexHNSW*>(map->index);
+        if (!hnsw) {
+            return 1;
+        }
+        auto* flat = dynamic_cast<const faiss::IndexFlatCodes*>(hnsw->storage);
+        if (!flat || flat->code_size != sizeof(float) * size_t(flat->d)) {
+            return 1;
+        }
+        bool ip;
+        if (hnsw->metric_type == faiss::METRIC_L2) {
+            ip = false;
+        } else if (hnsw->metric_type == faiss::METRIC_INNER_PRODUCT) {
+            ip = true;
+        } else {
+            return 1;
+        }
+        if (k <= 0) {
+            last_error = "k must be positive";
+            return -1;
+        }
+
+        using RH = faiss::HeapBlockResultHandler<faiss::HNSW::C>;
+        RH block(1, distances, labels, k);
+        RH::SingleResultHandler res(block);
+        FlatDistance dis(
+                reinterpret_cast<const float*>(flat->codes.data()),
+                size_t(flat->d),
+                ip);
+        dis.set_query(x);
+
+        faiss::IDSelectorTranslated translated(
+                map->id_map, static_cast<const faiss::IDSelector*>(sel));
+        faiss::SearchParametersHNSW params;
+        params.efSearch = hnsw->hnsw.efSearch;
+        params.check_relative_distance = hnsw->hnsw.check_relative_distance;
+        params.bounded_queue = hnsw->hnsw.search_bounded_queue;
+        params.sel = sel ? &translated : nullptr;
+
+        faiss::VisitedTable& vt = visited_table(size_t(hnsw->ntotal));
+        res.begin(0);
+        try {
+            hnsw->hnsw.search(dis, res, vt, &params);
+        } catch (...) {
+            // A search cut short leaves marks of the current generation behind.
+            std::fill(vt.visited.begin(), vt.visited.end(), 0);
+            vt.visno = 1;
+            throw;
+        }
+        res.end();
+
+        for (int64_t i = 0; i < k; i++) {
+            if (ip) {
+                distances[i] = -distances[i];
+            }
+            if (labels[i] >= 0) {
+                labels[i] = map->id_map[labels[i]];
+            }
+        }
+        return 0;
+    } catch (const std::exception& e) {
+        last_error = e.what();
+        return -1;
+    } catch (...) {
+        last_error = "unknown C++ exception in the HNSW search";
+        return -1;
+    }
+}
+
+// The message of this thread's last failed lookalike_hnsw_search (valid until its next call).
+const char* lookalike_hnsw_last_error() {
+    return last_error.c_str();
+}
+
+// Whether the AVX2 and FMA kernels are in use (for benchmarks and logs).
+int lookalike_hnsw_simd() {
+    return has_avx2() ? 1 : 0;
+}
+
+} // extern "C"
