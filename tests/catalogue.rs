@@ -7,7 +7,7 @@ use std::path::Path;
 
 use lookalike::{Db, ImageId, IndexSource, Options};
 
-use crate::common::{insert_classes, relaxed, tempdir};
+use crate::common::{insert_classes, noise_png, relaxed, tempdir};
 
 /// Every id with its label, and every label with its count.
 type View = (Vec<(ImageId, Option<String>)>, Vec<(String, usize)>);
@@ -213,5 +213,66 @@ fn writers_and_saves_at_once_leave_a_catalogue_that_matches_the_store() {
     assert_eq!(view(&db), before);
     for (id, label) in before.0 {
         assert_eq!(db.meta(id).unwrap().label, label, "{id:?}");
+    }
+}
+
+/// Sources and metadata of hits, from a database whose catalogue file is of format 1 (main
+/// before the details bit: tests/fixtures/main-v5.db; scanned once) and then of format 2;
+/// images with neither (whose entries queries do not read) and images given them later.
+#[test]
+fn hits_keep_sources_and_metadata_across_the_catalogue_upgrade() {
+    let dir = tempdir();
+    let path = dir.path().join("v5.db");
+    crate::persistence::fixture("main-v5.db", &path);
+    // ids 2-6 bag (with metadata {"shoot": "2024-05"}), 7-12 sandal; id 1 removed.
+    let check = |db: &Db| {
+        for id in db.ids().into_iter().filter(|i| i.0 <= 12) {
+            let hits = db.nearest_to(id, 11).unwrap();
+            assert_eq!(hits.len(), 11.min(db.len() - 1));
+            for h in hits.iter().filter(|h| h.id.0 <= 12) {
+                let src = h.source.as_deref().unwrap_or_default();
+                let bag = h.id.0 <= 6;
+                assert!(
+                    src.starts_with(if bag { "src/bag/" } else { "src/sandal/" }),
+                    "{h:?}"
+                );
+                let shoot = h.metadata.as_ref().and_then(|m| m.get("shoot"));
+                assert_eq!(shoot.is_some(), bag, "{h:?}");
+            }
+        }
+    };
+    let (plain, later);
+    {
+        let db = Db::open_with(&path, Options::default()).unwrap();
+        assert_eq!(db.len(), 11);
+        check(&db);
+        plain = db.insert_image(&noise_png(3, 28), Some("bare")).unwrap();
+        later = db.insert_image(&noise_png(4, 28), Some("bare")).unwrap();
+        db.set_meta(
+            later,
+            &lookalike::ImageMeta {
+                label: Some("bare".into()),
+                source: Some("given/later.png".into()),
+                metadata: None,
+            },
+        )
+        .unwrap();
+    }
+    // The first open scanned the entries and wrote format 2 (bincode's varint after the magic).
+    assert_eq!(fs::read(path.join("catalogue.bin")).unwrap()[8], 2);
+    for _ in 0..2 {
+        let db = Db::open_with(&path, Options::default()).unwrap();
+        check(&db);
+        let hit = |id: ImageId| {
+            db.nearest_to(ImageId(2), 12)
+                .unwrap()
+                .into_iter()
+                .find(|h| h.id == id)
+                .unwrap()
+        };
+        assert_eq!(hit(plain).source, None);
+        assert_eq!(hit(plain).metadata, None);
+        assert_eq!(hit(later).source.as_deref(), Some("given/later.png"));
+        assert_eq!(hit(later).label.as_deref(), Some("bare"));
     }
 }

@@ -282,6 +282,12 @@ pub(crate) fn fixture(name: &str, to: &Path) {
     for f in ["index.faiss", "index.stamp", "store/conf"] {
         fs::copy(from.join(f), to.join(f)).unwrap();
     }
+    // Written by later formats only.
+    for f in ["catalogue.bin", "index.vectors"] {
+        if from.join(f).exists() {
+            fs::copy(from.join(f), to.join(f)).unwrap();
+        }
+    }
     if from.join("images").exists() {
         fs::create_dir_all(to.join("images")).unwrap();
         for entry in fs::read_dir(from.join("images")).unwrap() {

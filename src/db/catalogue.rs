@@ -19,6 +19,11 @@
 //! A file that is missing, damaged, or claims ids the store never gave is not used: the
 //! entries are scanned as before format 5, and the file is removed at once, so that a file
 //! that only failed to read this time cannot be trusted later with marks the log has passed.
+//!
+//! Besides its label, each image has one bit saying whether its entry has a source or metadata
+//! ([`Catalogue::has_details`]): a query's hits read the store only for those. A file of format
+//! 1 (before the bit) is not used: the first open by this version scans the entries, once, and
+//! writes format 2.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs;
@@ -29,20 +34,25 @@ use std::sync::Mutex;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::store::{sync_dir, Store};
+use crate::store::{sync_dir, EntryRecord, Store};
 use crate::ImageId;
 
 const FILE: &str = "catalogue.bin";
 const TEMP_FILE: &str = "catalogue.bin.tmp";
 const MAGIC: [u8; 8] = *b"LKLCATLG";
-const FILE_FORMAT: u16 = 1;
-/// A label slot meaning "no label".
-const NONE: u32 = u32::MAX;
+const FILE_FORMAT: u16 = 2;
+/// The format before the details bit.
+const FILE_FORMAT_1: u16 = 1;
+/// A label slot meaning "no label" (the label part of a slot is its low 31 bits).
+const NONE: u32 = 0x7FFF_FFFF;
+/// The bit of a slot saying that the image's entry has a source or metadata.
+const DETAILS: u32 = 0x8000_0000;
 
 /// Stored ids and their labels (labels interned: an id costs a map entry, not a string).
 #[derive(Debug, Default)]
 pub(super) struct Catalogue {
-    /// Id -> label slot (or [`NONE`]).
+    /// Id -> label slot (or [`NONE`]), with [`DETAILS`] set when the entry has a source or
+    /// metadata.
     slots: HashMap<u64, u32, foldhash::fast::RandomState>,
     /// Slot -> label, and label -> slot; a slot outlives its last image until the next load.
     names: Vec<String>,
@@ -68,8 +78,15 @@ impl Catalogue {
         self.slots.get(&id).map(|s| self.name(*s))
     }
 
+    /// Whether `id`'s entry may have a source or metadata (true for an id not stored: the
+    /// store then answers).
+    pub fn has_details(&self, id: u64) -> bool {
+        self.slots.get(&id).is_none_or(|s| s & DETAILS != 0)
+    }
+
+    /// The label of a slot (its details bit ignored).
     fn name(&self, slot: u32) -> Option<&str> {
-        self.names.get(slot as usize).map(String::as_str)
+        self.names.get((slot & NONE) as usize).map(String::as_str)
     }
 
     /// Every stored id, in no order.
@@ -104,8 +121,13 @@ impl Catalogue {
         self.by_label.get(label)
     }
 
-    /// Stores `id` with `label` (replacing what it had).
-    pub fn set(&mut self, id: u64, label: Option<&str>) {
+    /// Stores `id` with its entry's label and whether it has a source or metadata (replacing
+    /// what it had).
+    pub fn set(&mut self, id: u64, entry: &EntryRecord) {
+        self.set_parts(id, entry.label.as_deref(), has_details(entry));
+    }
+
+    fn set_parts(&mut self, id: u64, label: Option<&str>, details: bool) {
         self.remove(id);
         let slot = match label {
             None => NONE,
@@ -122,7 +144,8 @@ impl Catalogue {
                 }
             }
         };
-        self.slots.insert(id, slot);
+        self.slots
+            .insert(id, if details { slot | DETAILS } else { slot });
         self.dirty = true;
     }
 
@@ -131,7 +154,7 @@ impl Catalogue {
         let Some(slot) = self.slots.remove(&id) else {
             return false;
         };
-        if let Some(l) = self.names.get(slot as usize) {
+        if let Some(l) = self.names.get((slot & NONE) as usize) {
             if let Some(set) = self.by_label.get_mut(l) {
                 set.remove(&id);
                 if set.is_empty() {
@@ -146,7 +169,7 @@ impl Catalogue {
     /// Brings `id` in line with its stored entry (set, or removed when there is none).
     fn refresh(&mut self, store: &Store, id: ImageId) -> Result<()> {
         match store.entry(id)? {
-            Some(e) => self.set(id.0, e.label.as_deref()),
+            Some(e) => self.set(id.0, &e),
             None => {
                 self.remove(id.0);
             }
@@ -156,6 +179,11 @@ impl Catalogue {
 }
 
 /// How the catalogue was loaded at open.
+/// Whether a query's hit needs the entry from the store: it has a source or metadata.
+fn has_details(entry: &EntryRecord) -> bool {
+    entry.source.is_some() || entry.metadata.is_some()
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum Loaded {
     /// From `catalogue.bin`, then `caught_up` entries re-read from the store.
@@ -194,7 +222,7 @@ pub(super) fn load(dir: &Path, store: &Store) -> Result<(Catalogue, Loaded, u64)
                 let mut caught_up = 0;
                 for entry in store.entries_from(ImageId(id_bound)) {
                     let (id, e) = entry?;
-                    catalogue.set(id.0, e.label.as_deref());
+                    catalogue.set(id.0, &e);
                     caught_up += 1;
                 }
                 for id in store.changes_after(seen)? {
@@ -206,7 +234,7 @@ pub(super) fn load(dir: &Path, store: &Store) -> Result<(Catalogue, Loaded, u64)
             }
             Err(why) => {
                 remove(dir)?;
-                format!("{FILE} is damaged ({why})")
+                format!("{FILE} is not usable ({why})")
             }
         },
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => format!("no {FILE}"),
@@ -218,7 +246,7 @@ pub(super) fn load(dir: &Path, store: &Store) -> Result<(Catalogue, Loaded, u64)
     let mut catalogue = Catalogue::default();
     for entry in store.entries() {
         let (id, e) = entry?;
-        catalogue.set(id.0, e.label.as_deref());
+        catalogue.set(id.0, &e);
     }
     catalogue.dirty = true;
     Ok((catalogue, Loaded::Scanned(why), 0))
@@ -240,8 +268,14 @@ fn parse(bytes: &[u8], store_bound: u64) -> std::result::Result<(Catalogue, u64,
         Ok(_) => return Err("trailing bytes".into()),
         Err(e) => return Err(format!("does not decode: {e}")),
     };
+    if file.magic == MAGIC && file.format == FILE_FORMAT_1 {
+        return Err("format 1, which does not say which entries have a source or metadata".into());
+    }
     if file.magic != MAGIC || file.format != FILE_FORMAT {
         return Err("wrong magic number or format".into());
+    }
+    if file.labels.len() >= NONE as usize {
+        return Err(format!("{} labels", file.labels.len()));
     }
     if file.id_bound > store_bound {
         return Err(format!(
@@ -270,12 +304,13 @@ fn parse(bytes: &[u8], store_bound: u64) -> std::result::Result<(Catalogue, u64,
             Some(next) if gap > 0 && next < file.id_bound => next,
             _ => return Err("ids are not ascending below its bound".into()),
         };
-        if slot != NONE {
-            match runs.get_mut(slot as usize) {
+        let label = slot & NONE;
+        if label != NONE {
+            match runs.get_mut(label as usize) {
                 Some(run) => run.push(id),
                 None => {
                     return Err(format!(
-                        "image {id} has label slot {slot} of {}",
+                        "image {id} has label slot {label} of {}",
                         runs.len()
                     ))
                 }
@@ -313,11 +348,11 @@ pub(super) fn save(dir: &Path, catalogue: &Catalogue, id_bound: u64, seen: u64) 
     for (id, s) in ids {
         gaps.push(id - last);
         last = id;
-        slots.push(if s == NONE {
-            NONE
-        } else {
-            renumber[s as usize]
-        });
+        let label = match s & NONE {
+            NONE => NONE,
+            l => renumber[l as usize],
+        };
+        slots.push(label | (s & DETAILS));
     }
     let file = CatalogueFile {
         magic: MAGIC,
@@ -472,13 +507,14 @@ mod tests {
 
     pub(super) fn sample() -> Catalogue {
         let mut c = Catalogue::default();
-        c.set(1, Some("bag"));
-        c.set(2, None);
-        c.set(5, Some("sandal"));
-        c.set(9, Some("bag"));
-        c.set(7, Some("coat"));
+        c.set_parts(1, Some("bag"), true);
+        c.set_parts(2, None, false);
+        c.set_parts(5, Some("sandal"), false);
+        c.set_parts(9, Some("bag"), true);
+        c.set_parts(7, Some("coat"), true);
         c.remove(7);
-        c.set(2, Some("bag"));
+        c.set_parts(2, Some("bag"), false);
+        c.set_parts(3, None, true);
         c
     }
 
@@ -498,6 +534,24 @@ mod tests {
         assert_eq!(back.by_label(), c.by_label());
         // "coat" lost its last image: not written.
         assert_eq!(back.names.len(), 2);
+        for id in [1, 2, 3, 5, 9] {
+            assert_eq!(back.has_details(id), c.has_details(id), "id {id}");
+        }
+        assert_eq!(
+            (1..=9)
+                .filter(|id| back.has_details(*id))
+                .collect::<Vec<_>>(),
+            // 4, 6, 7 and 8 are not stored: the store answers for them.
+            vec![1, 3, 4, 6, 7, 8, 9]
+        );
+    }
+
+    /// A format-1 file, as main wrote it before the details bit (tests/fixtures/main-v5.db),
+    /// is not used (open then scans the entries and writes format 2).
+    #[test]
+    fn a_format_1_file_is_not_used() {
+        let bytes = include_bytes!("../../tests/fixtures/main-v5.db/catalogue.bin");
+        assert!(parse(bytes, 13).unwrap_err().contains("format 1"));
     }
 
     #[test]

@@ -338,7 +338,7 @@ impl Db {
         // The catalogue first, then the vectors: a query meanwhile may miss some of this
         // batch, never see a vector without its label.
         for n in &new {
-            state.catalogue.set(n.id.0, n.entry.label.as_deref());
+            state.catalogue.set(n.id.0, &n.entry);
         }
         state.dirty = true;
         if state.model.version != model.version {

@@ -276,7 +276,7 @@ impl Db {
             // Removed since the entry was updated: the removal wins, nothing comes back.
             return Err(Error::UnknownImage(id));
         }
-        state.catalogue.set(id.0, entry.label.as_deref());
+        state.catalogue.set(id.0, &entry);
         drop(state);
         drop(held);
         Ok(())

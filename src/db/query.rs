@@ -266,15 +266,19 @@ impl Db {
             .into_iter()
             .enumerate()
             .map(|(i, n)| {
-                // Source and metadata from the store (the catalogue in memory has labels only).
-                let meta = self
-                    .inner
-                    .store
-                    .entry(n.id)
-                    .ok()
-                    .flatten()
-                    .map(|e| meta::meta_of(&e))
-                    .unwrap_or_default();
+                // Source and metadata from the store (the catalogue in memory has labels
+                // only, and knows which entries have neither: those are not read).
+                let meta = if state.catalogue.has_details(n.id.0) {
+                    self.inner
+                        .store
+                        .entry(n.id)
+                        .ok()
+                        .flatten()
+                        .map(|e| meta::meta_of(&e))
+                        .unwrap_or_default()
+                } else {
+                    crate::ImageMeta::default()
+                };
                 Hit {
                     id: n.id,
                     distance: n.distance,
