@@ -276,15 +276,15 @@ fn has_image_extension(p: &Path) -> bool {
         .unwrap_or(false)
 }
 
-/// Encoded bytes per batch of `add`. Two batches are being inserted while a third is read, so
-/// about four times this is held, whatever `--batch` says (12 MP phone photos are 2-5 MB each).
-/// 64 MiB rather than 32: with about 20 photos per batch instead of 10, fewer cores idle at the
-/// end of each batch's parallel decode (240 photos of 12 MP: 7.7-7.9 s instead of 8.2-8.6 s,
-/// 186-189 % CPU instead of 180 %; peak RSS 480 MiB instead of 300).
-const BATCH_BYTES: usize = 64 << 20;
-/// Batches inserted at once: while one is being stored (a serial write), the other is decoded
-/// on every core.
-const INSERTERS: usize = 2;
+/// Encoded bytes per batch of `add`. Three batches are being inserted while a fourth is read,
+/// so about four times this is held, whatever `--batch` says (12 MP phone photos are 2-5 MB
+/// each). Three inserters of 32 MiB against two of 64 MiB (240 photos of 12 MP, five and
+/// eight runs, interleaved): 4.80-4.92 s against 4.92-5.56 s, 186-188 % CPU against 182-186 %,
+/// peak RSS 318-325 MiB against 427-447.
+const BATCH_BYTES: usize = 32 << 20;
+/// Batches inserted at once: while one is being stored (a serial write), the others are
+/// decoded on every core.
+const INSERTERS: usize = 3;
 
 /// One file read for `add`: its path, its bytes (or why they could not be read) and what to
 /// store with it.
@@ -423,8 +423,8 @@ fn stream(
     Ok(counts.into_inner().unwrap_or_default())
 }
 
-/// Whose turn it is to store: batches are decoded two at a time but stored in the order they
-/// were read, so ids follow file order.
+/// Whose turn it is to store: batches are decoded several at a time but stored in the order
+/// they were read, so ids follow file order.
 #[derive(Default)]
 struct Turn {
     /// The next batch to store, and whether a batch failed (then no later one is stored).
