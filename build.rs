@@ -1,4 +1,4 @@
-//! Compiles `src/index/hnsw_search.cpp`, lookalike's one-query HNSW search, against the FAISS
+//! Compiles `src/index/hnsw.cpp`, lookalike's one-query HNSW search, against the FAISS
 //! that faiss-sys builds (its headers; the code links with faiss-sys's libfaiss).
 //!
 //! faiss-sys installs FAISS's headers in its own build folder and does not announce where, so
@@ -8,7 +8,7 @@
 
 use std::path::{Path, PathBuf};
 
-const SHIM: &str = "src/index/hnsw_search.cpp";
+const SHIM: &str = "src/index/hnsw.cpp";
 
 fn main() {
     println!("cargo:rerun-if-changed={SHIM}");

@@ -97,7 +97,7 @@ pub(super) fn search<I: NativeIndex<Inner = faiss_sys::FaissIndex>>(
             }
         };
         // One query on HNSW: lookalike's own call of FAISS's graph search (see
-        // `hnsw_search.cpp`), which answers 1 for any other kind of index.
+        // `hnsw.cpp`), which answers 1 for any other kind of index.
         let shim = match (&sel, n) {
             (Ok(sel), 1) => {
                 let sel = sel.map_or(std::ptr::null(), |s| s.cast_const().cast());
@@ -111,11 +111,7 @@ pub(super) fn search<I: NativeIndex<Inner = faiss_sys::FaissIndex>>(
                 ) {
                     0 => Some(Ok(())),
                     1 => None,
-                    _ => Some(Err(Error::Index(
-                        CStr::from_ptr(lookalike_hnsw_last_error())
-                            .to_string_lossy()
-                            .into_owned(),
-                    ))),
+                    _ => Some(Err(Error::Index(last_error()))),
                 }
             }
             _ => None,
@@ -172,7 +168,7 @@ pub(super) fn search<I: NativeIndex<Inner = faiss_sys::FaissIndex>>(
 }
 
 unsafe extern "C" {
-    // src/index/hnsw_search.cpp (compiled by build.rs).
+    // src/index/hnsw.cpp (compiled by build.rs).
     fn lookalike_hnsw_search(
         index: *const std::ffi::c_void,
         x: *const f32,
@@ -182,9 +178,34 @@ unsafe extern "C" {
         labels: *mut idx_t,
     ) -> std::os::raw::c_int;
     fn lookalike_hnsw_last_error() -> *const std::os::raw::c_char;
+    fn lookalike_hnsw_use_own_kernels(index: *mut std::ffi::c_void) -> std::os::raw::c_int;
     // libgomp, linked with FAISS.
     fn omp_get_max_threads() -> std::os::raw::c_int;
     fn omp_set_num_threads(n: std::os::raw::c_int);
+}
+
+/// Gives an HNSW index lookalike's distance kernels (AVX2 and FMA when the CPU has them) for
+/// FAISS's own adds and searches (see `hnsw.cpp`); any other index is left as it is.
+pub(super) fn use_own_kernels<I: NativeIndex<Inner = faiss_sys::FaissIndex>>(
+    index: &mut I,
+) -> Result<()> {
+    // SAFETY: the index is borrowed mutably, so no other thread uses it while its storage is
+    // replaced; the C++ side catches every exception.
+    match unsafe { lookalike_hnsw_use_own_kernels(index.inner_ptr().cast()) } {
+        0 | 1 => Ok(()),
+        _ => Err(Error::Index(last_error())),
+    }
+}
+
+/// This thread's last error message from `hnsw.cpp`.
+fn last_error() -> String {
+    // SAFETY: a NUL-terminated string owned by the C++ side, valid until its next call on this
+    // thread.
+    unsafe {
+        CStr::from_ptr(lookalike_hnsw_last_error())
+            .to_string_lossy()
+            .into_owned()
+    }
 }
 
 /// Runs `f` with FAISS's OpenMP parallel regions on this thread limited to `threads` threads

@@ -100,7 +100,9 @@ impl VectorIndex {
         };
         let dim32 = u32::try_from(dim)
             .map_err(|_| Error::InvalidArgument(format!("dimension {dim} is too large")))?;
-        let inner = faiss::index_factory(dim32, shape.factory(), faiss_metric)?.into_id_map()?;
+        let mut inner =
+            faiss::index_factory(dim32, shape.factory(), faiss_metric)?.into_id_map()?;
+        ffi::use_own_kernels(&mut inner)?;
         let mut index = VectorIndex {
             inner,
             shape,
@@ -118,11 +120,12 @@ impl VectorIndex {
 
     /// Wraps an index read from a snapshot.
     fn from_parts(
-        inner: faiss::index::id_map::IdMap<IndexImpl>,
+        mut inner: faiss::index::id_map::IdMap<IndexImpl>,
         shape: Shape,
         metric: Metric,
         dim: usize,
-    ) -> Self {
+    ) -> Result<Self> {
+        ffi::use_own_kernels(&mut inner)?;
         let ids: IdSet = inner.id_map().iter().filter_map(|i| i.get()).collect();
         let max_id = ids.iter().copied().max().unwrap_or(0);
         let mut index = VectorIndex {
@@ -137,7 +140,7 @@ impl VectorIndex {
             add_piece: 1,
         };
         index.refresh_bits();
-        index
+        Ok(index)
     }
 
     /// Remakes [`VectorIndex::live_bits`] from the ids, or drops it when they are sparse.
@@ -394,10 +397,10 @@ mod tests {
         }
     }
 
-    /// One-query HNSW searches go through `hnsw_search.cpp` (a reused visited table, its own
-    /// distance kernels); batches through FAISS's `IndexIDMap::search`. Both give the same
-    /// ids and distances, for both metrics, dimensions with and without a SIMD tail, and with
-    /// removed ids masked out.
+    /// One-query HNSW searches go through `hnsw.cpp` (a reused visited table); batches through
+    /// FAISS's `IndexIDMap::search`. Both give the same ids and distances, for both metrics,
+    /// dimensions with and without a SIMD tail, and with removed ids masked out; the distances
+    /// (from `hnsw.cpp`'s kernels, which FAISS's adds and searches use too) are the exact ones.
     #[test]
     fn one_query_hnsw_search_matches_faiss_own() {
         use rand::{Rng, SeedableRng};
@@ -427,6 +430,16 @@ mod tests {
                         assert_eq!(a.id, b.id, "{metric:?} dim {dim} query {q}");
                         assert!((a.distance - b.distance).abs() < 1e-4, "{a:?} {b:?}");
                         assert!(a.id.0 > 50, "a removed id came back: {a:?}");
+                        // The kernels' distance, against the one computed here.
+                        let i = (a.id.0 - 1) as usize;
+                        let v = &vectors[i * dim..(i + 1) * dim];
+                        let want = match metric {
+                            Metric::L2 => query.iter().zip(v).map(|(x, y)| (x - y) * (x - y)).sum(),
+                            Metric::Cosine => (1.0
+                                - query.iter().zip(v).map(|(x, y)| x * y).sum::<f32>())
+                            .max(0.0),
+                        };
+                        assert!((a.distance - want).abs() < 1e-4, "{a:?} against {want}");
                     }
                 }
             }

@@ -430,7 +430,7 @@ pub(crate) fn finish(
         Ok(Err(e)) => return corrupt(format!("FAISS could not read it: {e}")),
         Err(_) => return corrupt("FAISS's reader panicked".into()),
     };
-    let index = VectorIndex::from_parts(inner, stamp.shape, metric, dim);
+    let index = VectorIndex::from_parts(inner, stamp.shape, metric, dim)?;
     if index.ids().len() as u64 != summary.count {
         return corrupt("an id appears twice".into());
     }

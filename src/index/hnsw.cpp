@@ -1,19 +1,22 @@
-// One-query HNSW search for lookalike (src/index/ffi.rs, `search`).
+// lookalike's additions to FAISS's HNSW (src/index/ffi.rs).
 //
-// FAISS 1.12's IndexHNSW::search does two things per call that cost a single query a fifth of
-// its time at a million vectors (docs/benchmarks.md, "Session 15"):
-//   - it allocates and zeroes a visited table of one byte per stored vector (1 MB at 1M);
-//   - it measures distances with the kernels faiss-sys compiles without SIMD flags.
-// This file runs the same graph search (HNSW::search, FAISS's own code) with a visited table
-// kept per thread and reused (FAISS's VisitedTable clears itself every 250 searches), and a
-// distance computer whose kernels use AVX2 and FMA when the CPU has them (chosen at run time;
-// FAISS's portable kernels otherwise). Results, ids and distances are what
-// IndexIDMap<IndexHNSWFlat>::search returns, up to float rounding of the distances.
+// FAISS 1.12, as faiss-sys builds it, measures distances with kernels compiled without SIMD
+// flags, and its IndexHNSW::search allocates and zeroes a visited table of one byte per stored
+// vector on every call (1 MB at 1M): together a third of a one-query search at a million
+// vectors (docs/benchmarks.md, "Session 15"). This file gives an HNSW index
+//   - a flat storage whose distance computer uses AVX2 and FMA when the CPU has them (chosen at
+//     run time; FAISS's portable kernels otherwise): FAISS's own adds and searches use it
+//     (lookalike_hnsw_use_own_kernels);
+//   - a one-query search that runs FAISS's own HNSW::search with a visited table kept per
+//     thread and reused (FAISS's VisitedTable clears itself every 250 searches)
+//     (lookalike_hnsw_search). Ids and distances are what IndexIDMap::search returns, up to
+//     float rounding of the distances.
 //
 // Every C++ exception stops here: the functions return a code, and the message is kept for
 // lookalike_hnsw_last_error.
 
 #include <faiss/Index.h>
+#include <faiss/IndexFlat.h>
 #include <faiss/IndexFlatCodes.h>
 #include <faiss/IndexHNSW.h>
 #include <faiss/IndexIDMap.h>
@@ -205,24 +208,33 @@ Kernels kernels(bool ip) {
               : Kernels{l2_portable, l2_portable_4};
 }
 
-// HNSW searches for the smallest value: squared L2 as it is, inner products negated (as
-// FAISS's NegativeDistanceComputer does for IndexHNSW on an inner-product storage).
-struct FlatDistance : faiss::DistanceComputer {
+// Distances to the vectors of a flat storage: squared L2, or inner products (negated when
+// `negate`: HNSW searches for the smallest value, as FAISS's NegativeDistanceComputer does for
+// IndexHNSW on an inner-product storage).
+struct FlatDistance : faiss::FlatCodesDistanceComputer {
     const float* base;
     size_t d;
-    bool ip;
+    bool negate;
     Kernels k;
     const float* q = nullptr;
 
-    FlatDistance(const float* base, size_t d, bool ip)
-            : base(base), d(d), ip(ip), k(kernels(ip)) {}
+    FlatDistance(const uint8_t* codes, size_t d, bool ip, bool negate)
+            : faiss::FlatCodesDistanceComputer(codes, d * sizeof(float)),
+              base(reinterpret_cast<const float*>(codes)),
+              d(d),
+              negate(negate),
+              k(kernels(ip)) {}
 
     float sign(float v) const {
-        return ip ? -v : v;
+        return negate ? -v : v;
     }
 
     void set_query(const float* x) override {
         q = x;
+    }
+
+    float distance_to_code(const uint8_t* code) override {
+        return sign(k.one(q, reinterpret_cast<const float*>(code), d));
     }
 
     float operator()(idx_t i) override {
@@ -250,6 +262,50 @@ struct FlatDistance : faiss::DistanceComputer {
         return sign(k.one(base + i * d, base + j * d, d));
     }
 };
+
+// A flat storage (IndexFlat: serialised, cloned and read back as FAISS's own) whose distance
+// computer is FlatDistance.
+struct OwnKernelsFlat : faiss::IndexFlat {
+    OwnKernelsFlat(idx_t d, faiss::MetricType metric) : faiss::IndexFlat(d, metric) {}
+
+    faiss::FlatCodesDistanceComputer* get_FlatCodesDistanceComputer() const override {
+        return new FlatDistance(
+                codes.data(), size_t(d), metric_type == faiss::METRIC_INNER_PRODUCT, false);
+    }
+};
+
+bool metric_is_ip(faiss::MetricType m, bool& ip) {
+    if (m == faiss::METRIC_L2) {
+        ip = false;
+        return true;
+    }
+    if (m == faiss::METRIC_INNER_PRODUCT) {
+        ip = true;
+        return true;
+    }
+    return false;
+}
+
+// The IndexHNSW inside an IndexIDMap, and its flat float storage; null when `index` is not
+// one.
+const faiss::IndexHNSW* hnsw_of(const void* index, const faiss::IndexIDMap** map_out) {
+    auto* map = dynamic_cast<const faiss::IndexIDMap*>(static_cast<const faiss::Index*>(index));
+    if (!map) {
+        return nullptr;
+    }
+    auto* hnsw = dynamic_cast<const faiss::IndexHNSW*>(map->index);
+    if (!hnsw) {
+        return nullptr;
+    }
+    auto* flat = dynamic_cast<const faiss::IndexFlat*>(hnsw->storage);
+    if (!flat || flat->code_size != sizeof(float) * size_t(flat->d)) {
+        return nullptr;
+    }
+    if (map_out) {
+        *map_out = map;
+    }
+    return hnsw;
+}
 
 // The calling thread's visited table, grown to the largest index it has searched. HNSW::search
 // marks with a generation number and advances it at the end of each search.
@@ -282,27 +338,13 @@ int lookalike_hnsw_search(
         float* distances,
         int64_t* labels) {
     try {
-        auto* map = dynamic_cast<const faiss::IndexIDMap*>(
-                static_cast<const faiss::Index*>(index));
-        if (!map) {
-            return 1;
-        }
-        auto* hnsw = dynamic_cast<const faiss::IndexHNSW*>(map->index);
-        if (!hnsw) {
-            return 1;
-        }
-        auto* flat = dynamic_cast<const faiss::IndexFlatCodes*>(hnsw->storage);
-        if (!flat || flat->code_size != sizeof(float) * size_t(flat->d)) {
-            return 1;
-        }
+        const faiss::IndexIDMap* map = nullptr;
+        auto* hnsw = hnsw_of(index, &map);
         bool ip;
-        if (hnsw->metric_type == faiss::METRIC_L2) {
-            ip = false;
-        } else if (hnsw->metric_type == faiss::METRIC_INNER_PRODUCT) {
-            ip = true;
-        } else {
+        if (!hnsw || !metric_is_ip(hnsw->metric_type, ip)) {
             return 1;
         }
+        auto* flat = static_cast<const faiss::IndexFlat*>(hnsw->storage);
         if (k <= 0) {
             last_error = "k must be positive";
             return -1;
@@ -311,10 +353,7 @@ int lookalike_hnsw_search(
         using RH = faiss::HeapBlockResultHandler<faiss::HNSW::C>;
         RH block(1, distances, labels, k);
         RH::SingleResultHandler res(block);
-        FlatDistance dis(
-                reinterpret_cast<const float*>(flat->codes.data()),
-                size_t(flat->d),
-                ip);
+        FlatDistance dis(flat->codes.data(), size_t(flat->d), ip, ip);
         dis.set_query(x);
 
         faiss::IDSelectorTranslated translated(
@@ -355,7 +394,43 @@ int lookalike_hnsw_search(
     }
 }
 
-// The message of this thread's last failed lookalike_hnsw_search (valid until its next call).
+// Gives the HNSW storage of `index` (an IndexIDMap over an IndexHNSWFlat, L2 or inner
+// product) lookalike's distance kernels, for FAISS's adds and searches: the storage becomes an
+// OwnKernelsFlat holding the same vectors. Returns 0 when done (or done before), 1 when the
+// index is of another kind (nothing changed), -1 on a FAISS error. Not while the index is in
+// use by another thread.
+int lookalike_hnsw_use_own_kernels(void* index) {
+    try {
+        auto* hnsw = const_cast<faiss::IndexHNSW*>(hnsw_of(index, nullptr));
+        bool ip;
+        if (!hnsw || !metric_is_ip(hnsw->metric_type, ip)) {
+            return 1;
+        }
+        auto* old = static_cast<faiss::IndexFlat*>(hnsw->storage);
+        if (dynamic_cast<OwnKernelsFlat*>(old)) {
+            return 0;
+        }
+        auto* own = new OwnKernelsFlat(old->d, old->metric_type);
+        own->codes = std::move(old->codes);
+        own->ntotal = old->ntotal;
+        own->is_trained = old->is_trained;
+        own->verbose = old->verbose;
+        if (hnsw->own_fields) {
+            delete old;
+        }
+        hnsw->storage = own;
+        hnsw->own_fields = true;
+        return 0;
+    } catch (const std::exception& e) {
+        last_error = e.what();
+        return -1;
+    } catch (...) {
+        last_error = "unknown C++ exception giving HNSW its distance kernels";
+        return -1;
+    }
+}
+
+// The message of this thread's last failed call here (valid until its next call).
 const char* lookalike_hnsw_last_error() {
     return last_error.c_str();
 }
