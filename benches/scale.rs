@@ -240,10 +240,10 @@ fn main() -> Res<()> {
                     // Any of the images makes a query; it need not be stored yet.
                     let (bytes, _) = image(&set, (q * 104_729) % (set.len() * VARIANTS))
                         .map_err(|e| e.to_string())?;
-                    // Timed from before `len`, which waits for the same lock as the query: a
+                    // Timed from before `is_empty`, which waits for the same lock as the query: a
                     // query thread that wakes during a long hold blocks there.
                     let t = Instant::now();
-                    if db.len() > 0 {
+                    if !db.is_empty() {
                         db.nearest(&bytes, 10).map_err(|e| e.to_string())?;
                         worst_us.fetch_max(t.elapsed().as_micros() as u64, Ordering::Relaxed);
                     }

@@ -82,7 +82,7 @@ impl Db {
     }
 
     /// The state's write lock, for a holder of the writer mutex.
-    fn lock_state<'a>(&'a self, writer: MutexGuard<'a, ()>) -> Result<StateWriter<'a>> {
+    pub(super) fn lock_state<'a>(&'a self, writer: MutexGuard<'a, ()>) -> Result<StateWriter<'a>> {
         let state = self.inner.state.write();
         Ok(StateWriter {
             state,

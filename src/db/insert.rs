@@ -334,7 +334,15 @@ impl Db {
         self.inner.store.insert(model.version, &new)?;
         self.durable_write()?;
 
-        let mut state = self.write_state()?;
+        // Arrays that these adds would make FAISS reallocate (a copy of every vector, inside
+        // an add, under the write lock) are grown first, under the shared lock: searches go on
+        // meanwhile; the writer mutex keeps other changes out until the swap.
+        let writer = self.writer()?;
+        let growth = self.read_state()?.index.prepare_growth(new.len());
+        let mut state = self.lock_state(writer)?;
+        if let Some(g) = &growth {
+            state.index.commit_growth(g);
+        }
         // The catalogue first, then the vectors: a query meanwhile may miss some of this
         // batch, never see a vector without its label.
         for n in &new {

@@ -179,6 +179,15 @@ unsafe extern "C" {
     ) -> std::os::raw::c_int;
     fn lookalike_hnsw_last_error() -> *const std::os::raw::c_char;
     fn lookalike_hnsw_use_own_kernels(index: *mut std::ffi::c_void) -> std::os::raw::c_int;
+    fn lookalike_hnsw_prepare_growth(
+        index: *const std::ffi::c_void,
+        extra: i64,
+    ) -> *mut std::ffi::c_void;
+    fn lookalike_hnsw_commit_growth(
+        index: *mut std::ffi::c_void,
+        growth: *mut std::ffi::c_void,
+    ) -> std::os::raw::c_int;
+    fn lookalike_hnsw_free_growth(growth: *mut std::ffi::c_void);
     // libgomp, linked with FAISS.
     fn omp_get_max_threads() -> std::os::raw::c_int;
     fn omp_set_num_threads(n: std::os::raw::c_int);
@@ -195,6 +204,44 @@ pub(super) fn use_own_kernels<I: NativeIndex<Inner = faiss_sys::FaissIndex>>(
         0 | 1 => Ok(()),
         _ => Err(Error::Index(last_error())),
     }
+}
+
+/// Bigger copies of the arrays an HNSW index's adds grow (see [`prepare_growth`]); after
+/// [`commit_growth`], the old arrays, freed when this is dropped.
+#[derive(Debug)]
+pub(crate) struct Growth(*mut std::ffi::c_void);
+
+// SAFETY: a heap object of `hnsw.cpp` that no other thread refers to.
+unsafe impl Send for Growth {}
+
+impl Drop for Growth {
+    fn drop(&mut self) {
+        // SAFETY: made by lookalike_hnsw_prepare_growth, freed once, here.
+        unsafe { lookalike_hnsw_free_growth(self.0) }
+    }
+}
+
+/// Copies the arrays of an HNSW `index` that adding `extra` vectors would reallocate into
+/// bigger ones, reading the index only: the caller keeps writers out and may let searches
+/// run. `None` when nothing needs to grow (or for another kind of index).
+pub(super) fn prepare_growth<I: NativeIndex<Inner = faiss_sys::FaissIndex>>(
+    index: &I,
+    extra: usize,
+) -> Option<Growth> {
+    let extra = i64::try_from(extra).ok()?;
+    // SAFETY: a read of an index that no thread mutates meanwhile (the caller's promise).
+    let g = unsafe { lookalike_hnsw_prepare_growth(index.inner_ptr().cast_const().cast(), extra) };
+    (!g.is_null()).then_some(Growth(g))
+}
+
+/// Swaps a [`prepare_growth`]'s arrays into `index`, unless it changed since; then `growth`
+/// holds the old arrays. True when swapped.
+pub(super) fn commit_growth<I: NativeIndex<Inner = faiss_sys::FaissIndex>>(
+    index: &mut I,
+    growth: &Growth,
+) -> bool {
+    // SAFETY: the index is borrowed mutably (no search runs); the swap checks the sizes.
+    unsafe { lookalike_hnsw_commit_growth(index.inner_ptr().cast(), growth.0) == 0 }
 }
 
 /// This thread's last error message from `hnsw.cpp`.

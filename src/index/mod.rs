@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 use crate::ImageId;
 
 pub(crate) mod faiss_file;
-mod ffi;
+pub(crate) mod ffi;
 pub(crate) mod projection;
 use ffi::Selector;
 pub(crate) mod snapshot;
@@ -152,6 +152,20 @@ impl VectorIndex {
             }
             bits
         });
+    }
+
+    /// Grows, ahead of an add of `extra` vectors, the arrays FAISS would otherwise reallocate
+    /// inside that add (copying them all): the copy is made here, through `&self`, while
+    /// searches may run. Apply it with [`VectorIndex::commit_growth`]; `None` when nothing
+    /// needs to grow.
+    pub fn prepare_growth(&self, extra: usize) -> Option<ffi::Growth> {
+        ffi::prepare_growth(&self.inner, extra)
+    }
+
+    /// Swaps in a [`VectorIndex::prepare_growth`] made since the last change (else nothing
+    /// happens); `growth` then holds the old arrays, to drop outside the lock.
+    pub fn commit_growth(&mut self, growth: &ffi::Growth) -> bool {
+        ffi::commit_growth(&mut self.inner, growth)
     }
 
     pub fn set_ef_search(&mut self, ef: u32) -> Result<()> {
@@ -395,6 +409,50 @@ mod tests {
             let got: Vec<u64> = hits.iter().map(|h| h.id.0).collect();
             assert_eq!(got, vec![50 * step, 60 * step], "step {step}");
         }
+    }
+
+    /// Arrays grown ahead of adds (copied while searches could run, swapped in after) leave
+    /// the index answering exactly as one grown by FAISS inside its adds; a growth made
+    /// before a change is not applied.
+    #[test]
+    fn arrays_grown_ahead_of_adds_change_no_answer() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let dim = 24;
+        let vectors: Vec<f32> = (0..3_000 * dim)
+            .map(|_| rng.random_range(-1.0..1.0))
+            .collect();
+        let mut plain = VectorIndex::new(Shape::Hnsw { m: 8 }, Metric::L2, dim, 32).unwrap();
+        let mut grown = VectorIndex::new(Shape::Hnsw { m: 8 }, Metric::L2, dim, 32).unwrap();
+        let mut swaps = 0;
+        for (b, chunk) in vectors.chunks(100 * dim).enumerate() {
+            let ids: Vec<ImageId> = (0..100)
+                .map(|i| ImageId((b * 100 + i + 1) as u64))
+                .collect();
+            plain.add_serial(&ids, chunk).unwrap();
+            if let Some(g) = grown.prepare_growth(ids.len()) {
+                assert!(grown.commit_growth(&g));
+                swaps += 1;
+            }
+            grown.add_serial(&ids, chunk).unwrap();
+        }
+        assert!(swaps >= 3, "{swaps} growths");
+        for q in 0..50 {
+            let query = &vectors[q * 61 * dim..(q * 61 + 1) * dim];
+            assert_eq!(
+                grown.search(query, 10, Allow::All).unwrap(),
+                plain.search(query, 10, Allow::All).unwrap()
+            );
+        }
+        // Prepared, then the index changed: not applied.
+        let g = loop {
+            let ids = [ImageId(grown.len() as u64 + 1)];
+            if let Some(g) = grown.prepare_growth(1_000_000) {
+                grown.add_serial(&ids, &vectors[..dim]).unwrap();
+                break g;
+            }
+        };
+        assert!(!grown.commit_growth(&g));
     }
 
     /// One-query HNSW searches go through `hnsw.cpp` (a reused visited table); batches through
