@@ -276,6 +276,7 @@ impl Db {
             rebuild_error: None,
         };
         state.model = model.clone();
+        *self.inner.active.lock() = model.clone();
         state.index = index;
         state.dirty = true;
         Ok(())

@@ -163,6 +163,10 @@ struct Inner {
     registry: Registry,
     store: Store,
     state: RwLock<State>,
+    /// The active model, as `state.model` (set with it, under the state's write lock), for
+    /// queries to read without waiting behind an insert's hold of the state: a query that
+    /// then finds another model in the state runs again ([`Error::ModelChanged`]).
+    active: parking_lot::Mutex<Arc<Model>>,
     /// Set after a failed durable write: later writes refuse to run.
     poisoned: Mutex<Option<String>>,
     /// A training job holds this while it runs.
@@ -301,6 +305,7 @@ impl Db {
                 dir,
                 registry,
                 store,
+                active: parking_lot::Mutex::new(model.clone()),
                 state: RwLock::new(State {
                     model,
                     index,
@@ -604,7 +609,7 @@ impl Db {
     // ---- internals ----
 
     fn model(&self) -> Arc<Model> {
-        self.inner.state.read().model.clone()
+        self.inner.active.lock().clone()
     }
 
     fn limits(&self) -> ImageLimits {
