@@ -63,11 +63,14 @@ struct Kernels {
             float* out);
 };
 
-float l2_portable(const float* x, const float* y, size_t d) {
-    return faiss::fvec_L2sqr(x, y, d);
+// FAISS's portable kernels: squared L2 distance (Ip = false) or inner product (Ip = true).
+template <bool Ip>
+float one_portable(const float* x, const float* y, size_t d) {
+    return Ip ? faiss::fvec_inner_product(x, y, d) : faiss::fvec_L2sqr(x, y, d);
 }
 
-void l2_portable_4(
+template <bool Ip>
+void four_portable(
         const float* x,
         const float* y0,
         const float* y1,
@@ -75,23 +78,12 @@ void l2_portable_4(
         const float* y3,
         size_t d,
         float* out) {
-    faiss::fvec_L2sqr_batch_4(x, y0, y1, y2, y3, d, out[0], out[1], out[2], out[3]);
-}
-
-float ip_portable(const float* x, const float* y, size_t d) {
-    return faiss::fvec_inner_product(x, y, d);
-}
-
-void ip_portable_4(
-        const float* x,
-        const float* y0,
-        const float* y1,
-        const float* y2,
-        const float* y3,
-        size_t d,
-        float* out) {
-    faiss::fvec_inner_product_batch_4(
-            x, y0, y1, y2, y3, d, out[0], out[1], out[2], out[3]);
+    if (Ip) {
+        faiss::fvec_inner_product_batch_4(
+                x, y0, y1, y2, y3, d, out[0], out[1], out[2], out[3]);
+    } else {
+        faiss::fvec_L2sqr_batch_4(x, y0, y1, y2, y3, d, out[0], out[1], out[2], out[3]);
+    }
 }
 
 #if defined(__x86_64__)
@@ -205,8 +197,8 @@ Kernels kernels(bool ip) {
                   : Kernels{one_avx2<false>, four_avx2<false>};
     }
 #endif
-    return ip ? Kernels{ip_portable, ip_portable_4}
-              : Kernels{l2_portable, l2_portable_4};
+    return ip ? Kernels{one_portable<true>, four_portable<true>}
+              : Kernels{one_portable<false>, four_portable<false>};
 }
 
 // Distances to the vectors of a flat storage: squared L2, or inner products (negated when
