@@ -1,5 +1,6 @@
-//! Compiles `src/index/hnsw.cpp`, lookalike's one-query HNSW search, against the FAISS
-//! that faiss-sys builds (its headers; the code links with faiss-sys's libfaiss).
+//! Compiles `src/index/hnsw.cpp` (lookalike's one-query HNSW search, distance kernels and
+//! growth) and `src/index/mapped.cpp` (snapshots read with their vectors mapped) against the
+//! FAISS that faiss-sys builds (its headers; the code links with faiss-sys's libfaiss).
 //!
 //! faiss-sys installs FAISS's headers in its own build folder and does not announce where, so
 //! they are looked for beside this package's build folder (`target/<profile>/build/faiss-sys-*/
@@ -8,10 +9,12 @@
 
 use std::path::{Path, PathBuf};
 
-const SHIM: &str = "src/index/hnsw.cpp";
+const SOURCES: [&str; 2] = ["src/index/hnsw.cpp", "src/index/mapped.cpp"];
 
 fn main() {
-    println!("cargo:rerun-if-changed={SHIM}");
+    for source in SOURCES {
+        println!("cargo:rerun-if-changed={source}");
+    }
     println!("cargo:rerun-if-env-changed=LOOKALIKE_FAISS_INCLUDE");
     let include = match std::env::var_os("LOOKALIKE_FAISS_INCLUDE") {
         Some(dir) => PathBuf::from(dir),
@@ -36,7 +39,7 @@ fn main() {
         .cpp(true)
         .std("c++17")
         .include(&include)
-        .file(SHIM)
+        .files(SOURCES)
         .opt_level(3)
         .warnings(false)
         .compile("lookalike_hnsw");

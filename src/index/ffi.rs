@@ -188,6 +188,16 @@ unsafe extern "C" {
         growth: *mut std::ffi::c_void,
     ) -> std::os::raw::c_int;
     fn lookalike_hnsw_free_growth(growth: *mut std::ffi::c_void);
+    fn lookalike_hnsw_own_arrays(index: *mut std::ffi::c_void) -> std::os::raw::c_int;
+    // src/index/mapped.cpp.
+    fn lookalike_read_mapped(
+        graph_fd: std::os::raw::c_int,
+        graph_len: u64,
+        vectors_fd: std::os::raw::c_int,
+        at: u64,
+        len: u64,
+        populate: std::os::raw::c_int,
+    ) -> *mut std::ffi::c_void;
     // libgomp, linked with FAISS.
     fn omp_get_max_threads() -> std::os::raw::c_int;
     fn omp_set_num_threads(n: std::os::raw::c_int);
@@ -242,6 +252,55 @@ pub(super) fn commit_growth<I: NativeIndex<Inner = faiss_sys::FaissIndex>>(
 ) -> bool {
     // SAFETY: the index is borrowed mutably (no search runs); the swap checks the sizes.
     unsafe { lookalike_hnsw_commit_growth(index.inner_ptr().cast(), growth.0) == 0 }
+}
+
+/// Copies the arrays of `index` that are views into a mapped snapshot ([`read_mapped`]) into
+/// arrays of its own, so that FAISS can grow them; nothing to do (and cheap) otherwise. True
+/// when something was copied.
+pub(super) fn own_arrays<I: NativeIndex<Inner = faiss_sys::FaissIndex>>(
+    index: &mut I,
+) -> Result<bool> {
+    // SAFETY: the index is borrowed mutably (no search runs); the C++ side catches every
+    // exception.
+    match unsafe { lookalike_hnsw_own_arrays(index.inner_ptr().cast()) } {
+        0 => Ok(false),
+        1 => Ok(true),
+        _ => Err(Error::Index(last_error())),
+    }
+}
+
+/// Reads an index whose FAISS stream is `graph[..at] ++ vectors[..len] ++ graph[at..]`
+/// (`graph` holds `graph_len` bytes) with the vectors mapped from their file rather than
+/// copied (`mapped.cpp`); `populate` maps all their pages now rather than on first use. The
+/// stream's sizes must have been checked ([`super::faiss_file::check_sizes`]). The files
+/// must not shrink while the index lives (the database's lock keeps other writers out, and a
+/// snapshot save only appends to the vectors file or replaces it).
+pub(super) fn read_mapped(
+    graph: &std::fs::File,
+    graph_len: u64,
+    vectors: &std::fs::File,
+    at: u64,
+    len: u64,
+    populate: bool,
+) -> Result<faiss::index::IndexImpl> {
+    use faiss::index::FromInnerPtr;
+    use std::os::fd::AsRawFd;
+    // SAFETY: the descriptors are open for the call; the C++ side catches every exception and
+    // returns an index we then own, or null.
+    unsafe {
+        let out = lookalike_read_mapped(
+            graph.as_raw_fd(),
+            graph_len,
+            vectors.as_raw_fd(),
+            at,
+            len,
+            populate.into(),
+        );
+        if out.is_null() {
+            return Err(Error::Index(last_error()));
+        }
+        Ok(faiss::index::IndexImpl::from_inner_ptr(out.cast()))
+    }
 }
 
 /// This thread's last error message from `hnsw.cpp`.

@@ -41,7 +41,7 @@
 static_assert(
         FAISS_VERSION_MAJOR == 1 && FAISS_VERSION_MINOR == 12 &&
                 FAISS_VERSION_PATCH == 0,
-        "src/index/hnsw_search.cpp is written for FAISS 1.12.0 (faiss-sys 0.7.0)");
+        "src/index/hnsw.cpp is written for FAISS 1.12.0 (faiss-sys 0.7.0)");
 
 namespace {
 
@@ -439,6 +439,35 @@ bool grown(const std::vector<T>& v, size_t extra, std::vector<T>& out) {
     return true;
 }
 
+// The same for an array FAISS may hold as a view into a mapped snapshot (mapped.cpp): a view
+// has no room, so it is always copied.
+template <typename T>
+bool grown(const faiss::MaybeOwnedVector<T>& v, size_t extra, std::vector<T>& out) {
+    if (v.is_owned) {
+        return grown(v.owned_data, extra, out);
+    }
+    out.reserve(v.size() + std::max(extra, v.size() / 4));
+    out.assign(v.data(), v.data() + v.size());
+    return true;
+}
+
+// Makes `v` own `data` (of its size), keeping what it held (a view's owner, or its old array)
+// in `old` until that is freed.
+template <typename T>
+void take(faiss::MaybeOwnedVector<T>& v, std::vector<T>& data, std::shared_ptr<void>& old) {
+    if (!v.is_owned) {
+        old = std::move(v.owner);
+        v.owner = nullptr;
+        v.view_data = nullptr;
+        v.view_size = 0;
+        v.is_owned = true;
+        v.owned_data.clear();
+    }
+    v.owned_data.swap(data);
+    v.c_ptr = v.owned_data.data();
+    v.c_size = v.owned_data.size();
+}
+
 // Bigger copies of the arrays that an HNSW index's adds grow, made by
 // lookalike_hnsw_prepare_growth and swapped in by lookalike_hnsw_commit_growth. After the
 // swap it holds the old arrays until it is freed.
@@ -449,6 +478,8 @@ struct Growth {
     std::vector<size_t> offsets;
     std::vector<int> levels;
     std::vector<idx_t> ids;
+    // The owners of views replaced by copies (mapped.cpp's regions), unmapped when freed.
+    std::shared_ptr<void> old_codes, old_neighbors;
     bool has_codes = false, has_neighbors = false, has_offsets = false, has_levels = false,
          has_ids = false;
 };
@@ -471,16 +502,13 @@ void* lookalike_hnsw_prepare_growth(const void* index, int64_t extra) {
             return nullptr;
         }
         auto* flat = static_cast<const faiss::IndexFlat*>(hnsw->storage);
-        if (!flat->codes.is_owned || !hnsw->hnsw.neighbors.is_owned) {
-            return nullptr;
-        }
         size_t n = size_t(extra);
         // Level 0's links, and a little more for the upper levels' (2 % of vectors).
         size_t links = size_t(hnsw->hnsw.nb_neighbors(0)) + size_t(hnsw->hnsw.nb_neighbors(1));
         auto g = std::make_unique<Growth>();
         g->ntotal = size_t(hnsw->ntotal);
-        g->has_codes = grown(flat->codes.owned_data, n * flat->code_size, g->codes);
-        g->has_neighbors = grown(hnsw->hnsw.neighbors.owned_data, n * links, g->neighbors);
+        g->has_codes = grown(flat->codes, n * flat->code_size, g->codes);
+        g->has_neighbors = grown(hnsw->hnsw.neighbors, n * links, g->neighbors);
         g->has_offsets = grown(hnsw->hnsw.offsets, n, g->offsets);
         g->has_levels = grown(hnsw->hnsw.levels, n, g->levels);
         g->has_ids = grown(map->id_map, n, g->ids);
@@ -507,23 +535,18 @@ int lookalike_hnsw_commit_growth(void* index, void* growth) {
     auto* hnsw = const_cast<faiss::IndexHNSW*>(chnsw);
     auto* flat = static_cast<faiss::IndexFlat*>(hnsw->storage);
     // The same sizes as when copied (no add in between: the caller keeps writers out).
-    if ((g->has_codes && g->codes.size() != flat->codes.owned_data.size()) ||
-        (g->has_neighbors && g->neighbors.size() != hnsw->hnsw.neighbors.owned_data.size()) ||
+    if ((g->has_codes && g->codes.size() != flat->codes.size()) ||
+        (g->has_neighbors && g->neighbors.size() != hnsw->hnsw.neighbors.size()) ||
         (g->has_offsets && g->offsets.size() != hnsw->hnsw.offsets.size()) ||
         (g->has_levels && g->levels.size() != hnsw->hnsw.levels.size()) ||
         (g->has_ids && g->ids.size() != map->id_map.size())) {
         return 1;
     }
     if (g->has_codes) {
-        flat->codes.owned_data.swap(g->codes);
-        flat->codes.c_ptr = flat->codes.owned_data.data();
-        flat->codes.c_size = flat->codes.owned_data.size();
+        take(flat->codes, g->codes, g->old_codes);
     }
     if (g->has_neighbors) {
-        auto& nb = hnsw->hnsw.neighbors;
-        nb.owned_data.swap(g->neighbors);
-        nb.c_ptr = nb.owned_data.data();
-        nb.c_size = nb.owned_data.size();
+        take(hnsw->hnsw.neighbors, g->neighbors, g->old_neighbors);
     }
     if (g->has_offsets) {
         hnsw->hnsw.offsets.swap(g->offsets);
@@ -540,6 +563,45 @@ int lookalike_hnsw_commit_growth(void* index, void* growth) {
 // Frees a Growth (and the arrays it holds).
 void lookalike_hnsw_free_growth(void* growth) {
     delete static_cast<Growth*>(growth);
+}
+
+// Copies the arrays of `index` (an IndexIDMap over a flat or HNSW index) that are views into a
+// mapped snapshot (mapped.cpp) into arrays of its own, which adds can grow. Returns 1 when
+// something was copied, 0 when every array was already owned, -1 on an error.
+int lookalike_hnsw_own_arrays(void* index) {
+    try {
+        auto* map = dynamic_cast<faiss::IndexIDMap*>(static_cast<faiss::Index*>(index));
+        if (!map) {
+            return 0;
+        }
+        auto* hnsw = dynamic_cast<faiss::IndexHNSW*>(map->index);
+        auto* flat = dynamic_cast<faiss::IndexFlat*>(hnsw ? hnsw->storage : map->index);
+        int copied = 0;
+        std::shared_ptr<void> old;
+        if (flat && !flat->codes.is_owned) {
+            std::vector<uint8_t> codes(flat->codes.data(), flat->codes.data() + flat->codes.size());
+            take(flat->codes, codes, old);
+            copied = 1;
+        }
+        if (hnsw && !hnsw->hnsw.neighbors.is_owned) {
+            auto& nb = hnsw->hnsw.neighbors;
+            std::vector<faiss::HNSW::storage_idx_t> links(nb.data(), nb.data() + nb.size());
+            take(nb, links, old);
+            copied = 1;
+        }
+        return copied;
+    } catch (const std::exception& e) {
+        last_error = e.what();
+        return -1;
+    } catch (...) {
+        last_error = "unknown C++ exception copying a mapped index";
+        return -1;
+    }
+}
+
+// Sets this thread's last error message (for mapped.cpp).
+void lookalike_hnsw_set_error(const char* message) {
+    last_error = message;
 }
 
 // The message of this thread's last failed call here (valid until its next call).

@@ -38,6 +38,8 @@ const STAMP_FORMAT: u16 = 2;
 const INDEX_FILE: &str = "index.faiss";
 const VECTORS_FILE: &str = "index.vectors";
 const STAMP_FILE: &str = "index.stamp";
+/// Whether a mapped snapshot's vectors are all mapped at open (see `ffi::read_mapped`).
+const POPULATE: bool = true;
 
 #[derive(Debug, Serialize, Deserialize)]
 struct Stamp {
@@ -359,12 +361,21 @@ pub(crate) fn start(dir: &Path) -> Result<std::result::Result<Reading, Unusable>
         Err(e) => return unusable_or_io(dir, e),
     }
     let owned = dir.to_path_buf();
+    let shape = stamp.shape;
     let faiss = std::thread::Builder::new()
         .name("lookalike-snapshot".into())
         .spawn(move || -> Result<IdMap<IndexImpl>> {
             let stream = open_stream(&owned, split).map_err(|e| Error::io(&owned, e))?;
-            let mut r = BufReader::with_capacity(1 << 20, stream);
-            Ok(ffi::read_index_from(&mut |buf| r.read_exact(buf).is_ok())?.into_id_map()?)
+            // HNSW's vectors are mapped rather than copied (most of a large snapshot; see
+            // `mapped.cpp`). Exact indexes are read into memory: their adds could not grow a
+            // mapped array ahead of time, as HNSW's growth does (`db/insert.rs`).
+            let index = if split.is_some() && matches!(shape, Shape::Hnsw { .. }) {
+                stream.read_mapped(POPULATE)?
+            } else {
+                let mut r = BufReader::with_capacity(1 << 20, stream);
+                ffi::read_index_from(&mut |buf| r.read_exact(buf).is_ok())?
+            };
+            Ok(index.into_id_map()?)
         })
         .map_err(|e| Error::io(dir, e))?;
     Ok(Ok(Reading {
@@ -512,6 +523,87 @@ mod tests {
             save(d, &grown, 1).unwrap();
             assert_eq!(fs::read(d.join(VECTORS_FILE)).unwrap(), after);
         }
+    }
+
+    /// Whether this process maps `path` (a line of `/proc/self/maps` names it).
+    fn is_mapped(path: &Path) -> bool {
+        let maps = fs::read_to_string("/proc/self/maps").unwrap();
+        let name = path.to_str().unwrap();
+        maps.lines().any(|l| l.trim_end().ends_with(name))
+    }
+
+    /// An HNSW snapshot's vectors are mapped, not copied: searches see them as they were
+    /// saved; a save while mapped appends nothing; adds (through the insert path's growth or a
+    /// plain add) first copy them into the index's own memory and then agree with each other;
+    /// the mapping goes with the index, and outlives the files. Exact indexes are read into
+    /// memory.
+    #[test]
+    fn hnsw_vectors_are_mapped_and_copied_before_adds() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let shape = Shape::Hnsw { m: 8 };
+        let vectors_path = d.join(VECTORS_FILE);
+        // 199 vectors of 32 bytes: they end inside a page, where the ids begin.
+        let original = index(shape, 1, 200, None);
+        save(d, &original, 1).unwrap();
+        let queries: Vec<Vec<f32>> = (0..30)
+            .map(|q| {
+                (0..8)
+                    .map(|i| ((q * 13 + i * 5) % 17) as f32 / 17.0)
+                    .collect()
+            })
+            .collect();
+        let answers = |ix: &VectorIndex| -> Vec<Vec<super::super::Neighbour>> {
+            queries
+                .iter()
+                .map(|q| ix.search(q, 5, super::super::Allow::All).unwrap())
+                .collect()
+        };
+        let back = load(d, 200).unwrap();
+        assert!(is_mapped(&vectors_path));
+        assert_eq!(answers(&back), answers(&original));
+        let inode = vectors_inode(d);
+        let before = fs::read(&vectors_path).unwrap();
+        save(d, &back, 1).unwrap();
+        assert_eq!(vectors_inode(d), inode);
+        assert_eq!(fs::read(&vectors_path).unwrap(), before);
+        assert_eq!(load(d, 200).unwrap().len(), 199);
+
+        let mut grown = back;
+        let g = grown
+            .prepare_growth(60)
+            .expect("a mapped index always grows");
+        assert!(grown.commit_growth(&g));
+        drop(g);
+        assert!(
+            !is_mapped(&vectors_path),
+            "the growth's copy left the mapping"
+        );
+        let grown = index(shape, 200, 260, Some(grown));
+        let plain = load(d, 200).unwrap();
+        assert!(is_mapped(&vectors_path));
+        let plain = index(shape, 200, 260, Some(plain));
+        assert!(!is_mapped(&vectors_path), "the add's copy left the mapping");
+        assert_eq!(answers(&grown), answers(&plain));
+        for id in [1u64, 150, 200, 259] {
+            let v: Vec<f32> = (id * 8..id * 8 + 8)
+                .map(|i| ((i * 7919) % 101) as f32 / 101.0)
+                .collect();
+            let hit = grown.search(&v, 1, super::super::Allow::All).unwrap()[0];
+            assert_eq!(hit.distance, 0.0, "id {id}");
+        }
+
+        let kept = load(d, 200).unwrap();
+        remove(d).unwrap();
+        assert_eq!(answers(&kept), answers(&original));
+        drop(kept);
+        assert!(!is_mapped(&vectors_path));
+
+        let flat = index(Shape::Flat, 1, 200, None);
+        save(d, &flat, 1).unwrap();
+        let back = load(d, 200).unwrap();
+        assert!(!is_mapped(&vectors_path));
+        assert_eq!(answers(&back), answers(&flat));
     }
 
     #[test]

@@ -44,6 +44,19 @@ impl Stitched<File> {
         }
         Stitched::new(g, graph_len, v, at, vectors_len)
     }
+
+    /// Has FAISS read the stream with the vectors mapped from their file instead of copied
+    /// ([`super::ffi::read_mapped`]; `populate`: all their pages mapped now).
+    pub fn read_mapped(&self, populate: bool) -> crate::error::Result<faiss::index::IndexImpl> {
+        super::ffi::read_mapped(
+            &self.graph,
+            self.graph_len,
+            &self.vectors,
+            self.at,
+            self.vectors_len,
+            populate,
+        )
+    }
 }
 
 impl<R: Read + Seek> Stitched<R> {
