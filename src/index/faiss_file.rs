@@ -25,6 +25,8 @@ pub(crate) struct Summary {
     /// The file's length and CRC-32.
     pub len: u64,
     pub crc32: u32,
+    /// The largest id in the file (0 for none).
+    pub max_id: u64,
 }
 
 /// Walks `reader` (`len` bytes) as a snapshot's stream for vectors of `dim` values under
@@ -360,10 +362,12 @@ fn walk(
     if r.len(8)? != count {
         return invalid("the id map's length differs from the vector count");
     }
+    let mut max_id = 0;
     r.each_u64(count, |_, id| {
         if id >= id_bound {
             return invalid(format!("an id is not below the store's next id {id_bound}"));
         }
+        max_id = max_id.max(id);
         Ok(())
     })?;
     Ok(Summary {
@@ -371,6 +375,7 @@ fn walk(
         hnsw,
         len: 0,
         crc32: 0,
+        max_id,
     })
 }
 

@@ -303,10 +303,14 @@ fn open_stream(dir: &Path, split: Option<Split>) -> std::io::Result<Stitched<fs:
 /// the database is locked, before the store is open, and finished by [`finish`].
 pub(crate) struct Reading {
     stamp: Stamp,
-    split: Option<Split>,
     dir: PathBuf,
     faiss: std::thread::JoinHandle<Result<IdMap<IndexImpl>>>,
+    /// The whole stream's walk and checksum ([`faiss_file::check`], with any id allowed: the
+    /// store's next id is not known yet), on a thread of its own beside the store's open.
+    check: std::thread::JoinHandle<Checked>,
 }
+
+type Checked = std::io::Result<std::result::Result<faiss_file::Summary, String>>;
 
 impl std::fmt::Debug for Reading {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -327,10 +331,11 @@ fn unusable_or_io(dir: &Path, e: std::io::Error) -> Result<std::result::Result<R
 }
 
 /// Starts reading the snapshot in `dir`: its stamp, then the sizes in its stream
-/// ([`faiss_file::check_sizes`], against the stamp's dimension and metric), then FAISS's read
-/// of it on another thread. FAISS thus never sees sizes that disagree with the files (it
-/// allocates no more than they hold); the rest is checked by [`finish`], and the index is used
-/// only if that passes too.
+/// ([`faiss_file::check_sizes`], against the stamp's dimension and metric), then, each on a
+/// thread of its own, FAISS's read of it and the whole stream's walk and checksum
+/// ([`faiss_file::check`]), while the caller opens the store. FAISS thus never sees sizes
+/// that disagree with the files (it allocates no more than they hold); [`finish`] uses the
+/// index only if the walk passed too.
 pub(crate) fn start(dir: &Path) -> Result<std::result::Result<Reading, Unusable>> {
     let stamp_path = dir.join(STAMP_FILE);
     let stamp_bytes = match fs::read(&stamp_path) {
@@ -378,11 +383,27 @@ pub(crate) fn start(dir: &Path) -> Result<std::result::Result<Reading, Unusable>
             Ok(index.into_id_map()?)
         })
         .map_err(|e| Error::io(dir, e))?;
+    let owned = dir.to_path_buf();
+    let dim = stamp.dim as usize;
+    let check = std::thread::Builder::new()
+        .name("lookalike-snapshot-check".into())
+        .spawn(move || -> Checked {
+            let stream = open_stream(&owned, split)?;
+            let len = stream.len();
+            faiss_file::check(stream, len, dim, metric, u64::MAX)
+        });
+    let check = match check {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = faiss.join();
+            return Err(Error::io(dir, e));
+        }
+    };
     Ok(Ok(Reading {
         stamp,
-        split,
         dir: dir.to_path_buf(),
         faiss,
+        check,
     }))
 }
 
@@ -391,13 +412,13 @@ pub(crate) fn start(dir: &Path) -> Result<std::result::Result<Reading, Unusable>
 pub(crate) fn abandon(reading: std::result::Result<Reading, Unusable>) {
     if let Ok(r) = reading {
         let _ = r.faiss.join();
+        let _ = r.check.join();
     }
 }
 
 /// Finishes [`start`]: the snapshot, if it is intact and belongs to `model` with this
 /// dimension and metric, and every id in it is below `id_bound` (the store's next id); says
-/// why not otherwise. The whole file is walked and checksummed ([`faiss_file::check`]) while
-/// FAISS's read finishes.
+/// why not otherwise (the walk [`start`] began found the largest id).
 pub(crate) fn finish(
     reading: std::result::Result<Reading, Unusable>,
     model: u32,
@@ -412,13 +433,13 @@ pub(crate) fn finish(
     let corrupt = |why: String| Ok(Err(Unusable::Corrupt(why)));
     let stamp = &r.stamp;
     if stamp.model != model || stamp.dim as usize != dim || stamp.metric != metric.as_str() {
-        let _ = r.faiss.join();
+        abandon(Ok(r));
         return Ok(Err(Unusable::OtherModel));
     }
-    let checked = open_stream(&r.dir, r.split).and_then(|stream| {
-        let len = stream.len();
-        faiss_file::check(stream, len, dim, metric, id_bound)
-    });
+    let checked = r
+        .check
+        .join()
+        .unwrap_or_else(|_| Ok(Err("the check of the index file panicked".into())));
     let read = r.faiss.join();
     let summary = match checked {
         Ok(Ok(s)) => s,
@@ -432,6 +453,11 @@ pub(crate) fn finish(
     };
     if summary.len != stamp.file_len || summary.crc32 != stamp.crc32 {
         return corrupt("index file does not match the stamp's checksum".into());
+    }
+    if summary.count > 0 && summary.max_id >= id_bound {
+        return corrupt(format!(
+            "index file rejected: an id is not below the store's next id {id_bound}"
+        ));
     }
     if summary.hnsw != matches!(stamp.shape, Shape::Hnsw { .. }) {
         return corrupt("index kind differs from the stamp".into());
