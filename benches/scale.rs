@@ -156,6 +156,9 @@ fn disk_bytes(dir: &Path) -> u64 {
 }
 
 /// The child: open, measure memory, time 500 queries; prints one line of figures.
+/// Queries slower than this while loading are listed with the time they started.
+const SLOW_QUERY: Duration = Duration::from_millis(50);
+
 fn probe(dir: &Path, set: &LabelledImages) -> Res<()> {
     let t = Instant::now();
     let db = Db::open_with(dir, options())?;
@@ -234,7 +237,9 @@ fn main() -> Res<()> {
         let querier = {
             let (db, stop, worst_us, set) =
                 (db.clone(), stop.clone(), worst_us.clone(), set.clone());
-            std::thread::spawn(move || -> Result<(), String> {
+            std::thread::spawn(move || -> Result<Vec<(f64, f64)>, String> {
+                let began = Instant::now();
+                let mut slow = Vec::new();
                 let mut q = 0usize;
                 while !stop.load(Ordering::Relaxed) {
                     // Any of the images makes a query; it need not be stored yet.
@@ -245,7 +250,11 @@ fn main() -> Res<()> {
                     let t = Instant::now();
                     match db.nearest(&bytes, 10) {
                         Ok(_) => {
-                            worst_us.fetch_max(t.elapsed().as_micros() as u64, Ordering::Relaxed)
+                            let took = t.elapsed();
+                            if took > SLOW_QUERY {
+                                slow.push(((t - began).as_secs_f64(), took.as_secs_f64() * 1e3));
+                            }
+                            worst_us.fetch_max(took.as_micros() as u64, Ordering::Relaxed)
                         }
                         // Nothing stored yet.
                         Err(lookalike::Error::Empty { .. }) => 0,
@@ -254,7 +263,7 @@ fn main() -> Res<()> {
                     q += 1;
                     std::thread::sleep(Duration::from_millis(20));
                 }
-                Ok(())
+                Ok(slow)
             })
         };
         let started = Instant::now();
@@ -264,7 +273,19 @@ fn main() -> Res<()> {
         let seconds = started.elapsed().as_secs_f64();
         load_seconds += seconds;
         stop.store(true, Ordering::Relaxed);
-        querier.join().map_err(|_| "query thread panicked")??;
+        let slow = querier.join().map_err(|_| "query thread panicked")??;
+        // When the slow queries came, for finding what they waited for.
+        if !slow.is_empty() {
+            let list: Vec<String> = slow
+                .iter()
+                .map(|(at, ms)| format!("{ms:.0} ms at {at:.1} s"))
+                .collect();
+            eprintln!(
+                "  queries over {} ms while loading: {}",
+                SLOW_QUERY.as_millis(),
+                list.join(", ")
+            );
+        }
         let info = db.index_info();
         if let Some(e) = &info.rebuild_error {
             eprintln!("  index work failed: {e}");
@@ -350,9 +371,10 @@ fn load(
 ) -> Res<()> {
     let report = |have: usize| {
         if have.is_multiple_of(100_000) {
+            let seconds = started.elapsed().as_secs_f64();
             eprintln!(
-                "  {have} images, {:.0} images/s",
-                (have - from) as f64 / started.elapsed().as_secs_f64()
+                "  {have} images, {:.0} images/s, at {seconds:.1} s",
+                (have - from) as f64 / seconds
             );
         }
     };

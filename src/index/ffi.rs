@@ -231,8 +231,8 @@ impl Drop for Growth {
     }
 }
 
-/// Copies the arrays of an HNSW `index` that adding `extra` vectors would reallocate into
-/// bigger ones, reading the index only: the caller keeps writers out and may let searches
+/// Copies the arrays of a flat or HNSW `index` that adding `extra` vectors would reallocate
+/// into bigger ones, reading the index only: the caller keeps writers out and may let searches
 /// run. `None` when nothing needs to grow (or for another kind of index).
 pub(super) fn prepare_growth<I: NativeIndex<Inner = faiss_sys::FaissIndex>>(
     index: &I,

@@ -426,37 +426,39 @@ mod tests {
         let vectors: Vec<f32> = (0..3_000 * dim)
             .map(|_| rng.random_range(-1.0..1.0))
             .collect();
-        let mut plain = VectorIndex::new(Shape::Hnsw { m: 8 }, Metric::L2, dim, 32).unwrap();
-        let mut grown = VectorIndex::new(Shape::Hnsw { m: 8 }, Metric::L2, dim, 32).unwrap();
-        let mut swaps = 0;
-        for (b, chunk) in vectors.chunks(100 * dim).enumerate() {
-            let ids: Vec<ImageId> = (0..100)
-                .map(|i| ImageId((b * 100 + i + 1) as u64))
-                .collect();
-            plain.add_serial(&ids, chunk).unwrap();
-            if let Some(g) = grown.prepare_growth(ids.len()) {
-                assert!(grown.commit_growth(&g));
-                swaps += 1;
+        for shape in [Shape::Hnsw { m: 8 }, Shape::Flat] {
+            let mut plain = VectorIndex::new(shape, Metric::L2, dim, 32).unwrap();
+            let mut grown = VectorIndex::new(shape, Metric::L2, dim, 32).unwrap();
+            let mut swaps = 0;
+            for (b, chunk) in vectors.chunks(100 * dim).enumerate() {
+                let ids: Vec<ImageId> = (0..100)
+                    .map(|i| ImageId((b * 100 + i + 1) as u64))
+                    .collect();
+                plain.add_serial(&ids, chunk).unwrap();
+                if let Some(g) = grown.prepare_growth(ids.len()) {
+                    assert!(grown.commit_growth(&g));
+                    swaps += 1;
+                }
+                grown.add_serial(&ids, chunk).unwrap();
             }
-            grown.add_serial(&ids, chunk).unwrap();
-        }
-        assert!(swaps >= 3, "{swaps} growths");
-        for q in 0..50 {
-            let query = &vectors[q * 61 * dim..(q * 61 + 1) * dim];
-            assert_eq!(
-                grown.search(query, 10, Allow::All).unwrap(),
-                plain.search(query, 10, Allow::All).unwrap()
-            );
-        }
-        // Prepared, then the index changed: not applied.
-        let g = loop {
-            let ids = [ImageId(grown.len() as u64 + 1)];
-            if let Some(g) = grown.prepare_growth(1_000_000) {
-                grown.add_serial(&ids, &vectors[..dim]).unwrap();
-                break g;
+            assert!(swaps >= 3, "{shape:?}: {swaps} growths");
+            for q in 0..50 {
+                let query = &vectors[q * 61 * dim..(q * 61 + 1) * dim];
+                assert_eq!(
+                    grown.search(query, 10, Allow::All).unwrap(),
+                    plain.search(query, 10, Allow::All).unwrap()
+                );
             }
-        };
-        assert!(!grown.commit_growth(&g));
+            // Prepared, then the index changed: not applied.
+            let g = loop {
+                let ids = [ImageId(grown.len() as u64 + 1)];
+                if let Some(g) = grown.prepare_growth(1_000_000) {
+                    grown.add_serial(&ids, &vectors[..dim]).unwrap();
+                    break g;
+                }
+            };
+            assert!(!grown.commit_growth(&g));
+        }
     }
 
     /// One-query HNSW searches go through `hnsw.cpp` (a reused visited table); batches through
