@@ -632,6 +632,31 @@ mod tests {
         assert_eq!(answers(&back), answers(&flat));
     }
 
+    /// The part after the vectors starts inside their last page, or (here: 128 vectors of 32
+    /// bytes, one page) on a page of its own; and a single vector is a part of a page.
+    #[test]
+    fn mapped_vectors_of_any_length_read_back() {
+        for n in [128u64, 1, 129] {
+            let dir = tempfile::tempdir().unwrap();
+            let d = dir.path();
+            let original = index(Shape::Hnsw { m: 8 }, 1, n + 1, None);
+            save(d, &original, 1).unwrap();
+            let back = load(d, n + 1).unwrap();
+            assert!(is_mapped(&d.join(VECTORS_FILE)), "{n}");
+            assert_eq!(back.len(), n as usize);
+            for q in 0..10 {
+                let query: Vec<f32> = (0..8).map(|i| ((q * 7 + i) % 11) as f32 / 11.0).collect();
+                assert_eq!(
+                    back.search(&query, 3, super::super::Allow::All).unwrap(),
+                    original
+                        .search(&query, 3, super::super::Allow::All)
+                        .unwrap(),
+                    "{n}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn vectors_that_differ_from_the_stamp_are_written_afresh() {
         let dir = tempfile::tempdir().unwrap();
