@@ -147,15 +147,17 @@ fn corrupt_snapshot_is_rebuilt() {
     assert_eq!(query(&db), before);
 }
 
+fn hnsw_options() -> Options {
+    Options::default().index(lookalike::IndexKind::Hnsw {
+        m: 16,
+        ef_search: 64,
+    })
+}
+
 #[test]
 fn hnsw_snapshot_with_removals_round_trips() {
     let dir = tempdir();
-    let opts = || {
-        Options::default().index(lookalike::IndexKind::Hnsw {
-            m: 16,
-            ef_search: 64,
-        })
-    };
+    let opts = hnsw_options;
     let path = dir.path().join("db");
     let gone;
     {
@@ -178,12 +180,7 @@ fn hnsw_snapshot_with_removals_round_trips() {
 #[test]
 fn a_mapped_hnsw_snapshot_takes_inserts_removals_and_reopens() {
     let dir = tempdir();
-    let opts = || {
-        Options::default().index(lookalike::IndexKind::Hnsw {
-            m: 16,
-            ef_search: 64,
-        })
-    };
+    let opts = hnsw_options;
     let path = dir.path().join("db");
     {
         let db = Db::open_with(&path, opts()).unwrap();

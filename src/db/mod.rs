@@ -26,7 +26,7 @@ use crate::index::VectorIndex;
 use crate::options::{Durability, Options};
 use crate::preprocess::ImageLimits;
 use crate::registry::Registry;
-use crate::store::{LogFold, Store, FOLD_AFTER_BYTES};
+use crate::store::Store;
 use crate::ImageId;
 
 mod catalogue;
@@ -186,8 +186,6 @@ struct Inner {
     dedup: Mutex<()>,
     /// Ids and change numbers handed to writes not yet in the catalogue (`catalogue.rs`).
     pending: Pending,
-    /// After a session that wrote much, folds sled's log once the store (above) has closed.
-    fold: LogFold,
     /// Held for the life of the handle; the OS releases it on exit, even on `kill -9`.
     _lock: File,
 }
@@ -302,7 +300,6 @@ impl Db {
         };
         let dirty = source != IndexSource::Snapshot;
         let saved_len = if dirty { 0 } else { index.len() };
-        let fold = LogFold::new(&dir);
         let db = Db {
             inner: Arc::new(Inner {
                 dir,
@@ -325,7 +322,6 @@ impl Db {
                 rebuilds: Mutex::new(()),
                 building: std::sync::atomic::AtomicBool::new(false),
                 dedup: Mutex::new(()),
-                fold,
                 options,
                 _lock: lock,
             }),
@@ -680,9 +676,6 @@ impl Drop for Inner {
                 let _ = self.store.trim_changes(seen);
                 let _ = self.store.flush();
             }
-        }
-        if self.store.logged_bytes() >= FOLD_AFTER_BYTES {
-            self.fold.request();
         }
     }
 }

@@ -196,7 +196,6 @@ unsafe extern "C" {
         vectors_fd: std::os::raw::c_int,
         at: u64,
         len: u64,
-        populate: std::os::raw::c_int,
     ) -> *mut std::ffi::c_void;
     // libgomp, linked with FAISS.
     fn omp_get_max_threads() -> std::os::raw::c_int;
@@ -271,7 +270,7 @@ pub(super) fn own_arrays<I: NativeIndex<Inner = faiss_sys::FaissIndex>>(
 
 /// Reads an index whose FAISS stream is `graph[..at] ++ vectors[..len] ++ graph[at..]`
 /// (`graph` holds `graph_len` bytes) with the vectors mapped from their file rather than
-/// copied (`mapped.cpp`); `populate` maps all their pages now rather than on first use. The
+/// copied (`mapped.cpp`), every page of them mapped now rather than on first use. The
 /// stream's sizes must have been checked ([`super::faiss_file::check_sizes`]). The files
 /// must not shrink while the index lives (the database's lock keeps other writers out, and a
 /// snapshot save only appends to the vectors file or replaces it).
@@ -281,21 +280,13 @@ pub(super) fn read_mapped(
     vectors: &std::fs::File,
     at: u64,
     len: u64,
-    populate: bool,
 ) -> Result<faiss::index::IndexImpl> {
     use faiss::index::FromInnerPtr;
     use std::os::fd::AsRawFd;
     // SAFETY: the descriptors are open for the call; the C++ side catches every exception and
     // returns an index we then own, or null.
     unsafe {
-        let out = lookalike_read_mapped(
-            graph.as_raw_fd(),
-            graph_len,
-            vectors.as_raw_fd(),
-            at,
-            len,
-            populate.into(),
-        );
+        let out = lookalike_read_mapped(graph.as_raw_fd(), graph_len, vectors.as_raw_fd(), at, len);
         if out.is_null() {
             return Err(Error::Index(last_error()));
         }

@@ -223,8 +223,9 @@ impl VectorIndex {
             });
         }
         let fids: Vec<Idx> = ids.iter().map(|i| Idx::new(i.0)).collect();
-        // A snapshot read with its vectors mapped holds views FAISS cannot grow; the insert
-        // path copies them ahead ([`VectorIndex::prepare_growth`]), any other add here.
+        // A snapshot read with its vectors mapped (HNSW only; removals from HNSW do not touch
+        // FAISS) holds views FAISS cannot grow; the insert path copies them ahead
+        // ([`VectorIndex::prepare_growth`]), any other add here.
         ffi::own_arrays(&mut self.inner)?;
         self.inner.add_with_ids(vectors, &fids)?;
         for i in ids {
@@ -257,7 +258,6 @@ impl VectorIndex {
         match self.shape {
             Shape::Flat => {
                 let sel = faiss::selector::IdSelector::batch(&present)?;
-                ffi::own_arrays(&mut self.inner)?;
                 self.inner.remove_ids(&sel)?;
                 for i in &present {
                     if let Some(v) = i.get() {

@@ -38,8 +38,6 @@ const STAMP_FORMAT: u16 = 2;
 const INDEX_FILE: &str = "index.faiss";
 const VECTORS_FILE: &str = "index.vectors";
 const STAMP_FILE: &str = "index.stamp";
-/// Whether a mapped snapshot's vectors are all mapped at open (see `ffi::read_mapped`).
-const POPULATE: bool = true;
 
 #[derive(Debug, Serialize, Deserialize)]
 struct Stamp {
@@ -375,7 +373,7 @@ pub(crate) fn start(dir: &Path) -> Result<std::result::Result<Reading, Unusable>
             // `mapped.cpp`). Exact indexes are read into memory: their adds could not grow a
             // mapped array ahead of time, as HNSW's growth does (`db/insert.rs`).
             let index = if split.is_some() && matches!(shape, Shape::Hnsw { .. }) {
-                stream.read_mapped(POPULATE)?
+                stream.read_mapped()?
             } else {
                 let mut r = BufReader::with_capacity(1 << 20, stream);
                 ffi::read_index_from(&mut |buf| r.read_exact(buf).is_ok())?
@@ -454,7 +452,7 @@ pub(crate) fn finish(
     if summary.len != stamp.file_len || summary.crc32 != stamp.crc32 {
         return corrupt("index file does not match the stamp's checksum".into());
     }
-    if summary.count > 0 && summary.max_id >= id_bound {
+    if summary.max_id >= id_bound {
         return corrupt(format!(
             "index file rejected: an id is not below the store's next id {id_bound}"
         ));

@@ -46,15 +46,14 @@ impl Stitched<File> {
     }
 
     /// Has FAISS read the stream with the vectors mapped from their file instead of copied
-    /// ([`super::ffi::read_mapped`]; `populate`: all their pages mapped now).
-    pub fn read_mapped(&self, populate: bool) -> crate::error::Result<faiss::index::IndexImpl> {
+    /// ([`super::ffi::read_mapped`]).
+    pub fn read_mapped(&self) -> crate::error::Result<faiss::index::IndexImpl> {
         super::ffi::read_mapped(
             &self.graph,
             self.graph_len,
             &self.vectors,
             self.at,
             self.vectors_len,
-            populate,
         )
     }
 }

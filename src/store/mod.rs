@@ -201,13 +201,23 @@ pub(crate) struct Store {
     /// Bytes of image records and embeddings given to sled by this handle: most of what it
     /// logs (see [`LogFold`]).
     logged: std::sync::atomic::AtomicU64,
+    /// Declared last: it drops after `db` and every tree, once sled has closed.
+    fold: LogFold,
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        if self.logged_bytes() >= FOLD_AFTER_BYTES {
+            self.fold.request();
+        }
+    }
 }
 
 /// sled (0.34) writes a snapshot of its page table only while it opens, and every open
 /// replays and checksums the log written since the last one: after a session that stored a
 /// million small images, 3.3 GB in 1.35 s, most of the next open. When a handle gave sled
-/// more than this many bytes, the database folds the log at close instead ([`LogFold`]).
-pub(crate) const FOLD_AFTER_BYTES: u64 = 256 << 20;
+/// more than this many bytes, the store folds the log as it closes instead ([`LogFold`]).
+const FOLD_AFTER_BYTES: u64 = 256 << 20;
 
 /// Opens sled in `dir/store`. The caller holds the database's LOCK, so a sled file lock that
 /// is still held belongs to a handle of this process that is being dropped (sled releases it
@@ -231,34 +241,34 @@ fn open_sled(dir: &Path, relaxed: bool) -> Result<sled::Db> {
     }
 }
 
-/// Folds sled's log into a sled snapshot when the store has closed, if asked to: it opens
-/// sled once more (which replays the log and writes the snapshot) and closes it, so that the
-/// next open replays nothing. Declared after the [`Store`] in the database's handle, so that
-/// it drops after it; best effort (the next open replays the log otherwise).
+/// Folds sled's log into a sled snapshot once sled has closed, if asked to: it opens sled
+/// once more (which replays the log and writes the snapshot) and closes it, so that the next
+/// open replays nothing. The last field of [`Store`], so that it drops after sled's handles;
+/// best effort (the next open replays the log otherwise).
 #[derive(Debug)]
-pub(crate) struct LogFold {
+struct LogFold {
     dir: std::path::PathBuf,
-    due: std::sync::atomic::AtomicBool,
+    due: bool,
 }
 
 impl LogFold {
-    pub fn new(dir: &Path) -> LogFold {
+    fn new(dir: &Path) -> LogFold {
         LogFold {
             dir: dir.to_path_buf(),
-            due: std::sync::atomic::AtomicBool::new(false),
+            due: false,
         }
     }
 
     /// Folds the log when this drops.
-    pub fn request(&self) {
-        self.due.store(true, std::sync::atomic::Ordering::Relaxed);
+    fn request(&mut self) {
+        self.due = true;
     }
 }
 
 impl Drop for LogFold {
     fn drop(&mut self) {
         // sled writes its snapshot while it opens: not on a full disk.
-        if *self.due.get_mut() && check_space(&self.dir, 0).is_ok() {
+        if self.due && check_space(&self.dir, 0).is_ok() {
             let _ = open_sled(&self.dir, false);
         }
     }
@@ -375,6 +385,7 @@ impl Store {
             relaxed,
             next_id: std::sync::atomic::AtomicU64::new(1),
             logged: std::sync::atomic::AtomicU64::new(0),
+            fold: LogFold::new(dir),
         };
         match store.meta.get(META_FORMAT)? {
             None => {
@@ -748,7 +759,7 @@ impl Store {
     }
 
     /// Bytes of image records and embeddings this handle gave sled (see [`LogFold`]).
-    pub fn logged_bytes(&self) -> u64 {
+    fn logged_bytes(&self) -> u64 {
         self.logged.load(std::sync::atomic::Ordering::Relaxed)
     }
 
@@ -1048,7 +1059,7 @@ mod tests {
         let before = sled_snapshot_at(d);
         drop(LogFold::new(d));
         assert_eq!(sled_snapshot_at(d), before);
-        let fold = LogFold::new(d);
+        let mut fold = LogFold::new(d);
         fold.request();
         drop(fold);
         assert!(sled_snapshot_at(d) > before);
