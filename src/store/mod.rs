@@ -33,6 +33,7 @@
 //! refuses the store. Opening a format-4 store only records the new format (its first open
 //! scans the entries, having no `catalogue.bin`).
 
+mod direct;
 mod durable;
 mod entries;
 mod packs;
