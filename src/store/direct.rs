@@ -125,6 +125,14 @@ impl Direct {
         Ok(())
     }
 
+    /// Stages from an address off the alignment, so that the next write is refused with
+    /// `EINVAL`, as by a file system that does not take direct writes after all.
+    #[cfg(test)]
+    pub(super) fn misalign(&mut self) {
+        self.start(0);
+        self.at += 1;
+    }
+
     fn write(&mut self) -> std::io::Result<()> {
         self.file
             .write_all_at(&self.stage[self.at..self.at + self.fill], self.pos)?;

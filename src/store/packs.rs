@@ -158,8 +158,35 @@ impl Packs {
             let newest = self.newest()?.max(1);
             *guard = Some(self.open_writer(newest)?);
         }
-        let mut refs = Vec::with_capacity(images.len());
         let w = guard.as_mut().ok_or_else(poisoned)?;
+        let refs = match self.write_records(w, images) {
+            // A file system that reported direct-I/O alignment and then refused a direct
+            // write: through the page cache from now on, after what is in the file (the
+            // records this batch wrote directly stay unreferenced).
+            Err(Error::Io { source, .. })
+                if w.direct.is_some() && source.kind() == std::io::ErrorKind::InvalidInput =>
+            {
+                let path = self.path(w.segment);
+                w.direct = None;
+                w.len = w.file.metadata().map_err(|e| io(&path, e))?.len();
+                self.write_records(w, images)?
+            }
+            other => other?,
+        };
+        let path = self.path(w.segment);
+        if sync {
+            sync_writer(&path, w)?;
+            w.unsynced = 0;
+        } else if w.unsynced >= BACKGROUND_SYNC_BYTES {
+            self.sync_in_background(w);
+        }
+        Ok(refs)
+    }
+
+    /// Writes the records of `images` after `w`'s end, moving to a new segment when one is
+    /// full; the staged direct writes are all written when this returns.
+    fn write_records(&self, w: &mut Writer, images: &[(ImageId, &[u8])]) -> Result<Vec<PackRef>> {
+        let mut refs = Vec::with_capacity(images.len());
         w.start_run();
         for (id, bytes) in images {
             let size = HEADER + bytes.len() as u64;
@@ -203,12 +230,6 @@ impl Packs {
         }
         let path = self.path(w.segment);
         w.finish_run().map_err(|e| io(&path, e))?;
-        if sync {
-            sync_writer(&path, w)?;
-            w.unsynced = 0;
-        } else if w.unsynced >= BACKGROUND_SYNC_BYTES {
-            self.sync_in_background(w);
-        }
         Ok(refs)
     }
 
@@ -375,6 +396,39 @@ mod tests {
             packs.read(ImageId(1), &gone),
             Err(Error::Corrupt { .. })
         ));
+    }
+
+    /// A direct write refused with `EINVAL` (a file system that reported direct-I/O alignment
+    /// and does not honour it) sends this and later appends through the page cache.
+    #[test]
+    fn a_refused_direct_write_falls_back_to_the_page_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let packs = Packs::open(&dir.path().join("images"));
+        let a: Vec<u8> = (0..30_000u32).map(|i| (i * 3) as u8).collect();
+        let first = packs.append(&[(ImageId(1), &a)], true).unwrap();
+        if !direct(&packs) {
+            eprintln!("skipped: this file system takes no direct writes");
+            return;
+        }
+        if let Some(d) = packs
+            .writer
+            .lock()
+            .unwrap()
+            .as_mut()
+            .unwrap()
+            .direct
+            .as_mut()
+        {
+            d.misalign();
+        }
+        let refs = packs
+            .append(&[(ImageId(2), &a), (ImageId(3), &a)], true)
+            .unwrap();
+        assert!(!direct(&packs));
+        for (id, r) in [(1, &first[0]), (2, &refs[0]), (3, &refs[1])] {
+            assert_eq!(packs.read(ImageId(id), r).unwrap(), a);
+        }
+        assert_eq!(refs[1].offset, refs[0].offset + 30_000 + HEADER);
     }
 
     /// Records larger than the staging buffer, records that end on a block boundary and tiny
