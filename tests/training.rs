@@ -660,6 +660,8 @@ fn auto_chooses_simnet_presets_by_the_images() {
     let r = db.train_extractor_with("auto", quick()).unwrap();
     assert_eq!((r.extractor.as_str(), r.config.as_str()), ("simnet", "cpu"));
     assert!(r.chosen.as_deref().unwrap().contains("colour"), "{r:?}");
+    // SimNet's embeddings are not derived from the active model's: every image decoded.
+    assert!(!r.embedded_from_features);
     // A named extractor is not a choice.
     let r = db.train_extractor_with("simnet", quick()).unwrap();
     assert_eq!(r.chosen, None);
@@ -721,6 +723,11 @@ fn auto_on_an_efficientnet_database_trains_a_head_on_frozen_features() {
         assert_eq!(db.models().unwrap().len(), 2);
     }
     assert!(r.activated && r.steps > 0 && r.images_seen > 0);
+    // The head's embeddings came from the plain network's stored ones (checked against
+    // queries, which run the whole network, below).
+    assert!(r.embedded_from_features, "{r:?}");
+    // So were the unaugmented features of the training and validation images.
+    assert_eq!(r.stored_features, 24, "{r:?}");
     let phases = phases.lock().unwrap();
     // The frozen features were computed once per view, before any step.
     let features: Vec<_> = phases.iter().filter(|p| p.0 == Phase::Features).collect();
@@ -735,6 +742,10 @@ fn auto_on_an_efficientnet_database_trains_a_head_on_frozen_features() {
         (m.extractor.as_str(), m.config.as_str(), m.dim),
         ("efficientnet-lite0", "head", 1280)
     );
-    let hits = db.nearest(&images[5].0, 1).unwrap();
-    assert!(hits[0].distance < 1e-4, "an image finds itself: {hits:?}");
+    // Every image finds itself: its stored embedding (the head applied to the plain network's
+    // stored features) is the one a query computes from its pixels.
+    for (bytes, _) in &images {
+        let hits = db.nearest(bytes, 1).unwrap();
+        assert!(hits[0].distance < 1e-4, "an image finds itself: {hits:?}");
+    }
 }

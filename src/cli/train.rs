@@ -243,6 +243,9 @@ fn train(
                 "epochs": r.epochs, "steps": r.steps, "pairs": r.pairs_seen,
                 "train_seconds": r.train_seconds, "total_seconds": r.total_seconds,
                 "vanished": r.vanished, "chosen": r.chosen,
+                "embed_seconds": r.embed_seconds,
+                "embedded_from_features": r.embedded_from_features,
+                "stored_features": r.stored_features,
             }})
         );
         return Ok(());
@@ -277,6 +280,21 @@ fn train(
         r.pairs_seen,
         r.train_seconds / 60.0,
         r.total_seconds / 60.0
+    );
+    if r.stored_features > 0 {
+        out!(
+            "features of {} images read from the active model's stored embeddings",
+            r.stored_features
+        );
+    }
+    out!(
+        "stored images embedded with the new model in {:.1} s{}",
+        r.embed_seconds,
+        if r.embedded_from_features {
+            " (from the active model's stored features: no image decoded)"
+        } else {
+            ""
+        }
     );
     if r.vanished > 0 {
         out!(

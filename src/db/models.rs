@@ -4,7 +4,8 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use lookalike_plugin::{Extractor, ExtractorSpec, Metric};
+use lookalike_plugin::candle_core::{Device, Tensor};
+use lookalike_plugin::{Extractor, ExtractorSpec, FeaturesId, InputSpec, Metric};
 
 use super::{l2_normalise, now_unix, ContentHash, Db, EMBED_BATCH};
 use crate::error::{Error, Result};
@@ -189,16 +190,44 @@ impl Db {
         Ok(out)
     }
 
+    /// The active model's stored embeddings of `ids` (missing ones skipped) when they are the
+    /// features `id` names for images decoded for `input` (see [`stores_features`]); `None`
+    /// when they are not.
+    pub(crate) fn stored_features(
+        &self,
+        id: Option<FeaturesId>,
+        input: &InputSpec,
+        ids: &[ImageId],
+    ) -> Result<Option<Vec<Stored>>> {
+        let model = self.model();
+        if !stores_features(&model, id, input) {
+            return Ok(None);
+        }
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(v) = self
+                .inner
+                .store
+                .embedding(model.version, *id, model.dim())?
+            {
+                out.push((*id, v));
+            }
+        }
+        Ok(Some(out))
+    }
+
     /// Stores a new model version (not active): its record, then an embedding of every stored
     /// image under it, in batches; `progress(done, total)` after each batch, and `cancelled()`
-    /// checked between batches (a cancelled install deletes what it wrote).
+    /// checked between batches (a cancelled install deletes what it wrote). An extractor
+    /// derived from the active model's features ([`Extractor::derived_from`]) gets its
+    /// embeddings from the active model's stored ones, without decoding the images.
     pub(crate) fn install_model(
         &self,
         record: ModelRecord,
         extractor: Arc<dyn Extractor>,
         progress: &mut dyn FnMut(usize, usize),
         cancelled: &dyn Fn() -> bool,
-    ) -> Result<u32> {
+    ) -> Result<Installed> {
         self.check_poisoned()?;
         let _admin = self.admin()?;
         let version = self
@@ -221,18 +250,24 @@ impl Db {
         self.inner
             .store
             .set_policy(version, &preprocess::policy(&model.spec.input))?;
+        let active = self.model();
+        let from_features = derivable(&active, &model);
         let ids: Vec<ImageId> = self.live_ids()?.into_iter().map(ImageId).collect();
         let result = (|| {
             for (done, chunk) in ids.chunks(EMBED_BATCH * 4).enumerate() {
                 if cancelled() {
                     return Err(Error::Cancelled);
                 }
-                let embedded = self.embed_stored(
-                    &model.record.plugin,
-                    model.extractor.as_ref(),
-                    &model.spec,
-                    chunk,
-                )?;
+                let embedded = if from_features {
+                    self.embed_derived(&active, &model, chunk)?
+                } else {
+                    self.embed_stored(
+                        &model.record.plugin,
+                        model.extractor.as_ref(),
+                        &model.spec,
+                        chunk,
+                    )?
+                };
                 for (id, v) in embedded {
                     self.inner.store.put_embedding(version, id, &v)?;
                 }
@@ -244,7 +279,50 @@ impl Db {
             let _ = self.inner.store.delete_model(version);
             return Err(e);
         }
-        Ok(version)
+        Ok(Installed {
+            version,
+            from_features,
+        })
+    }
+
+    /// `model`'s embeddings of stored images `ids`, computed from `base`'s stored embeddings
+    /// ([`Extractor::embed_features`]; see [`derivable`]); an image without one (removed
+    /// meanwhile, or never embedded) is decoded and embedded, or skipped if removed.
+    fn embed_derived(
+        &self,
+        base: &Model,
+        model: &Model,
+        ids: &[ImageId],
+    ) -> Result<Vec<(ImageId, Vec<f32>)>> {
+        let name = &model.record.plugin;
+        let dim = base.dim();
+        let (mut have, mut rows, mut missing) = (Vec::new(), Vec::new(), Vec::new());
+        for id in ids {
+            match self.inner.store.embedding(base.version, *id, dim)? {
+                Some(v) => {
+                    have.push(*id);
+                    rows.extend(v);
+                }
+                None => missing.push(*id),
+            }
+        }
+        let mut out = Vec::with_capacity(ids.len());
+        for (part, values) in have.chunks(EMBED_BATCH).zip(rows.chunks(EMBED_BATCH * dim)) {
+            let features = Tensor::from_slice(values, (part.len(), dim), &Device::Cpu)
+                .map_err(|e| Error::plugin(name, e.into()))?;
+            let emb = model
+                .extractor
+                .embed_features(&features)
+                .map_err(|e| Error::plugin(name, e))?;
+            out.extend(part.iter().copied().zip(checked_rows(
+                name,
+                &model.spec,
+                &emb,
+                part.len(),
+            )?));
+        }
+        out.extend(self.embed_stored(name, model.extractor.as_ref(), &model.spec, &missing)?);
+        Ok(out)
     }
 
     /// Embeds stored images `ids` with `extractor` (declaring `spec`), in batches, reading
@@ -277,6 +355,35 @@ impl Db {
     }
 }
 
+/// An image's stored embedding.
+pub(crate) type Stored = (ImageId, Vec<f32>);
+
+/// What [`Db::install_model`] did.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Installed {
+    /// The new model version.
+    pub version: u32,
+    /// Whether its embeddings were computed from the active model's stored ones.
+    pub from_features: bool,
+}
+
+/// Whether `model`'s embeddings can be computed from `base`'s stored ones (see
+/// [`stores_features`]).
+fn derivable(base: &Model, model: &Model) -> bool {
+    stores_features(base, model.extractor.derived_from(), &model.spec.input)
+}
+
+/// Whether `base`'s stored embeddings are the features `id` names ([`Extractor::features`]
+/// of `base`'s extractor answers it) of images decoded for `input` (same input and decode
+/// policy), stored as its extractor makes them (no projection).
+fn stores_features(base: &Model, id: Option<FeaturesId>, input: &InputSpec) -> bool {
+    base.compact.is_none()
+        && base.spec.input == *input
+        && preprocess::policy(&base.spec.input) == preprocess::policy(input)
+        && id.is_some()
+        && id == base.extractor.features()
+}
+
 /// Reads and decodes stored images `ids` for `input` on every core: `None` for an image
 /// removed meanwhile. The encoded bytes live only inside each task.
 pub(super) fn prepare_stored(
@@ -302,34 +409,40 @@ fn embed_with(
         let emb = extractor
             .embed(&batch)
             .map_err(|e| Error::plugin(name, e))?;
-        let dims = emb.dims().to_vec();
-        if dims != [chunk.len(), spec.dim] {
-            return Err(Error::DimensionMismatch {
-                what: format!("output of extractor {name} (shape {dims:?})"),
-                expected: spec.dim,
-                got: dims.last().copied().unwrap_or(0),
-            });
-        }
-        let rows = emb
-            .to_dtype(lookalike_plugin::candle_core::DType::F32)
-            .and_then(|t| t.to_vec2::<f32>())
-            .map_err(|e| Error::plugin(name, e.into()))?;
-        for mut v in rows {
-            if v.iter().any(|x| !x.is_finite()) {
-                return Err(Error::plugin(
-                    name,
-                    lookalike_plugin::PluginError::InvalidSpec(
-                        "embedding has NaN or infinite values".into(),
-                    ),
-                ));
-            }
-            if spec.metric == Metric::Cosine {
-                l2_normalise(&mut v);
-            }
-            out.push(v);
-        }
+        out.extend(checked_rows(name, spec, &emb, chunk.len())?);
     }
     Ok(out)
+}
+
+/// The rows of an extractor's output for `n` images, checked (shape `n x dim`, finite values)
+/// and normalised as stored (L2 for cosine). `name` labels errors.
+fn checked_rows(name: &str, spec: &ExtractorSpec, emb: &Tensor, n: usize) -> Result<Vec<Vec<f32>>> {
+    let dims = emb.dims().to_vec();
+    if dims != [n, spec.dim] {
+        return Err(Error::DimensionMismatch {
+            what: format!("output of extractor {name} (shape {dims:?})"),
+            expected: spec.dim,
+            got: dims.last().copied().unwrap_or(0),
+        });
+    }
+    let mut rows = emb
+        .to_dtype(lookalike_plugin::candle_core::DType::F32)
+        .and_then(|t| t.to_vec2::<f32>())
+        .map_err(|e| Error::plugin(name, e.into()))?;
+    for v in &mut rows {
+        if v.iter().any(|x| !x.is_finite()) {
+            return Err(Error::plugin(
+                name,
+                lookalike_plugin::PluginError::InvalidSpec(
+                    "embedding has NaN or infinite values".into(),
+                ),
+            ));
+        }
+        if spec.metric == Metric::Cosine {
+            l2_normalise(v);
+        }
+    }
+    Ok(rows)
 }
 
 /// Embeds decoded images in batches as `model` stores them: through its projection when it

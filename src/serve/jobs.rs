@@ -368,7 +368,9 @@ fn report_json(r: &TrainReport) -> Value {
            "config": r.config, "miner": r.miner, "before": metrics_json(&r.before),
            "after": metrics_json(&r.after), "epochs": r.epochs, "steps": r.steps,
            "train_seconds": r.train_seconds, "total_seconds": r.total_seconds,
-           "chosen": r.chosen})
+           "chosen": r.chosen, "embed_seconds": r.embed_seconds,
+           "embedded_from_features": r.embedded_from_features,
+           "stored_features": r.stored_features})
 }
 
 fn job(s: &Shared, id: &str) -> Result<Arc<Job>, ApiError> {

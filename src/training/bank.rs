@@ -7,7 +7,12 @@
 //! for the training images only. A training step takes one of an image's views at random.
 //! Views are added while they fit: at most [`TrainOptions::feature_views`], within
 //! [`MAX_BANK_BYTES`] of memory, and, for a job with a time budget, while the next view is
-//! expected to end before half of the budget is spent (view 0 is always complete).
+//! expected to end before half of the budget is spent; a view still running at that point is
+//! kept as far as it got (view 0 is always complete).
+//!
+//! Where the database's active model stores exactly these features (a head on the active
+//! model's frozen backbone: [`Trainable::frozen_features_id`]), view 0 is read from the
+//! stored embeddings instead of running the frozen layers over every image.
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -35,6 +40,8 @@ pub(crate) struct FeatureBank {
     index: HashMap<ImageId, Vec<u32>>,
     /// Complete views (1 = unaugmented only).
     pub views: usize,
+    /// Images whose view 0 was read from the database's stored embeddings.
+    pub from_store: usize,
 }
 
 impl FeatureBank {
@@ -59,21 +66,27 @@ impl FeatureBank {
             rows: Vec::new(),
             index: HashMap::new(),
             views: 0,
+            from_store: 0,
         };
         let mut first: Vec<ImageId> = train.iter().chain(eval).copied().collect();
         first.sort_unstable();
         first.dedup();
         let budget = opts.max_minutes.map(|m| m * 60.0 / 2.0);
-        let mut last_view_seconds = 0.0;
+        // Seconds per image through the frozen layers, once measured.
+        let mut per_image: Option<f64> = None;
         for view in 0..opts.feature_views.max(1) {
             let (ids, augment) = if view == 0 {
                 (first.as_slice(), Augment::none())
             } else {
                 (train, opts.augment)
             };
-            if view > 0 {
+            let mut ids = ids.to_vec();
+            if view == 0 {
+                ids = bank.add_stored(db, trainable, spec, &ids, on_progress)?;
+            } else {
                 let bytes = (bank.rows.len() + ids.len() * bank.dim) * 4;
-                let expected_end = started.elapsed().as_secs_f64() + last_view_seconds;
+                let expected = per_image.unwrap_or(0.0) * ids.len() as f64;
+                let expected_end = started.elapsed().as_secs_f64() + expected;
                 if augment == Augment::none()
                     || bytes > MAX_BANK_BYTES
                     || budget.is_some_and(|b| expected_end > b)
@@ -81,23 +94,77 @@ impl FeatureBank {
                     break;
                 }
             }
+            // A view ends at half of the budget, complete or not (the estimate above is
+            // missing when view 0 came from the store, and machines slow down).
+            let stop_at = if view == 0 { None } else { budget };
             let t = Instant::now();
-            bank.add_view(
+            let complete = bank.add_view(
                 db,
                 name,
                 trainable,
                 spec,
                 augment,
-                ids,
+                &ids,
                 opts,
                 view,
+                (started, stop_at),
                 cancelled,
                 on_progress,
             )?;
-            last_view_seconds = t.elapsed().as_secs_f64();
+            if !ids.is_empty() {
+                per_image = Some(t.elapsed().as_secs_f64() / ids.len() as f64);
+            }
+            if !complete {
+                break;
+            }
             bank.views = view + 1;
         }
         Ok(bank)
+    }
+
+    /// View 0 of `ids` from the database's stored embeddings, where they are the trainable's
+    /// frozen features ([`Trainable::frozen_features_id`]: a head on the active model's
+    /// backbone); the ids left for the frozen layers.
+    fn add_stored(
+        &mut self,
+        db: &Db,
+        trainable: &dyn Trainable,
+        spec: &ExtractorSpec,
+        ids: &[ImageId],
+        on_progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Vec<ImageId>> {
+        let id = trainable.frozen_features_id();
+        let Some(stored) = db.stored_features(id, &spec.input, ids)? else {
+            return Ok(ids.to_vec());
+        };
+        for (id, v) in stored {
+            self.push_row(id, &v)?;
+        }
+        self.from_store = self.index.len();
+        on_progress(self.index.len(), ids.len());
+        Ok(ids
+            .iter()
+            .filter(|id| !self.index.contains_key(id))
+            .copied()
+            .collect())
+    }
+
+    /// Adds a row of `id`'s features.
+    fn push_row(&mut self, id: ImageId, row: &[f32]) -> Result<()> {
+        if self.dim == 0 {
+            self.dim = row.len();
+        }
+        if row.len() != self.dim {
+            return Err(Error::DimensionMismatch {
+                what: "frozen features".into(),
+                expected: self.dim,
+                got: row.len(),
+            });
+        }
+        let r = (self.rows.len() / self.dim) as u32;
+        self.rows.extend_from_slice(row);
+        self.index.entry(id).or_default().push(r);
+        Ok(())
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -111,9 +178,13 @@ impl FeatureBank {
         ids: &[ImageId],
         opts: &TrainOptions,
         view: usize,
+        (started, stop_at): (Instant, Option<f64>),
         cancelled: &dyn Fn() -> bool,
         on_progress: &mut dyn FnMut(usize, usize),
-    ) -> Result<()> {
+    ) -> Result<bool> {
+        if ids.is_empty() {
+            return Ok(true);
+        }
         let c_err = |e: lookalike_plugin::candle_core::Error| Error::plugin(name, e.into());
         // The loader's label slot carries each image's position in `ids`, so that the rows
         // of a batch can be matched to their images (an image removed meanwhile is skipped).
@@ -158,17 +229,15 @@ impl FeatureBank {
                 .ok_or_else(|| Error::NotTrainable(name.to_string()))?
                 .map_err(|e| Error::plugin(name, e))?;
             let dim = f.dim(1).map_err(c_err)?;
-            if self.dim == 0 {
-                self.dim = dim;
-            }
             let values: Vec<f32> = f.flatten_all().and_then(|t| t.to_vec1()).map_err(c_err)?;
             for (row, pos) in values.chunks_exact(dim).zip(&batch.labels) {
-                let r = (self.rows.len() / dim) as u32;
-                self.rows.extend_from_slice(row);
-                self.index.entry(ids[*pos as usize]).or_default().push(r);
+                self.push_row(ids[*pos as usize], row)?;
+            }
+            if stop_at.is_some_and(|s| started.elapsed().as_secs_f64() > s) {
+                return Ok(false);
             }
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Rows for `items` (one random view each; images not in the bank are left out), `n x dim`

@@ -726,7 +726,9 @@ pub(crate) fn train_extractor(db: &Db, name: &str, opts: TrainOptions) -> Result
             (done, total),
         ))
     };
-    let version = match db.install_model(record, frozen, &mut on_embed, &cancelled) {
+    let embedding_started = std::time::Instant::now();
+    let stored_features = bank.as_ref().map_or(0, |b| b.from_store);
+    let installed = match db.install_model(record, frozen, &mut on_embed, &cancelled) {
         Ok(v) => v,
         Err(e) => {
             if matches!(e, Error::Cancelled) {
@@ -735,6 +737,8 @@ pub(crate) fn train_extractor(db: &Db, name: &str, opts: TrainOptions) -> Result
             return Err(e);
         }
     };
+    let embed_seconds = embedding_started.elapsed().as_secs_f64();
+    let version = installed.version;
     let (activate, decision) = opts.activate.decide(&before, &after);
     if activate {
         db.use_model(version)?;
@@ -779,6 +783,9 @@ pub(crate) fn train_extractor(db: &Db, name: &str, opts: TrainOptions) -> Result
         history,
         vanished,
         chosen,
+        embed_seconds,
+        embedded_from_features: installed.from_features,
+        stored_features,
     })
 }
 

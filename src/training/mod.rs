@@ -685,4 +685,14 @@ pub struct TrainReport {
     /// For a job asked for `"auto"`: why it chose [`TrainReport::extractor`] and
     /// [`TrainReport::config`], in words. `None` when the caller named the extractor.
     pub chosen: Option<String>,
+    /// Seconds spent embedding every stored image with the new model.
+    pub embed_seconds: f64,
+    /// Whether those embeddings were computed from the active model's stored ones, without
+    /// decoding the images (a head on the active model's frozen features:
+    /// `lookalike_plugin::Extractor::derived_from`).
+    pub embedded_from_features: bool,
+    /// For a trainable with frozen layers: the training and validation images whose
+    /// unaugmented features were read from the active model's stored embeddings instead of
+    /// being computed (`lookalike_plugin::Trainable::frozen_features_id`).
+    pub stored_features: usize,
 }

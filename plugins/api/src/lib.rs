@@ -228,7 +228,41 @@ pub trait Extractor: Send + Sync + Debug + 'static {
 
     /// The weights as safetensors bytes; empty for an extractor without weights.
     fn save_weights(&self) -> Result<Vec<u8>, PluginError>;
+
+    /// What this extractor's embeddings are, when other extractors are computed from them
+    /// (see [`Extractor::derived_from`]): equal ids mean equal embeddings of every image.
+    /// `None` (the default) for an extractor nothing is derived from.
+    fn features(&self) -> Option<FeaturesId> {
+        None
+    }
+
+    /// When this extractor's embedding is a function of another extractor's embeddings as
+    /// the database stores them (L2-normalised for [`Metric::Cosine`]): that extractor's
+    /// [`Extractor::features`]. A database installing this extractor over a model whose
+    /// extractor answers the same id (and decodes images the same way) then computes every
+    /// image's embedding from the stored one with [`Extractor::embed_features`], without
+    /// decoding the image again: a head trained on a frozen backbone takes seconds to
+    /// install instead of a pass of the backbone over every stored image. `None` (the
+    /// default) otherwise.
+    fn derived_from(&self) -> Option<FeaturesId> {
+        None
+    }
+
+    /// The embeddings of rows of the features [`Extractor::derived_from`] names: `N x D'` to
+    /// `N x D`. Called only when `derived_from` answers; the default is an error.
+    fn embed_features(&self, _features: &Tensor) -> Result<Tensor, PluginError> {
+        Err(PluginError::InvalidSpec(format!(
+            "{} computes no embeddings from stored features",
+            self.name()
+        )))
+    }
 }
+
+/// Names what an extractor's embeddings are (see [`Extractor::features`]), for example a
+/// fingerprint of a frozen backbone's weights ([`nn::fingerprint`] with the `nn` feature).
+/// Compared within one process, never stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FeaturesId(pub u64);
 
 /// Builds extractors of one kind: the entry the database's registry holds.
 pub trait ExtractorPlugin: Send + Sync + Debug + 'static {
@@ -315,6 +349,16 @@ pub trait Trainable: Send + Debug {
     /// of it instead of running the frozen layers at every step: a head on a pretrained
     /// backbone trains in seconds instead of hours.
     fn frozen_features(&self, _images: &Tensor) -> Option<Result<Tensor, PluginError>> {
+        None
+    }
+
+    /// When the rows of [`Trainable::frozen_features`] are, up to their L2 norm, the stored
+    /// embeddings of an extractor whose [`Extractor::features`] answers this id (for images
+    /// decoded for the same input), and [`Trainable::forward_features`] gives the same for a
+    /// row and for its normalised copy: that id. The training jobs then take the unaugmented
+    /// features of stored images from the database's stored embeddings instead of running
+    /// the frozen layers over every image. `None` (the default) otherwise.
+    fn frozen_features_id(&self) -> Option<FeaturesId> {
         None
     }
 

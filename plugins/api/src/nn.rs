@@ -511,6 +511,38 @@ pub fn max_pool2d(
     out.ok_or_else(|| candle_core::Error::Msg("empty pooling window".into()))
 }
 
+/// A fingerprint of the parameters in `varmap`, except those whose names start with `skip`
+/// (a trained head beside a frozen backbone, say): their names, shapes and values, hashed in
+/// name order. Maps with the same such parameters have the same fingerprint within one
+/// process (the hash is not stable across Rust versions: never store it).
+pub fn fingerprint(varmap: &VarMap, skip: Option<&str>) -> Result<crate::FeaturesId, PluginError> {
+    use std::hash::{Hash, Hasher};
+    let data = varmap
+        .data()
+        .lock()
+        .map_err(|_| PluginError::Weights("the parameter map is poisoned".into()))?;
+    let mut names: Vec<&String> = data
+        .keys()
+        .filter(|k| skip.is_none_or(|p| !k.starts_with(p)))
+        .collect();
+    names.sort();
+    let mut h = std::hash::DefaultHasher::new();
+    for name in names {
+        let t = data[name].as_tensor();
+        name.hash(&mut h);
+        t.dims().hash(&mut h);
+        let values = t
+            .flatten_all()
+            .and_then(|t| t.to_dtype(DType::F32))
+            .and_then(|t| t.to_vec1::<f32>())?;
+        for chunk in values.chunks(4096) {
+            let bytes: Vec<u8> = chunk.iter().flat_map(|v| v.to_le_bytes()).collect();
+            h.write(&bytes);
+        }
+    }
+    Ok(crate::FeaturesId(h.finish()))
+}
+
 /// Loads the parameters of `varmap` whose names start with `prefix` (for example `"deep."`)
 /// from `tensors`, where each may be named with the prefix or without it (as torchvision names
 /// a backbone's tensors). Every such parameter must be present with its shape; the error names

@@ -9,8 +9,8 @@
 use lookalike_plugin::candle_core::{Module, Result as CResult, Tensor, D};
 use lookalike_plugin::candle_nn::{self, Conv2dConfig, Linear, VarBuilder, VarMap};
 use lookalike_plugin::{
-    check_batch, nn, Extractor, ExtractorPlugin, ExtractorSpec, InputSpec, Metric, PluginError,
-    Trainable,
+    check_batch, nn, Extractor, ExtractorPlugin, ExtractorSpec, FeaturesId, InputSpec, Metric,
+    PluginError, Trainable,
 };
 
 /// Input side in pixels.
@@ -373,6 +373,12 @@ impl Extractor for EfficientNetExtractor {
 
     fn save_weights(&self) -> Result<Vec<u8>, PluginError> {
         nn::save_varmap(&self.varmap)
+    }
+
+    /// The pooled features of these weights, from which the `head` configuration's
+    /// embeddings are computed (see [`crate::head`]).
+    fn features(&self) -> Option<FeaturesId> {
+        nn::fingerprint(&self.varmap, None).ok()
     }
 }
 

@@ -18,7 +18,9 @@
 
 use lookalike_plugin::candle_core::{Module, Tensor};
 use lookalike_plugin::candle_nn::{Init, Linear, VarBuilder, VarMap};
-use lookalike_plugin::{nn, Extractor, ExtractorSpec, PluginError, Trainable, TrainingBatch};
+use lookalike_plugin::{
+    nn, Extractor, ExtractorSpec, FeaturesId, PluginError, Trainable, TrainingBatch,
+};
 
 use crate::efficientnet::{extractor_spec, pooled_in_chunks, EfficientNetLite0, FEATURES};
 
@@ -99,6 +101,17 @@ impl Extractor for HeadExtractor {
     fn save_weights(&self) -> Result<Vec<u8>, PluginError> {
         nn::save_varmap(&self.parts.varmap)
     }
+
+    /// The plain network's features with the same backbone weights: a database that ran
+    /// that network applies the head to its stored embeddings instead of running the
+    /// backbone again.
+    fn derived_from(&self) -> Option<FeaturesId> {
+        nn::fingerprint(&self.parts.varmap, Some(PREFIX)).ok()
+    }
+
+    fn embed_features(&self, features: &Tensor) -> Result<Tensor, PluginError> {
+        apply_head(&self.proj, features)
+    }
 }
 
 /// The head in training.
@@ -128,6 +141,12 @@ impl Trainable for HeadTrainable {
 
     fn frozen_features(&self, images: &Tensor) -> Option<Result<Tensor, PluginError>> {
         Some(pooled_in_chunks(&self.parts.net, images))
+    }
+
+    /// The plain network's features with the same backbone weights; [`apply_head`]
+    /// normalises its input first, so a row and its normalised copy give the same.
+    fn frozen_features_id(&self) -> Option<FeaturesId> {
+        nn::fingerprint(&self.parts.varmap, Some(PREFIX)).ok()
     }
 
     fn forward_features(&self, features: &Tensor, train: bool) -> Result<Tensor, PluginError> {

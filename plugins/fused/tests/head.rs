@@ -52,6 +52,70 @@ fn an_untrained_head_gives_the_plain_networks_directions() {
 }
 
 #[test]
+fn the_head_is_derived_from_the_plain_networks_features() {
+    let w = random_backbone();
+    let plain = EfficientNetPlugin.build("", Some(&w)).expect("plain");
+    let head = EfficientNetPlugin.build("head", Some(&w)).expect("head");
+    let id = plain
+        .features()
+        .expect("the plain network names its features");
+    assert_eq!(head.derived_from(), Some(id));
+    // A head's own embeddings are not the bare features; another backbone's are others.
+    assert_eq!(head.features(), None);
+    let (other_map, vb) = nn::new_varmap();
+    nn::with_init_seed(4, || EfficientNetLite0::new(vb)).expect("network");
+    let other = EfficientNetPlugin
+        .build("", Some(&nn::save_varmap(&other_map).expect("save")))
+        .expect("other");
+    assert_ne!(other.features(), Some(id));
+    // A trained head (W not zero; trained on random rows, as below) on stored features
+    // (L2-normalised, as a database keeps them) gives what it computes from the pixels.
+    let t = EfficientNetPlugin
+        .trainable("head", Some(&w))
+        .expect("trainable")
+        .expect("built");
+    let rows_in = nn::TrainRng::seeded(5)
+        .randn(0f32, 1f32, (4, FEATURES), &Device::Cpu)
+        .expect("rows");
+    let labels = Tensor::new(&[0u32, 0, 1, 1], &Device::Cpu).expect("labels");
+    let mut opt = Adam::new(t.vars(), 1e-2);
+    for _ in 0..3 {
+        let e = t.forward_features(&rows_in, true).expect("forward");
+        let loss = t
+            .loss(TrainingBatch::Labelled {
+                embeddings: &e,
+                labels: &labels,
+            })
+            .expect("loss");
+        opt.backward_step(&loss).expect("step");
+    }
+    let trained = t.freeze().expect("freeze");
+    assert_eq!(
+        trained.derived_from(),
+        Some(id),
+        "training moves the head only"
+    );
+    let x = images(3, 2);
+    let plain_rows = rows(&plain.embed(&x).expect("plain"));
+    let stored: Vec<Vec<f32>> = plain_rows.iter().map(|r| unit(r)).collect();
+    let stored = Tensor::new(stored, &Device::Cpu).expect("stored");
+    let derived = rows(&trained.embed_features(&stored).expect("derived"));
+    let direct = rows(&trained.embed(&x).expect("direct"));
+    assert!(
+        unit(&direct[0])
+            .iter()
+            .zip(unit(&plain_rows[0]))
+            .any(|(a, b)| (a - b).abs() > 1e-4),
+        "the trained head moved the embeddings"
+    );
+    for (a, b) in derived.iter().zip(&direct) {
+        for (p, q) in unit(a).iter().zip(unit(b)) {
+            assert!((p - q).abs() < 1e-5, "{p} vs {q}");
+        }
+    }
+}
+
+#[test]
 fn the_head_trains_on_frozen_features_and_round_trips() {
     let w = random_backbone();
     let t = EfficientNetPlugin
