@@ -315,6 +315,17 @@ fn main() -> Res<()> {
             Activate::IfBetter.decide(&r.before, &r.after).1,
             started.elapsed().as_secs_f64()
         );
+        println!(
+            "job: features of {} images read from the stored embeddings; stored images \
+             embedded with the new model in {:.1} s{}",
+            r.stored_features,
+            r.embed_seconds,
+            if r.embedded_from_features {
+                " (from the stored features)"
+            } else {
+                " (decoded and run through the network)"
+            }
+        );
         if let Some(path) = &a.plot {
             let untrained = if base_name == "efficientnet-lite0" {
                 effnet_identity

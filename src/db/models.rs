@@ -175,8 +175,12 @@ impl Db {
     }
 
     /// The active model's stored embeddings of `ids` (missing ones are skipped).
-    pub(crate) fn active_embeddings(&self, ids: &[ImageId]) -> Result<Vec<(ImageId, Vec<f32>)>> {
-        let model = self.model();
+    pub(crate) fn active_embeddings(&self, ids: &[ImageId]) -> Result<Vec<Stored>> {
+        self.embeddings_of(&self.model(), ids)
+    }
+
+    /// `model`'s stored embeddings of `ids` (missing ones are skipped).
+    fn embeddings_of(&self, model: &Model, ids: &[ImageId]) -> Result<Vec<Stored>> {
         let mut out = Vec::with_capacity(ids.len());
         for id in ids {
             if let Some(v) = self
@@ -203,17 +207,7 @@ impl Db {
         if !stores_features(&model, id, input) {
             return Ok(None);
         }
-        let mut out = Vec::with_capacity(ids.len());
-        for id in ids {
-            if let Some(v) = self
-                .inner
-                .store
-                .embedding(model.version, *id, model.dim())?
-            {
-                out.push((*id, v));
-            }
-        }
-        Ok(Some(out))
+        self.embeddings_of(&model, ids).map(Some)
     }
 
     /// Stores a new model version (not active): its record, then an embedding of every stored
@@ -296,16 +290,15 @@ impl Db {
     ) -> Result<Vec<(ImageId, Vec<f32>)>> {
         let name = &model.record.plugin;
         let dim = base.dim();
-        let (mut have, mut rows, mut missing) = (Vec::new(), Vec::new(), Vec::new());
-        for id in ids {
-            match self.inner.store.embedding(base.version, *id, dim)? {
-                Some(v) => {
-                    have.push(*id);
-                    rows.extend(v);
-                }
-                None => missing.push(*id),
-            }
-        }
+        let stored = self.embeddings_of(base, ids)?;
+        let have: Vec<ImageId> = stored.iter().map(|(id, _)| *id).collect();
+        let rows: Vec<f32> = stored.into_iter().flat_map(|(_, v)| v).collect();
+        let found: std::collections::HashSet<ImageId> = have.iter().copied().collect();
+        let missing: Vec<ImageId> = ids
+            .iter()
+            .filter(|id| !found.contains(id))
+            .copied()
+            .collect();
         let mut out = Vec::with_capacity(ids.len());
         for (part, values) in have.chunks(EMBED_BATCH).zip(rows.chunks(EMBED_BATCH * dim)) {
             let features = Tensor::from_slice(values, (part.len(), dim), &Device::Cpu)
