@@ -32,6 +32,10 @@ const SEGMENT_BYTES: u64 = 1 << 30;
 /// later `sync` (a relaxed database's flush, at the end of a bulk load) finds little left to
 /// write (RocksDB's `bytes_per_sync`).
 const BACKGROUND_SYNC_BYTES: u64 = 64 << 20;
+/// Records of images at least this large are written directly where the file system takes
+/// it (see `direct.rs`); smaller ones go through the page cache, unpadded: padding to a 4 KiB
+/// block would cost them up to a fifth of their size on disk, for little saved copying.
+const DIRECT_BYTES: usize = 256 << 10;
 const MAGIC: &[u8; 4] = b"LKIM";
 const HEADER: u64 = 24;
 
@@ -57,6 +61,8 @@ struct Writer {
     unsynced: u64,
     /// The direct-write handle, where the file system takes direct writes.
     direct: Option<Direct>,
+    /// Whether a run of direct writes is open (records staged since its start).
+    running: bool,
 }
 
 /// The pack files of one database.
@@ -146,6 +152,7 @@ impl Packs {
             dirty: false,
             unsynced: 0,
             direct,
+            running: false,
         })
     }
 
@@ -168,6 +175,7 @@ impl Packs {
             {
                 let path = self.path(w.segment);
                 w.direct = None;
+                w.running = false;
                 w.len = w.file.metadata().map_err(|e| io(&path, e))?.len();
                 self.write_records(w, images)?
             }
@@ -187,7 +195,6 @@ impl Packs {
     /// full; the staged direct writes are all written when this returns.
     fn write_records(&self, w: &mut Writer, images: &[(ImageId, &[u8])]) -> Result<Vec<PackRef>> {
         let mut refs = Vec::with_capacity(images.len());
-        w.start_run();
         for (id, bytes) in images {
             let size = HEADER + bytes.len() as u64;
             if w.len > 0 && w.len + size > SEGMENT_BYTES {
@@ -197,7 +204,6 @@ impl Packs {
                     w.file.sync_data().map_err(|e| io(&path, e))?;
                 }
                 *w = self.open_writer(w.segment + 1)?;
-                w.start_run();
             }
             let crc = crc32fast::hash(bytes);
             let mut header = [0u8; HEADER as usize];
@@ -206,21 +212,8 @@ impl Packs {
             header[12..20].copy_from_slice(&(bytes.len() as u64).to_le_bytes());
             header[20..24].copy_from_slice(&crc.to_le_bytes());
             let path = self.path(w.segment);
-            let at = w.len;
             w.dirty = true;
-            match w.direct.as_mut() {
-                Some(d) => {
-                    d.push(&header).map_err(|e| io(&path, e))?;
-                    d.push(bytes).map_err(|e| io(&path, e))?;
-                    w.len = d.pad();
-                }
-                None => {
-                    w.file.write_all(&header).map_err(|e| io(&path, e))?;
-                    w.file.write_all(bytes).map_err(|e| io(&path, e))?;
-                    w.len += size;
-                    w.unsynced += size;
-                }
-            }
+            let at = w.write_record(&header, bytes).map_err(|e| io(&path, e))?;
             refs.push(PackRef {
                 segment: w.segment,
                 offset: at + HEADER,
@@ -310,17 +303,41 @@ impl Packs {
 }
 
 impl Writer {
-    /// Starts a run of direct writes at the next block boundary (the gap after an earlier
-    /// record, written through the page cache or torn by a crash, is left as a hole).
-    fn start_run(&mut self) {
-        if let Some(d) = self.direct.as_mut() {
-            self.len = direct::align_up(self.len);
-            d.start(self.len);
+    /// Writes one record (its header, then its bytes) and returns where it starts. A large
+    /// record goes directly when the file system takes it, in the open run of direct writes
+    /// or in a new one from the next block boundary (a gap after a record written through
+    /// the page cache, or torn by a crash, is left as a hole); any other goes through the page
+    /// cache, after what the open run staged.
+    fn write_record(&mut self, header: &[u8], bytes: &[u8]) -> std::io::Result<u64> {
+        let direct = self.direct.as_mut().filter(|_| bytes.len() >= DIRECT_BYTES);
+        if let Some(d) = direct {
+            if !self.running {
+                self.len = direct::align_up(self.len);
+                d.start(self.len);
+                self.running = true;
+            }
+            let at = self.len;
+            d.push(header)?;
+            d.push(bytes)?;
+            self.len = d.pad();
+            return Ok(at);
         }
+        self.finish_run()?;
+        let at = self.len;
+        self.file.write_all(header)?;
+        self.file.write_all(bytes)?;
+        let size = (header.len() + bytes.len()) as u64;
+        self.len += size;
+        self.unsynced += size;
+        Ok(at)
     }
 
-    /// Writes what the run has staged.
+    /// Writes what the open run of direct writes staged, and closes it.
     fn finish_run(&mut self) -> std::io::Result<()> {
+        if !self.running {
+            return Ok(());
+        }
+        self.running = false;
         match self.direct.as_mut() {
             Some(d) => d.finish(),
             None => Ok(()),
@@ -357,23 +374,28 @@ mod tests {
             .unwrap();
         assert_eq!(packs.read(ImageId(1), &refs[0]).unwrap(), a);
         assert_eq!(packs.read(ImageId(2), &refs[1]).unwrap(), b);
-        // A reopened pack appends after what is there (a torn tail included): at the next
-        // block boundary when it writes directly.
+        // A reopened pack appends after what is there (a torn tail included); a large record
+        // written directly starts at the next block boundary.
         let path = dir.path().join("images").join(segment_name(1));
         let mut f = OpenOptions::new().append(true).open(&path).unwrap();
         f.write_all(b"torn").unwrap();
-        let torn_end = f.metadata().unwrap().len();
         drop(f);
         let packs = Packs::open(&dir.path().join("images"));
-        let c = packs.append(&[(ImageId(3), &a)], false).unwrap();
+        let large = vec![7u8; DIRECT_BYTES];
+        let c = packs
+            .append(&[(ImageId(3), &a), (ImageId(4), &large)], false)
+            .unwrap();
+        let torn_end = refs[1].offset + 5000 + 4;
+        assert_eq!(c[0].offset, torn_end + HEADER);
+        let after = torn_end + HEADER + 1000;
         let start = if direct(&packs) {
-            direct::align_up(torn_end)
+            direct::align_up(after)
         } else {
-            torn_end
+            after
         };
-        assert!(torn_end >= refs[1].offset + 5000 + 4);
-        assert_eq!(c[0].offset, start + HEADER);
+        assert_eq!(c[1].offset, start + HEADER);
         assert_eq!(packs.read(ImageId(3), &c[0]).unwrap(), a);
+        assert_eq!(packs.read(ImageId(4), &c[1]).unwrap(), large);
         // A wrong checksum, a length past the end, a missing segment.
         let bad = PackRef { crc: 0, ..refs[0] };
         assert!(matches!(
@@ -404,7 +426,7 @@ mod tests {
     fn a_refused_direct_write_falls_back_to_the_page_cache() {
         let dir = tempfile::tempdir().unwrap();
         let packs = Packs::open(&dir.path().join("images"));
-        let a: Vec<u8> = (0..30_000u32).map(|i| (i * 3) as u8).collect();
+        let a: Vec<u8> = (0..DIRECT_BYTES as u32).map(|i| (i * 3) as u8).collect();
         let first = packs.append(&[(ImageId(1), &a)], true).unwrap();
         if !direct(&packs) {
             eprintln!("skipped: this file system takes no direct writes");
@@ -428,12 +450,16 @@ mod tests {
         for (id, r) in [(1, &first[0]), (2, &refs[0]), (3, &refs[1])] {
             assert_eq!(packs.read(ImageId(id), r).unwrap(), a);
         }
-        assert_eq!(refs[1].offset, refs[0].offset + 30_000 + HEADER);
+        assert_eq!(
+            refs[1].offset,
+            refs[0].offset + DIRECT_BYTES as u64 + HEADER
+        );
     }
 
-    /// Records larger than the staging buffer, records that end on a block boundary and tiny
-    /// ones, written directly and through the page cache into the same segment, in turns:
-    /// all read back, and the direct ones start on block boundaries.
+    /// Records larger than the staging buffer, records that end on a block boundary, small
+    /// ones between large ones, written directly and through the page cache into the same
+    /// segment, in turns: all read back, and the large ones written directly start on block
+    /// boundaries.
     #[test]
     fn direct_and_cached_appends_mix_in_a_segment() {
         let dir = tempfile::tempdir().unwrap();
@@ -442,11 +468,13 @@ mod tests {
         let can_direct = direct(&packs);
         eprintln!("direct writes on this file system: {can_direct}");
         let sizes = [
-            17_000,
-            (direct::ALIGN as usize) - HEADER as usize, // header + bytes: one whole block
-            (9 << 20) + 123,                            // more than the staging buffer
+            17_000,                                        // through the page cache
+            DIRECT_BYTES,                                  // the smallest direct record
+            70 * direct::ALIGN as usize - HEADER as usize, // header + bytes: 70 whole blocks
+            (9 << 20) + 123,                               // more than the staging buffer
             1,
             40_000,
+            DIRECT_BYTES + 1,
         ];
         let images: Vec<Vec<u8>> = sizes
             .iter()
@@ -467,7 +495,7 @@ mod tests {
                 .collect();
             let refs = packs.append(&batch, round == 3).unwrap();
             for (r, (id, b)) in refs.iter().zip(&batch) {
-                if can_direct && !cached {
+                if can_direct && !cached && b.len() >= DIRECT_BYTES {
                     assert_eq!((r.offset - HEADER) % direct::ALIGN, 0, "{r:?}");
                 }
                 written.push((*id, r.to_owned(), b.to_vec()));
