@@ -133,6 +133,12 @@ impl Direct {
         self.at += 1;
     }
 
+    /// Writes through a read-only handle on `path` from now on, so that they fail (`EBADF`).
+    #[cfg(test)]
+    pub(super) fn break_writes(&mut self, path: &Path) {
+        self.file = File::open(path).unwrap();
+    }
+
     fn write(&mut self) -> std::io::Result<()> {
         self.file
             .write_all_at(&self.stage[self.at..self.at + self.fill], self.pos)?;

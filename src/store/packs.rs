@@ -166,20 +166,27 @@ impl Packs {
             *guard = Some(self.open_writer(newest)?);
         }
         let w = guard.as_mut().ok_or_else(poisoned)?;
-        let refs = match self.write_records(w, images) {
+        let written = match self.write_records(w, images) {
             // A file system that reported direct-I/O alignment and then refused a direct
             // write: through the page cache from now on, after what is in the file (the
             // records this batch wrote directly stay unreferenced).
             Err(Error::Io { source, .. })
                 if w.direct.is_some() && source.kind() == std::io::ErrorKind::InvalidInput =>
             {
-                let path = self.path(w.segment);
                 w.direct = None;
-                w.running = false;
-                w.len = w.file.metadata().map_err(|e| io(&path, e))?.len();
-                self.write_records(w, images)?
+                w.reset_to_file();
+                self.write_records(w, images)
             }
-            other => other?,
+            other => other,
+        };
+        let refs = match written {
+            Ok(refs) => refs,
+            Err(e) => {
+                // What the failed batch staged is dropped, and the next batch starts after
+                // what reached the file (a partly written record included).
+                w.reset_to_file();
+                return Err(e);
+            }
         };
         let path = self.path(w.segment);
         if sync {
@@ -332,6 +339,15 @@ impl Writer {
         Ok(at)
     }
 
+    /// Drops an open run (what it staged is not written) and takes the end of the file as the
+    /// place of the next record.
+    fn reset_to_file(&mut self) {
+        self.running = false;
+        if let Ok(m) = self.file.metadata() {
+            self.len = m.len();
+        }
+    }
+
     /// Writes what the open run of direct writes staged, and closes it.
     fn finish_run(&mut self) -> std::io::Result<()> {
         if !self.running {
@@ -454,6 +470,45 @@ mod tests {
             refs[1].offset,
             refs[0].offset + DIRECT_BYTES as u64 + HEADER
         );
+    }
+
+    /// A batch that fails after some of its records reached the file (a failed direct write
+    /// after a small record written through the page cache) leaves the next batch's records
+    /// where their references say.
+    #[test]
+    fn a_failed_batch_leaves_the_next_records_where_their_references_say() {
+        let dir = tempfile::tempdir().unwrap();
+        let packs = Packs::open(&dir.path().join("images"));
+        let small = vec![3u8; 20_000];
+        let large = vec![4u8; DIRECT_BYTES + 5];
+        packs.append(&[(ImageId(1), &small)], false).unwrap();
+        if !direct(&packs) {
+            eprintln!("skipped: this file system takes no direct writes");
+            return;
+        }
+        let path = dir.path().join("images").join(segment_name(1));
+        if let Some(d) = packs
+            .writer
+            .lock()
+            .unwrap()
+            .as_mut()
+            .unwrap()
+            .direct
+            .as_mut()
+        {
+            d.break_writes(&path);
+        }
+        let e = packs
+            .append(&[(ImageId(2), &small), (ImageId(3), &large)], false)
+            .unwrap_err();
+        assert!(matches!(e, Error::Io { .. }), "{e}");
+        // Small records go through the page cache, after what reached the file.
+        let refs = packs
+            .append(&[(ImageId(4), &small), (ImageId(5), &small)], true)
+            .unwrap();
+        for (id, r) in [(4, &refs[0]), (5, &refs[1])] {
+            assert_eq!(packs.read(ImageId(id), r).unwrap(), small);
+        }
     }
 
     /// Records larger than the staging buffer, records that end on a block boundary, small
