@@ -25,11 +25,19 @@ const TRAIN_CHILD_ENV: &str = "LOOKALIKE_CRASH_TRAIN_CHILD";
 const ROUNDS: u64 = 8;
 const FRESH_EVERY: u64 = 25;
 
-/// A random-pixel PNG: 24 x 24 (about 1.8 KB, stored inline in sled) or, for every seed that
-/// is a multiple of 4, 96 x 96 (about 28 KB, stored in a pack file).
+/// A random-pixel PNG: 24 x 24 (about 1.8 KB, stored inline in sled); for every seed that is
+/// a multiple of 4, 96 x 96 (about 28 KB, stored in a pack file through the page cache); for
+/// every multiple of 16, 320 x 320 (about 300 KB, written to its pack file directly where the
+/// file system takes direct writes).
 fn png(seed: u64) -> Vec<u8> {
     let mut rng = StdRng::seed_from_u64(seed);
-    let side = if seed.is_multiple_of(4) { 96 } else { 24 };
+    let side = if seed.is_multiple_of(16) {
+        320
+    } else if seed.is_multiple_of(4) {
+        96
+    } else {
+        24
+    };
     let img = RgbImage::from_fn(side, side, |_, _| {
         image::Rgb([rng.random(), rng.random(), rng.random()])
     });
