@@ -23,7 +23,7 @@ pub struct Hit {
     pub distance: f32,
     /// Its label, if it has one.
     pub label: Option<String>,
-    /// Where it came from, if the insert said ([`ImageMeta::source`]).
+    /// Where it came from, if the insert said ([`crate::ImageMeta::source`]).
     pub source: Option<String>,
     /// Its metadata object, if it has one.
     pub metadata: Option<Metadata>,
@@ -88,7 +88,7 @@ impl Query {
     }
 
     /// Restricts results to images whose metadata has `key` equal to `value` (a string,
-    /// number or boolean; see [`ImageMeta::metadata`] for what is indexed). Several calls
+    /// number or boolean; see [`crate::ImageMeta::metadata`] for what is indexed). Several calls
     /// must all match; with [`Query::labels`] both apply. Filtered during the search, like
     /// labels.
     ///

@@ -23,7 +23,7 @@ pub struct Metrics {
     pub queries: usize,
 }
 
-/// How the held-out split was made (see [`split`]).
+/// How the held-out split was made (see `split`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Holdout {
     /// Some images of every label: queries of labels the model trained on.

@@ -143,7 +143,7 @@ impl Trainable for HeadTrainable {
         Some(pooled_in_chunks(&self.parts.net, images))
     }
 
-    /// The plain network's features with the same backbone weights; [`apply_head`]
+    /// The plain network's features with the same backbone weights; `apply_head`
     /// normalises its input first, so a row and its normalised copy give the same.
     fn frozen_features_id(&self) -> Option<FeaturesId> {
         nn::fingerprint(&self.parts.varmap, Some(PREFIX)).ok()
