@@ -291,28 +291,23 @@ impl Db {
         let name = &model.record.plugin;
         let dim = base.dim();
         let stored = self.embeddings_of(base, ids)?;
-        let have: Vec<ImageId> = stored.iter().map(|(id, _)| *id).collect();
-        let rows: Vec<f32> = stored.into_iter().flat_map(|(_, v)| v).collect();
-        let found: std::collections::HashSet<ImageId> = have.iter().copied().collect();
+        let found: std::collections::HashSet<ImageId> = stored.iter().map(|(id, _)| *id).collect();
         let missing: Vec<ImageId> = ids
             .iter()
             .filter(|id| !found.contains(id))
             .copied()
             .collect();
         let mut out = Vec::with_capacity(ids.len());
-        for (part, values) in have.chunks(EMBED_BATCH).zip(rows.chunks(EMBED_BATCH * dim)) {
-            let features = Tensor::from_slice(values, (part.len(), dim), &Device::Cpu)
+        for part in stored.chunks(EMBED_BATCH) {
+            let values: Vec<f32> = part.iter().flat_map(|(_, v)| v.iter().copied()).collect();
+            let features = Tensor::from_vec(values, (part.len(), dim), &Device::Cpu)
                 .map_err(|e| Error::plugin(name, e.into()))?;
             let emb = model
                 .extractor
                 .embed_features(&features)
                 .map_err(|e| Error::plugin(name, e))?;
-            out.extend(part.iter().copied().zip(checked_rows(
-                name,
-                &model.spec,
-                &emb,
-                part.len(),
-            )?));
+            let rows = checked_rows(name, &model.spec, &emb, part.len())?;
+            out.extend(part.iter().map(|(id, _)| *id).zip(rows));
         }
         out.extend(self.embed_stored(name, model.extractor.as_ref(), &model.spec, &missing)?);
         Ok(out)
@@ -367,12 +362,12 @@ fn derivable(base: &Model, model: &Model) -> bool {
 }
 
 /// Whether `base`'s stored embeddings are the features `id` names ([`Extractor::features`]
-/// of `base`'s extractor answers it) of images decoded for `input` (same input and decode
-/// policy), stored as its extractor makes them (no projection).
+/// of `base`'s extractor answers it) of images decoded for `input` (the decode policy is a
+/// function of the input, and embeddings made under an older policy are made again at open),
+/// stored as its extractor makes them (no projection).
 fn stores_features(base: &Model, id: Option<FeaturesId>, input: &InputSpec) -> bool {
     base.compact.is_none()
         && base.spec.input == *input
-        && preprocess::policy(&base.spec.input) == preprocess::policy(input)
         && id.is_some()
         && id == base.extractor.features()
 }

@@ -379,6 +379,21 @@ mod tests {
         guard.as_ref().unwrap().direct.is_some()
     }
 
+    /// Runs `f` on `packs`' direct-write handle, if its writer has one.
+    fn with_direct(packs: &Packs, f: impl FnOnce(&mut Direct)) {
+        if let Some(d) = packs
+            .writer
+            .lock()
+            .unwrap()
+            .as_mut()
+            .unwrap()
+            .direct
+            .as_mut()
+        {
+            f(d);
+        }
+    }
+
     #[test]
     fn appends_read_back_and_damage_is_corrupt() {
         let dir = tempfile::tempdir().unwrap();
@@ -448,17 +463,7 @@ mod tests {
             eprintln!("skipped: this file system takes no direct writes");
             return;
         }
-        if let Some(d) = packs
-            .writer
-            .lock()
-            .unwrap()
-            .as_mut()
-            .unwrap()
-            .direct
-            .as_mut()
-        {
-            d.misalign();
-        }
+        with_direct(&packs, Direct::misalign);
         let refs = packs
             .append(&[(ImageId(2), &a), (ImageId(3), &a)], true)
             .unwrap();
@@ -487,17 +492,7 @@ mod tests {
             return;
         }
         let path = dir.path().join("images").join(segment_name(1));
-        if let Some(d) = packs
-            .writer
-            .lock()
-            .unwrap()
-            .as_mut()
-            .unwrap()
-            .direct
-            .as_mut()
-        {
-            d.break_writes(&path);
-        }
+        with_direct(&packs, |d| d.break_writes(&path));
         let e = packs
             .append(&[(ImageId(2), &small), (ImageId(3), &large)], false)
             .unwrap_err();

@@ -80,9 +80,10 @@ impl FeatureBank {
             } else {
                 (train, opts.augment)
             };
-            let mut ids = ids.to_vec();
-            if view == 0 {
-                ids = bank.add_stored(db, trainable, spec, &ids, on_progress)?;
+            let rest;
+            let ids = if view == 0 {
+                rest = bank.add_stored(db, trainable, spec, ids, on_progress)?;
+                rest.as_slice()
             } else {
                 let bytes = (bank.rows.len() + ids.len() * bank.dim) * 4;
                 let expected = per_image.unwrap_or(0.0) * ids.len() as f64;
@@ -93,7 +94,8 @@ impl FeatureBank {
                 {
                     break;
                 }
-            }
+                ids
+            };
             // A view ends at half of the budget, complete or not (the estimate above is
             // missing when view 0 came from the store, and machines slow down).
             let stop_at = if view == 0 { None } else { budget };
@@ -104,7 +106,7 @@ impl FeatureBank {
                 trainable,
                 spec,
                 augment,
-                &ids,
+                ids,
                 opts,
                 view,
                 (started, stop_at),
